@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what lazypull's build, tests and demo need on a Debian 12 machine.
+# Idempotent: packages already present are not touched. Run as root.
+set -euo pipefail
+
+CONTAINERD2_VERSION="${CONTAINERD2_VERSION:-v2.4.2}"
+PREFIX="${LAZYPULL_TOOLS:-/usr/local/lib/lazypull-tools}"
+
+need=()
+for pkg in containerd runc fuse3 docker-registry debootstrap ca-certificates git make gcc; do
+	dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+	echo "install-deps: apt-get install ${need[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Debian's docker-registry package starts a registry on :5000 by default;
+# lazypull's tests and demo start their own, so keep the packaged one quiet.
+if systemctl is-active --quiet docker-registry 2>/dev/null; then
+	systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+
+# containerd 2.x is not packaged for Debian 12; build it from its Go module
+# into a private prefix so it never shadows the packaged containerd 1.6.
+if [ ! -x "$PREFIX/bin/containerd" ] || ! "$PREFIX/bin/containerd" --version 2>/dev/null | grep -q "$CONTAINERD2_VERSION"; then
+	echo "install-deps: building containerd $CONTAINERD2_VERSION into $PREFIX/bin"
+	mkdir -p "$PREFIX/bin"
+	GOBIN="$PREFIX/bin" GOFLAGS=-buildvcs=false go install \
+		-ldflags "-X github.com/containerd/containerd/v2/version.Version=$CONTAINERD2_VERSION" \
+		"github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD2_VERSION" \
+		"github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD2_VERSION"
+fi
+
+modprobe fuse 2>/dev/null || true
+modprobe overlay 2>/dev/null || true
+[ -c /dev/fuse ] || { echo "install-deps: /dev/fuse is missing; FUSE mounts cannot work here" >&2; exit 1; }
