@@ -247,9 +247,9 @@ func ParseTOC(tocJSON []byte, payloadEnd int64, limits Limits) (*Index, error) {
 type indexBuilder struct {
 	ix        *Index
 	nextID    uint64
-	hardlinks []*TOCEntry        // resolved after all entries are known
+	hardlinks []*TOCEntry       // resolved after all entries are known
 	linkTo    map[string]string // hardlink name -> cleaned target name
-	lastReg   *Node       // the file that "chunk" entries continue
+	lastReg   *Node             // the file that "chunk" entries continue
 	lastName  string
 	sizeSoFar int64 // plain bytes covered by lastReg's chunks so far
 }

@@ -7,7 +7,7 @@ CONTAINERD2_VERSION="${CONTAINERD2_VERSION:-v2.4.2}"
 PREFIX="${LAZYPULL_TOOLS:-/usr/local/lib/lazypull-tools}"
 
 need=()
-for pkg in containerd runc fuse3 docker-registry debootstrap ca-certificates git make gcc; do
+for pkg in containerd runc fuse3 docker-registry debootstrap busybox-static ca-certificates git make gcc; do
 	dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -25,13 +25,18 @@ fi
 
 # containerd 2.x is not packaged for Debian 12; build it from its Go module
 # into a private prefix so it never shadows the packaged containerd 1.6.
-if [ ! -x "$PREFIX/bin/containerd" ] || ! "$PREFIX/bin/containerd" --version 2>/dev/null | grep -q "$CONTAINERD2_VERSION"; then
+# Its runc shim is built too: the integration tests put $PREFIX/bin first in
+# the PATH of a containerd 2.x daemon so that it runs its own shim, not
+# Debian's 1.6 one from /usr/bin.
+if [ ! -x "$PREFIX/bin/containerd" ] || [ ! -x "$PREFIX/bin/containerd-shim-runc-v2" ] ||
+	! "$PREFIX/bin/containerd" --version 2>/dev/null | grep -q "$CONTAINERD2_VERSION"; then
 	echo "install-deps: building containerd $CONTAINERD2_VERSION into $PREFIX/bin"
 	mkdir -p "$PREFIX/bin"
 	GOBIN="$PREFIX/bin" GOFLAGS=-buildvcs=false go install \
 		-ldflags "-X github.com/containerd/containerd/v2/version.Version=$CONTAINERD2_VERSION" \
 		"github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD2_VERSION" \
-		"github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD2_VERSION"
+		"github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD2_VERSION" \
+		"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD2_VERSION"
 fi
 
 modprobe fuse 2>/dev/null || true
