@@ -1,0 +1,500 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/lazypull/lazypull/estargz"
+)
+
+// Blob reads the compressed bytes of a layer blob.
+type Blob interface {
+	// ReadAt reads len(p) bytes at off, or fails.
+	ReadAt(ctx context.Context, p []byte, off int64) (int, error)
+}
+
+// BlobOpener opens a layer's blob when it is first needed, so that a layer
+// whose TOC and chunks are cached can be mounted without the registry.
+type BlobOpener func(ctx context.Context) (Blob, error)
+
+// Store is the verified chunk cache, content-addressed by chunk digest.
+type Store interface {
+	// Add stores verified plain bytes under their digest.
+	Add(d digest.Digest, data []byte) error
+	// ReadAt reads from a stored chunk; a miss is an error.
+	ReadAt(d digest.Digest, p []byte, off int64) (int, error)
+	// Has reports whether a chunk is stored.
+	Has(d digest.Digest) bool
+}
+
+// PassthroughStore is a Store that can hand out a read-only file holding
+// exactly one verified chunk, for FUSE passthrough.
+type PassthroughStore interface {
+	Store
+	// OpenFile opens the chunk's file, or fails on a miss.
+	OpenFile(d digest.Digest) (*os.File, error)
+}
+
+// LayerOptions tune a Layer.
+type LayerOptions struct {
+	// FetchTimeout bounds one foreground fetch, retries included: a read
+	// whose chunk cannot be fetched in time fails with EIO instead of
+	// hanging (default 60s).
+	FetchTimeout time.Duration
+	// ReadAhead is how many compressed bytes after a missed chunk are
+	// fetched in the same request when the chunks there are not cached
+	// (default 512 KiB; negative disables).
+	ReadAhead int64
+	// Scheduler arbitrates with other layers' background fetches. Nil
+	// means a private one.
+	Scheduler *Scheduler
+	// Observer receives fetch and cache events. May be nil.
+	Observer Observer
+}
+
+// Observer receives events for metrics.
+type Observer interface {
+	// Fetched reports one range request: compressed bytes, duration,
+	// whether it was a background fetch, and its error.
+	Fetched(layer digest.Digest, bytes int64, d time.Duration, background bool, err error)
+	// CacheHit and CacheMiss report chunk lookups by reads.
+	CacheHit(layer digest.Digest)
+	CacheMiss(layer digest.Digest)
+	// VerifyFailed reports a chunk that failed its digest.
+	VerifyFailed(layer digest.Digest)
+}
+
+// Stats are a layer's counters.
+type Stats struct {
+	FetchedBytes    int64 // compressed bytes fetched from the blob
+	Requests        int64 // range requests made
+	CacheHits       int64 // chunk reads served from the store
+	CacheMisses     int64 // chunk reads that had to fetch
+	VerifyFailures  int64 // chunks that failed their digest
+	FetchNanos      int64 // total time spent in range requests
+	BackgroundBytes int64 // part of FetchedBytes fetched in the background
+}
+
+// Layer is one lazily fetched eStargz layer.
+type Layer struct {
+	digest digest.Digest
+	index  *estargz.Index
+	comp   estargz.Compression
+	store  Store
+	opts   LayerOptions
+	dec    *estargz.Decoder
+	sched  *Scheduler
+
+	openBlob BlobOpener
+	blobMu   sync.Mutex
+	blob     Blob
+
+	chunks     []estargz.Chunk // every distinct chunk, in blob order
+	plainBytes int64           // total size of the distinct chunks
+	sf         singleflight.Group
+
+	fetchedBytes, requests, hits, misses, verifyFailures, fetchNanos, bgBytes atomic.Int64
+
+	bgCancel context.CancelFunc
+	bgDone   chan struct{}
+}
+
+// NewLayer returns a Layer for the blob with the given digest, whose index
+// was read (and verified) already.
+func NewLayer(dgst digest.Digest, index *estargz.Index, comp estargz.Compression, open BlobOpener, store Store, opts LayerOptions) *Layer {
+	if opts.FetchTimeout <= 0 {
+		opts.FetchTimeout = 60 * time.Second
+	}
+	if opts.ReadAhead == 0 {
+		opts.ReadAhead = 512 << 10
+	}
+	sched := opts.Scheduler
+	if sched == nil {
+		sched = NewScheduler(2)
+	}
+	l := &Layer{
+		digest:   dgst,
+		index:    index,
+		comp:     comp,
+		store:    store,
+		opts:     opts,
+		dec:      estargz.NewDecoder(),
+		sched:    sched,
+		openBlob: open,
+		chunks:   index.Chunks(),
+	}
+	for _, c := range l.chunks {
+		l.plainBytes += c.Size
+	}
+	return l
+}
+
+// Digest returns the layer blob's digest.
+func (l *Layer) Digest() digest.Digest { return l.digest }
+
+// Index returns the layer's TOC index.
+func (l *Layer) Index() *estargz.Index { return l.index }
+
+// Stats returns a snapshot of the layer's counters.
+func (l *Layer) Stats() Stats {
+	return Stats{
+		FetchedBytes:    l.fetchedBytes.Load(),
+		Requests:        l.requests.Load(),
+		CacheHits:       l.hits.Load(),
+		CacheMisses:     l.misses.Load(),
+		VerifyFailures:  l.verifyFailures.Load(),
+		FetchNanos:      l.fetchNanos.Load(),
+		BackgroundBytes: l.bgBytes.Load(),
+	}
+}
+
+func (l *Layer) getBlob(ctx context.Context) (Blob, error) {
+	l.blobMu.Lock()
+	defer l.blobMu.Unlock()
+	if l.blob != nil {
+		return l.blob, nil
+	}
+	b, err := l.openBlob(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("opening blob %s: %w", l.digest, err)
+	}
+	l.blob = b
+	return b, nil
+}
+
+// ErrVerify is returned (wrapped) when fetched bytes fail verification.
+var ErrVerify = errors.New("chunk failed verification")
+
+// ReadAt reads file content of node n at off into p. It returns the number
+// of bytes read; short reads happen only at the end of the file.
+func (l *Layer) ReadAt(ctx context.Context, n *estargz.Node, p []byte, off int64) (int, error) {
+	if off >= n.Size || len(p) == 0 {
+		return 0, nil
+	}
+	end := min(off+int64(len(p)), n.Size)
+	total := 0
+	for off < end {
+		i := n.ChunkAt(off)
+		if i < 0 {
+			return total, fmt.Errorf("file %q has no chunk at offset %d", n.Name, off)
+		}
+		c := n.Chunks[i]
+		inner := off - c.FileOffset
+		want := min(end-off, c.Size-inner)
+		dst := p[total : total+int(want)]
+		if k, err := l.store.ReadAt(c.Digest, dst, inner); err == nil && k == len(dst) {
+			l.hits.Add(1)
+			if o := l.opts.Observer; o != nil {
+				o.CacheHit(l.digest)
+			}
+		} else {
+			l.misses.Add(1)
+			if o := l.opts.Observer; o != nil {
+				o.CacheMiss(l.digest)
+			}
+			data, err := l.fetchChunk(ctx, n, c)
+			if err != nil {
+				return total, err
+			}
+			copy(dst, data[inner:inner+want])
+		}
+		total += int(want)
+		off += want
+	}
+	return total, nil
+}
+
+// fetchChunk fetches, verifies and stores chunk c of file n. Concurrent
+// callers for the same chunk share one fetch; the fetch runs under its own
+// timeout so that one caller giving up does not fail the others.
+func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk) ([]byte, error) {
+	done := l.sched.foreground()
+	defer done()
+	ch := l.sf.DoChan(string(c.Digest), func() (any, error) {
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.opts.FetchTimeout)
+		defer cancel()
+		return l.fetchAround(fctx, n, c)
+	})
+	select {
+	case r := <-ch:
+		if r.Err != nil {
+			return nil, r.Err
+		}
+		return r.Val.([]byte), nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// fetchAround fetches chunk c and, in the same request, the uncached chunks
+// that follow it in the blob within the read-ahead window.
+func (l *Layer) fetchAround(ctx context.Context, n *estargz.Node, c estargz.Chunk) ([]byte, error) {
+	group := []estargz.Chunk{c}
+	if l.opts.ReadAhead > 0 {
+		i := sort.Search(len(l.chunks), func(i int) bool { return l.chunks[i].Offset > c.Offset })
+		for ; i < len(l.chunks); i++ {
+			next := l.chunks[i]
+			if next.End-c.Offset > c.End-c.Offset+l.opts.ReadAhead {
+				break
+			}
+			if !l.store.Has(next.Digest) {
+				group = append(group, next)
+			}
+		}
+	}
+	start, end := c.Offset, c.End
+	for _, g := range group {
+		end = max(end, g.End)
+	}
+	buf, err := l.fetchRange(ctx, start, end, false)
+	if err != nil {
+		return nil, fmt.Errorf("layer %s: file %q offset %d: %w", l.digest, n.Name, c.FileOffset, err)
+	}
+	var out []byte
+	for i, g := range group {
+		data, err := l.dec.DecodeChunk(l.comp, buf[g.Offset-start:g.End-start], g, nil)
+		if err != nil {
+			if i > 0 {
+				// A read-ahead chunk failing is reported when someone
+				// reads it; it is not the caller's problem.
+				continue
+			}
+			return nil, l.verifyError(n.Name, c, err)
+		}
+		if err := l.store.Add(g.Digest, data); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("caching chunk failed; serving it uncached")
+		}
+		if i == 0 {
+			out = data
+		}
+	}
+	return out, nil
+}
+
+func (l *Layer) verifyError(name string, c estargz.Chunk, err error) error {
+	l.verifyFailures.Add(1)
+	if o := l.opts.Observer; o != nil {
+		o.VerifyFailed(l.digest)
+	}
+	log.L.WithError(err).WithFields(log.Fields{
+		"layer": l.digest, "file": name, "offset": c.FileOffset, "blobOffset": c.Offset,
+	}).Error("chunk failed verification; refusing to serve it")
+	return fmt.Errorf("layer %s: file %q offset %d: %w: %w", l.digest, name, c.FileOffset, ErrVerify, err)
+}
+
+// fetchRange reads blob bytes [start, end).
+func (l *Layer) fetchRange(ctx context.Context, start, end int64, background bool) ([]byte, error) {
+	b, err := l.getBlob(ctx)
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, end-start)
+	t0 := time.Now()
+	_, err = b.ReadAt(ctx, buf, start)
+	d := time.Since(t0)
+	l.requests.Add(1)
+	l.fetchNanos.Add(int64(d))
+	if o := l.opts.Observer; o != nil {
+		o.Fetched(l.digest, end-start, d, background, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("fetching blob range [%d,%d): %w", start, end, err)
+	}
+	l.fetchedBytes.Add(end - start)
+	if background {
+		l.bgBytes.Add(end - start)
+	}
+	return buf, nil
+}
+
+// FetchOptions control StartFetching.
+type FetchOptions struct {
+	// Prefetch fetches the prioritized region first.
+	Prefetch bool
+	// Background fetches every other chunk afterwards.
+	Background bool
+	// RangeSize is the compressed size of one background request
+	// (default 4 MiB).
+	RangeSize int64
+}
+
+// StartFetching starts prefetching and background fetching in a
+// goroutine. Close (or the context) stops it.
+func (l *Layer) StartFetching(ctx context.Context, o FetchOptions) {
+	if !o.Prefetch && !o.Background {
+		return
+	}
+	if o.RangeSize <= 0 {
+		o.RangeSize = 4 << 20
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	l.bgCancel = cancel
+	l.bgDone = make(chan struct{})
+	go func() {
+		defer close(l.bgDone)
+		if o.Prefetch && l.index.PrefetchEnd > 0 {
+			if err := l.fetchChunks(ctx, l.chunksBefore(l.index.PrefetchEnd), o.RangeSize, false); err != nil && ctx.Err() == nil {
+				log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("prefetch failed")
+			}
+		}
+		if o.Background {
+			if err := l.fetchChunks(ctx, l.chunks, o.RangeSize, true); err != nil && ctx.Err() == nil {
+				log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("background fetch stopped")
+			}
+		}
+	}()
+}
+
+// WaitFetching waits for StartFetching's work to end.
+func (l *Layer) WaitFetching() {
+	if l.bgDone != nil {
+		<-l.bgDone
+	}
+}
+
+func (l *Layer) chunksBefore(end int64) []estargz.Chunk {
+	i := sort.Search(len(l.chunks), func(i int) bool { return l.chunks[i].Offset >= end })
+	return l.chunks[:i]
+}
+
+// fetchChunks fetches the uncached chunks among cs (in blob order) in
+// ranges of about rangeSize compressed bytes. Background fetches yield to
+// foreground ones before each request.
+func (l *Layer) fetchChunks(ctx context.Context, cs []estargz.Chunk, rangeSize int64, background bool) error {
+	for i := 0; i < len(cs); {
+		if l.store.Has(cs[i].Digest) {
+			i++
+			continue
+		}
+		group := []estargz.Chunk{cs[i]}
+		start, end := cs[i].Offset, cs[i].End
+		for i++; i < len(cs) && cs[i].End-start <= rangeSize; i++ {
+			if !l.store.Has(cs[i].Digest) {
+				group = append(group, cs[i])
+				end = max(end, cs[i].End)
+			}
+		}
+		if background {
+			release, err := l.sched.background(ctx)
+			if err != nil {
+				return err
+			}
+			err = l.fetchGroup(ctx, group, start, end, true)
+			release()
+			if err != nil {
+				return err
+			}
+		} else if err := l.fetchGroup(ctx, group, start, end, false); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (l *Layer) fetchGroup(ctx context.Context, group []estargz.Chunk, start, end int64, background bool) error {
+	buf, err := l.fetchRange(ctx, start, end, background)
+	if err != nil {
+		return err
+	}
+	for _, g := range group {
+		data, err := l.dec.DecodeChunk(l.comp, buf[g.Offset-start:g.End-start], g, nil)
+		if err != nil {
+			return l.verifyError("", g, err)
+		}
+		if err := l.store.Add(g.Digest, data); err != nil {
+			return fmt.Errorf("caching chunk %s: %w", g.Digest, err)
+		}
+	}
+	return nil
+}
+
+// Close stops background work.
+func (l *Layer) Close() error {
+	if l.bgCancel != nil {
+		l.bgCancel()
+		<-l.bgDone
+	}
+	return nil
+}
+
+// Cached reports how many of the layer's chunks are in the store.
+func (l *Layer) Cached() (cached, total int) {
+	for _, c := range l.chunks {
+		if l.store.Has(c.Digest) {
+			cached++
+		}
+	}
+	return cached, len(l.chunks)
+}
+
+// Scheduler lets foreground reads win over background fetches across
+// layers: a background fetch starts only when no foreground fetch is in
+// flight, and at most a fixed number run at once.
+type Scheduler struct {
+	mu   sync.Mutex
+	fg   int
+	idle chan struct{} // closed while fg == 0
+	bg   chan struct{}
+}
+
+// NewScheduler returns a Scheduler allowing maxBackground concurrent
+// background requests.
+func NewScheduler(maxBackground int) *Scheduler {
+	idle := make(chan struct{})
+	close(idle)
+	return &Scheduler{idle: idle, bg: make(chan struct{}, max(1, maxBackground))}
+}
+
+func (s *Scheduler) foreground() func() {
+	s.mu.Lock()
+	if s.fg == 0 {
+		s.idle = make(chan struct{})
+	}
+	s.fg++
+	s.mu.Unlock()
+	return func() {
+		s.mu.Lock()
+		s.fg--
+		if s.fg == 0 {
+			close(s.idle)
+		}
+		s.mu.Unlock()
+	}
+}
+
+// background waits for a background slot while no foreground fetch is in
+// flight.
+func (s *Scheduler) background(ctx context.Context) (func(), error) {
+	for {
+		s.mu.Lock()
+		idle := s.idle
+		s.mu.Unlock()
+		select {
+		case <-idle:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		select {
+		case s.bg <- struct{}{}:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		s.mu.Lock()
+		busy := s.fg > 0
+		s.mu.Unlock()
+		if !busy {
+			return func() { <-s.bg }, nil
+		}
+		<-s.bg
+	}
+}

@@ -1,0 +1,119 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// MountOptions tune Mount.
+type MountOptions struct {
+	// Passthrough lets the kernel read single-chunk files that are on
+	// disk directly from the cache (Linux >= 6.9, root). Where the kernel
+	// refuses, reads go through FUSE as usual.
+	Passthrough bool
+	// CacheTimeout is how long the kernel may cache entries and
+	// attributes (default 24h: layers never change).
+	CacheTimeout time.Duration
+	// MaxRead is the largest read request (default 1 MiB).
+	MaxRead int
+	// FsName is shown as the mount's source (default "lazypull").
+	FsName string
+	// Debug logs every FUSE request.
+	Debug bool
+}
+
+// Mount is a mounted layer.
+type Mount struct {
+	dir    string
+	server *fuse.Server
+	layer  *Layer
+}
+
+// MountLayer mounts layer l read-only at dir and serves it until Unmount.
+func MountLayer(dir string, l *Layer, o MountOptions) (*Mount, error) {
+	if o.CacheTimeout <= 0 {
+		o.CacheTimeout = 24 * time.Hour
+	}
+	if o.MaxRead <= 0 {
+		o.MaxRead = 1 << 20
+	}
+	if o.FsName == "" {
+		o.FsName = "lazypull"
+	}
+	lfs := &layerFS{layer: l, passthrough: o.Passthrough}
+	root := &node{fs: lfs, n: l.index.Root()}
+	timeout := o.CacheTimeout
+	opts := &gofs.Options{
+		EntryTimeout:    &timeout,
+		AttrTimeout:     &timeout,
+		NegativeTimeout: &timeout,
+		RootStableAttr:  &gofs.StableAttr{Ino: l.index.Root().ID},
+		NullPermissions: true,
+		MountOptions: fuse.MountOptions{
+			AllowOther:   true,
+			FsName:       o.FsName,
+			Name:         "lazypull",
+			Options:      []string{"ro", "default_permissions"},
+			DirectMount:  true,
+			MaxWrite:     o.MaxRead,
+			MaxReadAhead: o.MaxRead,
+			Debug:        o.Debug,
+		},
+	}
+	server, err := gofs.Mount(dir, root, opts)
+	if err != nil {
+		return nil, fmt.Errorf("mounting layer %s at %s: %w", l.digest, dir, err)
+	}
+	return &Mount{dir: dir, server: server, layer: l}, nil
+}
+
+// Dir returns the mountpoint.
+func (m *Mount) Dir() string { return m.dir }
+
+// Layer returns the mounted layer.
+func (m *Mount) Layer() *Layer { return m.layer }
+
+// Unmount unmounts the layer (lazily if it is busy) and stops its
+// background work.
+func (m *Mount) Unmount() error {
+	err := m.server.Unmount()
+	if err != nil {
+		// Busy (e.g. still an overlay lower): detach it.
+		if derr := unix.Unmount(m.dir, unix.MNT_DETACH); derr == nil || errors.Is(derr, unix.EINVAL) {
+			err = nil
+		}
+	}
+	m.layer.Close()
+	if err != nil {
+		return fmt.Errorf("unmounting %s: %w", m.dir, err)
+	}
+	return nil
+}
+
+// Wait blocks until the file system is unmounted.
+func (m *Mount) Wait() { m.server.Wait() }
+
+// Check reports whether the mount still answers.
+func (m *Mount) Check(ctx context.Context) error {
+	done := make(chan error, 1)
+	go func() {
+		_, err := os.Stat(m.dir)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("layer mount %s: %w", m.dir, err)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("layer mount %s does not answer: %w", m.dir, ctx.Err())
+	}
+}

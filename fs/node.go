@@ -1,0 +1,344 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/containerd/log"
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"github.com/lazypull/lazypull/estargz"
+)
+
+const (
+	whiteoutPrefix = ".wh."
+	opaqueWhiteout = ".wh..wh..opq"
+	// whiteoutInoBase keeps whiteout devices' inode numbers apart from
+	// TOC nodes' (which count up from 1).
+	whiteoutInoBase = 1 << 62
+	blockSize       = 4096
+)
+
+// opaqueXattrs are set on directories holding ".wh..wh..opq": overlayfs
+// reads the trusted one, or the user one when mounted with userxattr.
+var opaqueXattrs = []string{"trusted.overlay.opaque", "user.overlay.opaque"}
+
+// node is a FUSE inode backed by a TOC node, or a whiteout device when
+// whiteout is set.
+type node struct {
+	gofs.Inode
+	fs       *layerFS
+	n        *estargz.Node
+	whiteout bool
+
+	once sync.Once
+	view *dirView
+}
+
+// layerFS is what all nodes of one mount share.
+type layerFS struct {
+	layer       *Layer
+	passthrough bool
+}
+
+// dirView is a directory as overlayfs must see it: whiteout files turned
+// into devices, the opaque marker turned into an xattr.
+type dirView struct {
+	names   []string
+	entries map[string]dirEntry
+	opaque  bool
+}
+
+type dirEntry struct {
+	n        *estargz.Node
+	whiteout bool
+}
+
+var (
+	_ gofs.NodeLookuper       = (*node)(nil)
+	_ gofs.NodeReaddirer      = (*node)(nil)
+	_ gofs.NodeGetattrer      = (*node)(nil)
+	_ gofs.NodeOpener         = (*node)(nil)
+	_ gofs.NodeReader         = (*node)(nil)
+	_ gofs.NodeReadlinker     = (*node)(nil)
+	_ gofs.NodeGetxattrer     = (*node)(nil)
+	_ gofs.NodeListxattrer    = (*node)(nil)
+	_ gofs.NodeStatfser       = (*node)(nil)
+	_ gofs.NodeOpendirHandler = (*node)(nil)
+)
+
+func (nd *node) dir() *dirView {
+	nd.once.Do(func() {
+		v := &dirView{entries: make(map[string]dirEntry, len(nd.n.Names()))}
+		for _, name := range nd.n.Names() {
+			c, _ := nd.n.Child(name)
+			switch {
+			case name == opaqueWhiteout:
+				v.opaque = true
+			case strings.HasPrefix(name, whiteoutPrefix):
+				target := name[len(whiteoutPrefix):]
+				if _, real := nd.n.Child(target); !real && target != "" && target != "." && target != ".." {
+					v.entries[target] = dirEntry{n: c, whiteout: true}
+				}
+			default:
+				v.entries[name] = dirEntry{n: c}
+			}
+		}
+		v.names = make([]string, 0, len(v.entries))
+		for name := range v.entries {
+			v.names = append(v.names, name)
+		}
+		sort.Strings(v.names)
+		nd.view = v
+	})
+	return nd.view
+}
+
+func (e dirEntry) mode() uint32 {
+	if e.whiteout {
+		return syscall.S_IFCHR
+	}
+	return typeBits(e.n.Type)
+}
+
+func (e dirEntry) ino() uint64 {
+	if e.whiteout {
+		return whiteoutInoBase + e.n.ID
+	}
+	return e.n.ID
+}
+
+func typeBits(t string) uint32 {
+	switch t {
+	case estargz.TypeDir:
+		return syscall.S_IFDIR
+	case estargz.TypeReg:
+		return syscall.S_IFREG
+	case estargz.TypeSymlink:
+		return syscall.S_IFLNK
+	case estargz.TypeChar:
+		return syscall.S_IFCHR
+	case estargz.TypeBlock:
+		return syscall.S_IFBLK
+	case estargz.TypeFifo:
+		return syscall.S_IFIFO
+	}
+	return syscall.S_IFREG
+}
+
+// Lookup implements gofs.NodeLookuper.
+func (nd *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	if nd.n.Type != estargz.TypeDir || nd.whiteout {
+		return nil, syscall.ENOTDIR
+	}
+	e, ok := nd.dir().entries[name]
+	if !ok {
+		return nil, syscall.ENOENT
+	}
+	child := &node{fs: nd.fs, n: e.n, whiteout: e.whiteout}
+	child.fill(&out.Attr)
+	return nd.NewInode(ctx, child, gofs.StableAttr{Mode: e.mode(), Ino: e.ino()}), 0
+}
+
+// Readdir implements gofs.NodeReaddirer.
+func (nd *node) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
+	v := nd.dir()
+	list := make([]fuse.DirEntry, 0, len(v.names))
+	for _, name := range v.names {
+		e := v.entries[name]
+		list = append(list, fuse.DirEntry{Name: name, Mode: e.mode(), Ino: e.ino()})
+	}
+	return gofs.NewListDirStream(list), 0
+}
+
+// OpendirHandle implements gofs.NodeOpendirHandler: listings never change,
+// so the kernel may cache them.
+func (nd *node) OpendirHandle(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	return nil, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
+}
+
+// Getattr implements gofs.NodeGetattrer.
+func (nd *node) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	nd.fill(&out.Attr)
+	return 0
+}
+
+func (nd *node) fill(a *fuse.Attr) {
+	n := nd.n
+	a.Ino = n.ID
+	a.Uid, a.Gid = n.UID, n.GID
+	t := n.ModTime
+	a.SetTimes(&t, &t, &t)
+	a.Blksize = blockSize
+	if nd.whiteout {
+		a.Ino = whiteoutInoBase + n.ID
+		a.Mode = syscall.S_IFCHR
+		a.Nlink = 1
+		a.Rdev = 0
+		a.Size, a.Blocks = 0, 0
+		return
+	}
+	a.Mode = typeBits(n.Type) | n.Mode
+	a.Nlink = uint32(n.NumLink)
+	switch n.Type {
+	case estargz.TypeReg:
+		a.Size = uint64(n.Size)
+	case estargz.TypeSymlink:
+		a.Size = uint64(len(n.LinkName))
+	case estargz.TypeDir:
+		a.Size = blockSize
+	case estargz.TypeChar, estargz.TypeBlock:
+		a.Rdev = uint32(unix.Mkdev(n.DevMajor, n.DevMinor))
+	}
+	a.Blocks = (a.Size + 511) / 512
+}
+
+// Open implements gofs.NodeOpener. Content never changes, so the page
+// cache is kept across opens. A single-chunk file whose chunk is on disk
+// is handed to the kernel for passthrough reads.
+func (nd *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
+		return nil, 0, syscall.EROFS
+	}
+	if nd.n.Type != estargz.TypeReg || nd.whiteout {
+		return nil, fuse.FOPEN_KEEP_CACHE, 0
+	}
+	if nd.fs.passthrough && len(nd.n.Chunks) == 1 && nd.n.Chunks[0].Size == nd.n.Size {
+		if ps, ok := nd.fs.layer.store.(PassthroughStore); ok {
+			if f, err := ps.OpenFile(nd.n.Chunks[0].Digest); err == nil {
+				return &passthroughFile{f: f}, fuse.FOPEN_KEEP_CACHE, 0
+			}
+		}
+	}
+	return nil, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+// passthroughFile lets the kernel read a cached chunk file directly.
+type passthroughFile struct{ f *os.File }
+
+var (
+	_ gofs.FilePassthroughFder = (*passthroughFile)(nil)
+	_ gofs.FileReleaser        = (*passthroughFile)(nil)
+	_ gofs.FileReader          = (*passthroughFile)(nil)
+)
+
+func (p *passthroughFile) PassthroughFd() (int, bool) { return int(p.f.Fd()), true }
+
+func (p *passthroughFile) Release(ctx context.Context) syscall.Errno {
+	p.f.Close()
+	return 0
+}
+
+// Read serves reads when the kernel declined passthrough.
+func (p *passthroughFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	n, err := p.f.ReadAt(dest, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, syscall.EIO
+	}
+	return fuse.ReadResultData(dest[:n]), 0
+}
+
+// Read implements gofs.NodeReader.
+func (nd *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if pf, ok := f.(*passthroughFile); ok {
+		return pf.Read(ctx, dest, off)
+	}
+	if nd.n.Type != estargz.TypeReg || nd.whiteout {
+		return nil, syscall.EISDIR
+	}
+	n, err := nd.fs.layer.ReadAt(ctx, nd.n, dest, off)
+	if err != nil {
+		if !errors.Is(err, context.Canceled) {
+			log.G(ctx).WithError(err).WithField("file", nd.n.Name).Debug("read failed")
+		}
+		return nil, syscall.EIO
+	}
+	return fuse.ReadResultData(dest[:n]), 0
+}
+
+// Readlink implements gofs.NodeReadlinker.
+func (nd *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	if nd.n.Type != estargz.TypeSymlink || nd.whiteout {
+		return nil, syscall.EINVAL
+	}
+	return []byte(nd.n.LinkName), 0
+}
+
+func (nd *node) xattrs() map[string][]byte {
+	if nd.whiteout {
+		return nil
+	}
+	x := nd.n.Xattrs
+	if nd.n.Type == estargz.TypeDir && nd.dir().opaque {
+		m := make(map[string][]byte, len(x)+len(opaqueXattrs))
+		for k, v := range x {
+			m[k] = v
+		}
+		for _, k := range opaqueXattrs {
+			m[k] = []byte("y")
+		}
+		x = m
+	}
+	return x
+}
+
+// Getxattr implements gofs.NodeGetxattrer.
+func (nd *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	v, ok := nd.xattrs()[attr]
+	if !ok {
+		return 0, syscall.ENODATA
+	}
+	if len(dest) == 0 {
+		return uint32(len(v)), 0
+	}
+	if len(dest) < len(v) {
+		return uint32(len(v)), syscall.ERANGE
+	}
+	return uint32(copy(dest, v)), 0
+}
+
+// Listxattr implements gofs.NodeListxattrer.
+func (nd *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	x := nd.xattrs()
+	names := make([]string, 0, len(x))
+	for k := range x {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	size := 0
+	for _, k := range names {
+		size += len(k) + 1
+	}
+	if len(dest) == 0 {
+		return uint32(size), 0
+	}
+	if len(dest) < size {
+		return uint32(size), syscall.ERANGE
+	}
+	off := 0
+	for _, k := range names {
+		off += copy(dest[off:], k)
+		dest[off] = 0
+		off++
+	}
+	return uint32(size), 0
+}
+
+// Statfs implements gofs.NodeStatfser.
+func (nd *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	size := nd.fs.layer.plainBytes
+	out.Bsize = blockSize
+	out.Frsize = blockSize
+	out.Blocks = uint64(size+blockSize-1) / blockSize
+	out.Files = uint64(nd.fs.layer.index.NumNodes())
+	out.NameLen = 255
+	return 0
+}
