@@ -1,0 +1,318 @@
+package fs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/lazypull/lazypull/estargz"
+	"github.com/lazypull/lazypull/fs/remote"
+)
+
+// LayerSource identifies a layer to mount.
+type LayerSource struct {
+	// Ref is an image reference in the layer's repository (the tag or
+	// digest part is not used for the blob).
+	Ref string
+	// Digest is the layer blob's digest.
+	Digest digest.Digest
+	// Size is the blob's size, or 0 if unknown (asked from the registry).
+	Size int64
+	// TOCDigest is the layer's toc.digest annotation. Empty means the TOC
+	// cannot be verified: refused unless ManagerOptions.AllowUnverified.
+	TOCDigest digest.Digest
+}
+
+// ManagerOptions configure a Manager.
+type ManagerOptions struct {
+	// Root holds per-layer metadata (the TOC and the footer), so layers
+	// can be mounted again after a restart without the registry.
+	Root string
+	// Registry reads blobs. It may be nil when every layer mounted is
+	// fully described by metadata under Root and cached.
+	Registry *remote.Registry
+	// Store is the chunk cache shared by all layers.
+	Store Store
+	// Layer, Mount and Fetch tune each layer.
+	Layer LayerOptions
+	Mount MountOptions
+	Fetch FetchOptions
+	// AllowUnverified mounts layers that have no TOC digest to verify
+	// against.
+	AllowUnverified bool
+	// Limits bound TOCs.
+	Limits estargz.Limits
+}
+
+// Manager mounts and unmounts layers, keeping their metadata under Root.
+type Manager struct {
+	opts ManagerOptions
+
+	mu     sync.Mutex
+	mounts map[string]*Mount // by mountpoint
+}
+
+// NewManager returns a Manager.
+func NewManager(opts ManagerOptions) (*Manager, error) {
+	if opts.Store == nil {
+		return nil, errors.New("fs: manager needs a chunk store")
+	}
+	if opts.Layer.Scheduler == nil {
+		opts.Layer.Scheduler = NewScheduler(2)
+	}
+	if err := os.MkdirAll(filepath.Join(opts.Root, "layers"), 0o700); err != nil {
+		return nil, fmt.Errorf("fs: creating metadata dir: %w", err)
+	}
+	return &Manager{opts: opts, mounts: map[string]*Mount{}}, nil
+}
+
+// layerMeta is what Root keeps about a layer.
+type layerMeta struct {
+	Ref         string        `json:"ref"`
+	Digest      digest.Digest `json:"digest"`
+	Size        int64         `json:"size"`
+	Compression string        `json:"compression"`
+	TOCDigest   digest.Digest `json:"tocDigest"`
+	PayloadEnd  int64         `json:"payloadEnd"`
+	Verified    bool          `json:"verified"`
+}
+
+func (m *Manager) metaDir(d digest.Digest) string {
+	return filepath.Join(m.opts.Root, "layers", d.Algorithm().String()+"-"+d.Encoded())
+}
+
+// OpenLayer returns the Layer for src: from metadata under Root when it is
+// there (no network), else by reading the blob's footer and TOC from the
+// registry, verifying the TOC and saving it.
+func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error) {
+	if err := src.Digest.Validate(); err != nil {
+		return nil, fmt.Errorf("layer digest %q: %w: %w", src.Digest, errdefs.ErrInvalidArgument, err)
+	}
+	if src.TOCDigest == "" && !m.opts.AllowUnverified {
+		return nil, fmt.Errorf("layer %s has no %s annotation, so its TOC cannot be verified (set allow_unverified to mount it anyway): %w",
+			src.Digest, estargz.TOCDigestAnnotation, errdefs.ErrFailedPrecondition)
+	}
+	ix, meta, err := m.loadMeta(src)
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("layer", src.Digest).Debug("no usable saved metadata; reading the TOC from the registry")
+		ix, meta, err = m.fetchMeta(ctx, src)
+		if err != nil {
+			return nil, err
+		}
+	}
+	comp := estargz.Gzip
+	if meta.Compression == estargz.Zstd.String() {
+		comp = estargz.Zstd
+	}
+	ref := src.Ref
+	if ref == "" {
+		ref = meta.Ref
+	}
+	desc := ocispec.Descriptor{Digest: src.Digest, Size: meta.Size}
+	open := func(ctx context.Context) (Blob, error) {
+		if m.opts.Registry == nil {
+			return nil, fmt.Errorf("no registry configured: %w", errdefs.ErrUnavailable)
+		}
+		return m.opts.Registry.OpenBlob(ctx, ref, desc)
+	}
+	return NewLayer(src.Digest, ix, comp, open, m.opts.Store, m.opts.Layer), nil
+}
+
+func (m *Manager) loadMeta(src LayerSource) (*estargz.Index, *layerMeta, error) {
+	dir := m.metaDir(src.Digest)
+	b, err := os.ReadFile(filepath.Join(dir, "layer.json"))
+	if err != nil {
+		return nil, nil, err
+	}
+	var meta layerMeta
+	if err := json.Unmarshal(b, &meta); err != nil {
+		return nil, nil, fmt.Errorf("parsing %s: %w", filepath.Join(dir, "layer.json"), err)
+	}
+	if meta.Digest != src.Digest || (src.TOCDigest != "" && meta.TOCDigest != src.TOCDigest) {
+		return nil, nil, fmt.Errorf("saved metadata in %s is for another layer or TOC", dir)
+	}
+	if !meta.Verified && !m.opts.AllowUnverified {
+		return nil, nil, fmt.Errorf("saved metadata in %s is unverified", dir)
+	}
+	tocJSON, err := os.ReadFile(filepath.Join(dir, "toc.json"))
+	if err != nil {
+		return nil, nil, err
+	}
+	if digest.FromBytes(tocJSON) != meta.TOCDigest {
+		return nil, nil, fmt.Errorf("saved TOC in %s is corrupt", dir)
+	}
+	ix, err := estargz.ParseTOC(tocJSON, meta.PayloadEnd, m.opts.Limits)
+	if err != nil {
+		return nil, nil, err
+	}
+	return ix, &meta, nil
+}
+
+func (m *Manager) fetchMeta(ctx context.Context, src LayerSource) (*estargz.Index, *layerMeta, error) {
+	if m.opts.Registry == nil {
+		return nil, nil, fmt.Errorf("layer %s: no saved metadata and no registry: %w", src.Digest, errdefs.ErrUnavailable)
+	}
+	blob, err := m.opts.Registry.OpenBlob(ctx, src.Ref, ocispec.Descriptor{Digest: src.Digest, Size: src.Size})
+	if err != nil {
+		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
+	}
+	r, err := estargz.Open(blob.ReaderAt(ctx), blob.Size(), estargz.OpenOptions{TOCDigest: src.TOCDigest, Limits: m.opts.Limits})
+	if err != nil {
+		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
+	}
+	meta := &layerMeta{
+		Ref: src.Ref, Digest: src.Digest, Size: blob.Size(),
+		Compression: r.Footer.Compression.String(), TOCDigest: r.TOCDigest,
+		PayloadEnd: r.Footer.PayloadEnd, Verified: src.TOCDigest != "",
+	}
+	if err := m.saveMeta(meta, r.TOCJSON); err != nil {
+		log.G(ctx).WithError(err).WithField("layer", src.Digest).Warn("saving layer metadata failed; the layer will need the registry after a restart")
+	}
+	return r.Index, meta, nil
+}
+
+func (m *Manager) saveMeta(meta *layerMeta, tocJSON []byte) error {
+	dir := m.metaDir(meta.Digest)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	b, err := json.Marshal(meta)
+	if err != nil {
+		return err
+	}
+	if err := writeFileAtomic(filepath.Join(dir, "toc.json"), tocJSON); err != nil {
+		return err
+	}
+	return writeFileAtomic(filepath.Join(dir, "layer.json"), b)
+}
+
+func writeFileAtomic(name string, data []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(name), ".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), name)
+}
+
+// Mount opens the layer and mounts it at mountpoint, then starts prefetch
+// and background fetching as configured.
+func (m *Manager) Mount(ctx context.Context, mountpoint string, src LayerSource) (*Mount, error) {
+	l, err := m.OpenLayer(ctx, src)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(mountpoint, 0o755); err != nil {
+		return nil, fmt.Errorf("creating mountpoint: %w", err)
+	}
+	mo := m.opts.Mount
+	if mo.FsName == "" {
+		mo.FsName = "lazypull:" + src.Digest.Encoded()[:12]
+	}
+	mnt, err := MountLayer(mountpoint, l, mo)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	m.mounts[mountpoint] = mnt
+	m.mu.Unlock()
+	l.StartFetching(context.WithoutCancel(ctx), m.opts.Fetch)
+	return mnt, nil
+}
+
+// Lookup returns the mount at mountpoint.
+func (m *Manager) Lookup(mountpoint string) (*Mount, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	mnt, ok := m.mounts[mountpoint]
+	return mnt, ok
+}
+
+// Unmount unmounts the layer at mountpoint.
+func (m *Manager) Unmount(ctx context.Context, mountpoint string) error {
+	m.mu.Lock()
+	mnt, ok := m.mounts[mountpoint]
+	delete(m.mounts, mountpoint)
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("no layer mounted at %s: %w", mountpoint, errdefs.ErrNotFound)
+	}
+	return mnt.Unmount()
+}
+
+// Mounts returns every mounted layer.
+func (m *Manager) Mounts() []*Mount {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]*Mount, 0, len(m.mounts))
+	for _, mnt := range m.mounts {
+		out = append(out, mnt)
+	}
+	return out
+}
+
+// Close unmounts everything.
+func (m *Manager) Close() error {
+	var errs []error
+	for _, mnt := range m.Mounts() {
+		if err := m.Unmount(context.Background(), mnt.Dir()); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// fileBlob serves a local blob file, for mounting a blob without a
+// registry.
+type fileBlob struct{ r io.ReaderAt }
+
+func (f fileBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	return f.r.ReadAt(p, off)
+}
+
+// OpenLocalLayer opens a local eStargz blob file as a Layer. Its TOC is
+// trusted (it is the caller's own file); chunks are still verified.
+func OpenLocalLayer(path string, store Store, opts LayerOptions) (*Layer, func() error, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	r, err := estargz.Open(f, fi.Size(), estargz.OpenOptions{})
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("%s: %w", path, err)
+	}
+	d, err := digest.FromReader(io.NewSectionReader(f, 0, fi.Size()))
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("hashing %s: %w", path, err)
+	}
+	open := func(context.Context) (Blob, error) { return fileBlob{f}, nil }
+	return NewLayer(d, r.Index, r.Footer.Compression, open, store, opts), f.Close, nil
+}
