@@ -151,7 +151,14 @@ func (nd *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*g
 // Readdir implements gofs.NodeReaddirer.
 func (nd *node) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
 	v := nd.dir()
-	list := make([]fuse.DirEntry, 0, len(v.names))
+	list := make([]fuse.DirEntry, 0, len(v.names)+2)
+	parentIno := nd.n.ID
+	if _, p := nd.Parent(); p != nil {
+		parentIno = p.StableAttr().Ino
+	}
+	list = append(list,
+		fuse.DirEntry{Name: ".", Mode: syscall.S_IFDIR, Ino: nd.n.ID},
+		fuse.DirEntry{Name: "..", Mode: syscall.S_IFDIR, Ino: parentIno})
 	for _, name := range v.names {
 		e := v.entries[name]
 		list = append(list, fuse.DirEntry{Name: name, Mode: e.mode(), Ino: e.ino()})
@@ -162,7 +169,13 @@ func (nd *node) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
 // OpendirHandle implements gofs.NodeOpendirHandler: listings never change,
 // so the kernel may cache them.
 func (nd *node) OpendirHandle(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
-	return nil, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
+	if nd.n.Type != estargz.TypeDir || nd.whiteout {
+		return nil, 0, syscall.ENOTDIR
+	}
+	// The list stream is also a directory file handle (it reads, seeks
+	// and releases).
+	ds, errno := nd.Readdir(ctx)
+	return ds, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, errno
 }
 
 // Getattr implements gofs.NodeGetattrer.

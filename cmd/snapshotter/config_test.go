@@ -1,0 +1,98 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestLoadConfigMissing(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "config.toml")
+	cfg, err := LoadConfig(missing, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(cfg, DefaultConfig()) {
+		t.Fatalf("missing default config: got %+v, want defaults", cfg)
+	}
+	if _, err := LoadConfig(missing, true); err == nil || !strings.Contains(err.Error(), missing) {
+		t.Fatalf("missing explicit config: want an error naming it, got %v", err)
+	}
+}
+
+func TestLoadConfigFull(t *testing.T) {
+	p := writeConfig(t.TempDir(), `
+root = "/srv/lazypull"
+allow_unverified = true
+
+[cache]
+max_disk_bytes = 1000
+max_memory_bytes = 0
+
+[fetch]
+prefetch = false
+background_fetch = false
+timeout = "1m30s"
+retries = 0
+
+[registry]
+hosts_dir = "/etc/hosts.d"
+docker_config = "/root/.docker/config.json"
+
+[metrics]
+address = "127.0.0.1:9999"
+`)
+	cfg, err := LoadConfig(p, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &Config{
+		Root:            "/srv/lazypull",
+		AllowUnverified: true,
+		Cache:           CacheConfig{MaxDiskBytes: 1000, MaxMemoryBytes: 0},
+		Fetch:           FetchConfig{Timeout: Duration(90 * time.Second)},
+		Registry:        RegistryConfig{HostsDir: "/etc/hosts.d", DockerConfig: "/root/.docker/config.json"},
+		Metrics:         MetricsConfig{Address: "127.0.0.1:9999"},
+	}
+	if !reflect.DeepEqual(cfg, want) {
+		t.Fatalf("got %+v\nwant %+v", cfg, want)
+	}
+}
+
+func TestLoadConfigPartialKeepsDefaults(t *testing.T) {
+	cfg, err := LoadConfig(writeConfig(t.TempDir(), "[fetch]\nretries = 2\n"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := DefaultConfig()
+	want.Fetch.Retries = 2
+	if !reflect.DeepEqual(cfg, want) {
+		t.Fatalf("got %+v, want %+v", cfg, want)
+	}
+}
+
+func TestLoadConfigErrors(t *testing.T) {
+	for _, tc := range []struct{ content, want string }{
+		{"rot = \"/x\"\n", "unknown key(s): rot"},
+		{"[cache]\nmax_disk = 1\n[metrics]\naddr = \"x\"\n", "unknown key(s): cache.max_disk, metrics.addr"},
+		{"[fetcher]\ntimeout = \"1s\"\n", "unknown key(s): fetcher"},
+		{"[fetch]\ntimeout = \"soon\"\n", "soon"},
+		{"[fetch]\ntimeout = \"0s\"\n", "fetch.timeout must be positive"},
+		{"[fetch]\nretries = -1\n", "fetch.retries must not be negative"},
+		{"[cache]\nmax_disk_bytes = -5\n", "cache.max_disk_bytes must not be negative"},
+		{"[fetch]\nretries = \"five\"\n", "retries"},
+		{"this is not toml", "config"},
+	} {
+		p := filepath.Join(t.TempDir(), "c.toml")
+		if err := os.WriteFile(p, []byte(tc.content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		_, err := LoadConfig(p, true)
+		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), p) {
+			t.Errorf("config %q: want error naming the file and containing %q, got %v", tc.content, tc.want, err)
+		}
+	}
+}

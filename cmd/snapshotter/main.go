@@ -1,0 +1,273 @@
+// Command lazypull-snapshotter is lazypull's containerd snapshotter daemon.
+// It serves containerd's snapshots gRPC API on a unix socket; containerd
+// reaches it as a proxy plugin:
+//
+//	[proxy_plugins.lazypull]
+//	  type = "snapshot"
+//	  address = "/run/lazypull/lazypull.sock"
+//
+// Usage:
+//
+//	lazypull-snapshotter [--address SOCKET] [--root DIR] [--config FILE] [--log-level LEVEL]
+//	lazypull-snapshotter --version
+//
+// Bad flags exit with status 2, failures with 1. SIGTERM or SIGINT stops
+// serving (waiting a while for calls in progress), closes the snapshotter
+// and exits 0.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"syscall"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/log"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+
+	"github.com/lazypull/lazypull/snapshot"
+)
+
+const (
+	defaultAddress = "/run/lazypull/lazypull.sock"
+	defaultRoot    = "/var/lib/lazypull"
+
+	// gracefulTimeout bounds the wait for calls in progress at shutdown.
+	gracefulTimeout = 10 * time.Second
+)
+
+// version is set at build time with -ldflags "-X main.version=v1.2.3".
+var version = ""
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// daemonConfig is what the daemon runs with, flags and file combined.
+type daemonConfig struct {
+	address string
+	root    string
+	cfg     *Config
+}
+
+// run is the whole command; it returns the exit status.
+func run(args []string, stdout, stderr io.Writer) int {
+	fl := flag.NewFlagSet("lazypull-snapshotter", flag.ContinueOnError)
+	fl.SetOutput(stderr)
+	fl.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: lazypull-snapshotter [flags]\n\nlazypull's containerd remote snapshotter daemon.\n\nFlags:\n")
+		fl.PrintDefaults()
+	}
+	address := fl.String("address", defaultAddress, "unix socket to serve containerd's snapshots API on")
+	root := fl.String("root", defaultRoot, "state directory (overrides the config file's root)")
+	configPath := fl.String("config", DefaultConfigPath, "TOML configuration file (a missing default file means defaults)")
+	logLevel := fl.String("log-level", "info", "log level: debug, info, warn or error")
+	showVersion := fl.Bool("version", false, "print the version and exit")
+	if err := fl.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fl.NArg() > 0 {
+		fmt.Fprintf(stderr, "lazypull-snapshotter: unexpected argument %q\n", fl.Arg(0))
+		fl.Usage()
+		return 2
+	}
+	switch *logLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		fmt.Fprintf(stderr, "lazypull-snapshotter: invalid --log-level %q: want debug, info, warn or error\n", *logLevel)
+		return 2
+	}
+	if *showVersion {
+		fmt.Fprintf(stdout, "lazypull-snapshotter %s %s\n", versionString(), runtime.Version())
+		return 0
+	}
+	given := map[string]bool{}
+	fl.Visit(func(f *flag.Flag) { given[f.Name] = true })
+
+	log.L.Logger.SetOutput(stderr)
+	if err := log.SetFormat(log.TextFormat); err != nil {
+		fmt.Fprintf(stderr, "lazypull-snapshotter: %v\n", err)
+		return 1
+	}
+	if err := log.SetLevel(*logLevel); err != nil {
+		fmt.Fprintf(stderr, "lazypull-snapshotter: %v\n", err)
+		return 2
+	}
+
+	cfg, err := LoadConfig(*configPath, given["config"])
+	if err != nil {
+		fmt.Fprintf(stderr, "lazypull-snapshotter: %v\n", err)
+		return 1
+	}
+	dc := daemonConfig{address: *address, root: *root, cfg: cfg}
+	if !given["root"] && cfg.Root != "" {
+		dc.root = cfg.Root
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := serve(ctx, dc); err != nil {
+		log.G(ctx).WithError(err).Error("lazypull-snapshotter failed")
+		return 1
+	}
+	return 0
+}
+
+func versionString() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "(devel)"
+}
+
+// serve runs the daemon until ctx is done.
+func serve(ctx context.Context, dc daemonConfig) (retErr error) {
+	root, err := filepath.Abs(dc.root)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return err
+	}
+	lfs, closeLFS, err := newLayerFS(dc.cfg, root)
+	if err != nil {
+		return fmt.Errorf("setting up the layer file system: %w", err)
+	}
+	defer func() {
+		if err := closeLFS(); err != nil {
+			log.G(ctx).WithError(err).Error("failed to close the layer file system")
+			if retErr == nil {
+				retErr = err
+			}
+		}
+	}()
+	if lfs == nil {
+		log.G(ctx).Info("no layer file system configured: remote snapshots are disabled, every layer is unpacked")
+	}
+
+	sn, err := snapshot.New(ctx, snapshot.Options{Root: root, LayerFS: lfs})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := sn.Close(); err != nil {
+			log.G(ctx).WithError(err).Error("failed to close the snapshotter")
+			if retErr == nil {
+				retErr = err
+			}
+		}
+	}()
+
+	l, err := listen(dc.address)
+	if err != nil {
+		return err
+	}
+	srv := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+
+	errc := make(chan error, 2)
+	go func() { errc <- srv.Serve(l) }()
+
+	var metrics *http.Server
+	if addr := dc.cfg.Metrics.Address; addr != "" {
+		ml, err := net.Listen("tcp", addr)
+		if err != nil {
+			srv.Stop()
+			return fmt.Errorf("metrics address: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.Handler())
+		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := metrics.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("metrics server: %w", err)
+			}
+		}()
+		log.G(ctx).WithField("address", ml.Addr().String()).Info("serving metrics")
+	}
+	log.G(ctx).WithField("address", dc.address).WithField("root", root).WithField("version", versionString()).Info("lazypull-snapshotter serving")
+
+	var serveErr error
+	select {
+	case <-ctx.Done():
+		log.G(ctx).Info("shutting down")
+	case serveErr = <-errc:
+		log.G(ctx).WithError(serveErr).Error("serving failed")
+	}
+	stopped := make(chan struct{})
+	go func() {
+		srv.GracefulStop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(gracefulTimeout):
+		log.G(ctx).Warn("calls still in progress after the graceful timeout; stopping")
+		srv.Stop()
+		<-stopped
+	}
+	if metrics != nil {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		_ = metrics.Shutdown(sctx)
+		cancel()
+	}
+	return serveErr
+}
+
+// listen opens the unix socket at address, creating its directory and
+// replacing a stale socket file (one nobody accepts on).
+func listen(address string) (net.Listener, error) {
+	if address == "" {
+		return nil, errors.New("empty --address")
+	}
+	// sun_path holds 108 bytes including the terminating NUL.
+	if len(address) > 107 {
+		return nil, fmt.Errorf("socket path %s is too long (%d bytes, at most 107)", address, len(address))
+	}
+	if err := os.MkdirAll(filepath.Dir(address), 0o711); err != nil {
+		return nil, err
+	}
+	if fi, err := os.Lstat(address); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", address)
+		}
+		if c, err := net.DialTimeout("unix", address, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s is in use: is another lazypull-snapshotter running?", address)
+		}
+		if err := os.Remove(address); err != nil {
+			return nil, fmt.Errorf("removing stale socket: %w", err)
+		}
+		log.L.WithField("address", address).Info("removed stale socket")
+	} else if !os.IsNotExist(err) {
+		return nil, err
+	}
+	l, err := net.Listen("unix", address)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(address, 0o660); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}

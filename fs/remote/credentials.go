@@ -1,0 +1,136 @@
+package remote
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/containerd/errdefs"
+	"github.com/docker/docker-credential-helpers/client"
+	"github.com/docker/docker-credential-helpers/credentials"
+)
+
+// dockerHubKey is the key docker uses for Docker Hub in config.json and
+// with credential helpers.
+const dockerHubKey = "https://index.docker.io/v1/"
+
+// dockerCredentials looks credentials up in a docker config.json, the
+// way the docker CLI does: credHelpers[host], else credsStore, else the
+// inline "auths" entry. The file is re-read at every lookup (lookups happen
+// only when a registry challenges us), so `docker login` takes effect
+// without a restart.
+type dockerCredentials struct {
+	path string
+}
+
+type dockerConfigFile struct {
+	Auths       map[string]dockerAuthEntry `json:"auths"`
+	CredsStore  string                     `json:"credsStore"`
+	CredHelpers map[string]string          `json:"credHelpers"`
+}
+
+type dockerAuthEntry struct {
+	Auth          string `json:"auth"`
+	Username      string `json:"username"`
+	Password      string `json:"password"`
+	IdentityToken string `json:"identitytoken"`
+}
+
+// get returns the username and secret for host (as containerd's
+// authorizer asks: the host being contacted, e.g. "registry-1.docker.io").
+// An empty username with a secret is an identity token.
+func (d *dockerCredentials) get(host string) (string, string, error) {
+	if d.path == "" {
+		return "", "", nil
+	}
+	b, err := os.ReadFile(d.path)
+	if errors.Is(err, os.ErrNotExist) {
+		return "", "", nil
+	}
+	if err != nil {
+		return "", "", fmt.Errorf("read docker config: %w", err)
+	}
+	var cfg dockerConfigFile
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return "", "", fmt.Errorf("parse docker config %s: %w: %w", d.path, err, errdefs.ErrInvalidArgument)
+	}
+
+	keys := []string{host}
+	serverURL := host
+	if isDockerHub(host) {
+		keys = []string{dockerHubKey, "docker.io", "index.docker.io", "registry-1.docker.io"}
+		serverURL = dockerHubKey
+	}
+
+	helper := cfg.CredsStore
+	for _, k := range keys {
+		if h, ok := cfg.CredHelpers[k]; ok {
+			helper = h
+			break
+		}
+	}
+	if helper != "" {
+		creds, err := client.Get(client.NewShellProgramFunc("docker-credential-"+helper), serverURL)
+		switch {
+		case err == nil:
+			if creds.Username == "<token>" {
+				return "", creds.Secret, nil
+			}
+			return creds.Username, creds.Secret, nil
+		case credentials.IsErrCredentialsNotFound(err):
+			// Fall through to inline auths.
+		default:
+			return "", "", fmt.Errorf("credential helper docker-credential-%s for %s: %w", helper, serverURL, err)
+		}
+	}
+
+	for _, k := range keys {
+		for key, entry := range cfg.Auths {
+			if normalizeAuthKey(key) != normalizeAuthKey(k) {
+				continue
+			}
+			return entry.credentials(key)
+		}
+	}
+	return "", "", nil
+}
+
+func (e dockerAuthEntry) credentials(key string) (string, string, error) {
+	if e.IdentityToken != "" {
+		return "", e.IdentityToken, nil
+	}
+	if e.Auth != "" {
+		raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(e.Auth))
+		if err != nil {
+			return "", "", fmt.Errorf("docker config: auths[%q].auth is not base64: %w", key, err)
+		}
+		user, pass, ok := strings.Cut(string(raw), ":")
+		if !ok {
+			return "", "", fmt.Errorf("docker config: auths[%q].auth is not user:password", key)
+		}
+		return user, strings.Trim(pass, "\x00"), nil
+	}
+	return e.Username, e.Password, nil
+}
+
+// normalizeAuthKey reduces an auths key ("https://host/v1/", "host") to a
+// host name.
+func normalizeAuthKey(k string) string {
+	if isDockerHub(k) || k == dockerHubKey {
+		return dockerHubKey
+	}
+	k = strings.TrimPrefix(strings.TrimPrefix(k, "https://"), "http://")
+	k, _, _ = strings.Cut(k, "/")
+	return strings.ToLower(k)
+}
+
+func isDockerHub(host string) bool {
+	switch host {
+	case "docker.io", "index.docker.io", "registry-1.docker.io":
+		return true
+	}
+	return false
+}
