@@ -145,9 +145,17 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 	if err != nil {
 		return err
 	}
+	// Listen first: a daemon already serving on the address is reported
+	// before this one touches anything.
+	l, err := listen(dc.address)
+	if err != nil {
+		return err
+	}
+	defer l.Close() // after Serve returned: unlinks the socket if still there
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return err
 	}
+
 	lfs, closeLFS, err := newLayerFS(dc.cfg, root)
 	if err != nil {
 		return fmt.Errorf("setting up the layer file system: %w", err)
@@ -177,10 +185,6 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 		}
 	}()
 
-	l, err := listen(dc.address)
-	if err != nil {
-		return err
-	}
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
 

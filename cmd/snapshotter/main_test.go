@@ -95,6 +95,9 @@ type daemon struct {
 func startDaemon(sock string, logf func(string), args ...string) (*daemon, error) {
 	d := &daemon{sock: sock, exited: make(chan struct{})}
 	d.cmd = exec.Command(daemonBin, append([]string{"--address", sock}, args...)...)
+	// A race-enabled daemon exits with status 66 if it saw a race, which
+	// stop reports; it need not also sleep a second on its way out.
+	d.cmd.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=0 "+os.Getenv("GORACE"))
 	d.cmd.Stderr = &lineWriter{fn: func(line string) {
 		d.mu.Lock()
 		d.output.WriteString(line + "\n")
@@ -254,6 +257,12 @@ func TestDaemonLifecycle(t *testing.T) {
 	}
 	if err := sn.Commit(ctx, "c", "a"); err != nil {
 		t.Fatal(err)
+	}
+	// The unpacker's Prepare for a target that exists: ErrAlreadyExists
+	// must survive gRPC.
+	_, err = sn.Prepare(ctx, "extract-1 c", "", snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotRef: "c"}))
+	if !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of an existing target: want ErrAlreadyExists, got %v", err)
 	}
 
 	// Socket in use.
