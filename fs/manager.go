@@ -84,7 +84,6 @@ type layerMeta struct {
 	Compression string        `json:"compression"`
 	TOCDigest   digest.Digest `json:"tocDigest"`
 	PayloadEnd  int64         `json:"payloadEnd"`
-	Verified    bool          `json:"verified"`
 }
 
 func (m *Manager) metaDir(d digest.Digest) string {
@@ -138,11 +137,13 @@ func (m *Manager) loadMeta(src LayerSource) (*estargz.Index, *layerMeta, error) 
 	if err := json.Unmarshal(b, &meta); err != nil {
 		return nil, nil, fmt.Errorf("parsing %s: %w", filepath.Join(dir, "layer.json"), err)
 	}
+	// The saved TOC is trusted only if it hashes to the digest the caller
+	// expects now (it may have been saved unverified by Preload).
 	if meta.Digest != src.Digest || (src.TOCDigest != "" && meta.TOCDigest != src.TOCDigest) {
 		return nil, nil, fmt.Errorf("saved metadata in %s is for another layer or TOC", dir)
 	}
-	if !meta.Verified && !m.opts.AllowUnverified {
-		return nil, nil, fmt.Errorf("saved metadata in %s is unverified", dir)
+	if src.TOCDigest == "" && !m.opts.AllowUnverified {
+		return nil, nil, fmt.Errorf("saved metadata in %s cannot be verified", dir)
 	}
 	tocJSON, err := os.ReadFile(filepath.Join(dir, "toc.json"))
 	if err != nil {
@@ -173,7 +174,7 @@ func (m *Manager) fetchMeta(ctx context.Context, src LayerSource) (*estargz.Inde
 	meta := &layerMeta{
 		Ref: src.Ref, Digest: src.Digest, Size: blob.Size(),
 		Compression: r.Footer.Compression.String(), TOCDigest: r.TOCDigest,
-		PayloadEnd: r.Footer.PayloadEnd, Verified: src.TOCDigest != "",
+		PayloadEnd: r.Footer.PayloadEnd,
 	}
 	if err := m.saveMeta(meta, r.TOCJSON); err != nil {
 		log.G(ctx).WithError(err).WithField("layer", src.Digest).Warn("saving layer metadata failed; the layer will need the registry after a restart")
@@ -214,6 +215,18 @@ func writeFileAtomic(name string, data []byte) error {
 		return err
 	}
 	return os.Rename(f.Name(), name)
+}
+
+// Preload reads and saves a layer's TOC without mounting it, so that a
+// later Mount finds it locally. The TOC is not verified here (src may lack
+// a TOC digest); Mount verifies the saved TOC against the digest it is
+// given.
+func (m *Manager) Preload(ctx context.Context, src LayerSource) error {
+	if _, err := os.Stat(filepath.Join(m.metaDir(src.Digest), "layer.json")); err == nil {
+		return nil
+	}
+	_, _, err := m.fetchMeta(ctx, src)
+	return err
 }
 
 // Mount opens the layer and mounts it at mountpoint, then starts prefetch

@@ -30,6 +30,8 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //	background_fetch = true
 //	timeout = "30s"
 //	retries = 5
+//	read_timeout = "60s"
+//	passthrough = true
 //
 //	[registry]
 //	hosts_dir = "/etc/containerd/certs.d"
@@ -77,6 +79,14 @@ type FetchConfig struct {
 	Timeout Duration `toml:"timeout"`
 	// Retries is how often a failed request is retried. Default 5.
 	Retries int `toml:"retries"`
+	// ReadTimeout bounds how long a read of data that is not cached may
+	// wait for the registry, retries included; after it the read fails
+	// with EIO instead of hanging. Default "60s"; must be positive.
+	ReadTimeout Duration `toml:"read_timeout"`
+	// Passthrough lets the kernel read cached single-chunk files directly
+	// from the cache (FUSE passthrough, Linux >= 6.9; ignored where the
+	// kernel does not support it). Default true.
+	Passthrough bool `toml:"passthrough"`
 }
 
 // RegistryConfig is the [registry] section: reaching registries.
@@ -126,6 +136,8 @@ func DefaultConfig() *Config {
 			BackgroundFetch: true,
 			Timeout:         Duration(30 * time.Second),
 			Retries:         5,
+			ReadTimeout:     Duration(60 * time.Second),
+			Passthrough:     true,
 		},
 		Registry: RegistryConfig{
 			HostsDir: "/etc/containerd/certs.d",
@@ -168,6 +180,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Fetch.Timeout <= 0 {
 		errs = append(errs, fmt.Errorf("fetch.timeout must be positive (%s)", time.Duration(c.Fetch.Timeout)))
+	}
+	if c.Fetch.ReadTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("fetch.read_timeout must be positive (%s)", time.Duration(c.Fetch.ReadTimeout)))
 	}
 	if c.Fetch.Retries < 0 {
 		errs = append(errs, fmt.Errorf("fetch.retries must not be negative (%d)", c.Fetch.Retries))

@@ -35,6 +35,8 @@ import (
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/log"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 
@@ -156,7 +158,9 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 		return err
 	}
 
-	lfs, closeLFS, err := newLayerFS(dc.cfg, root)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	lfs, closeLFS, err := newLayerFS(dc.cfg, root, reg)
 	if err != nil {
 		return fmt.Errorf("setting up the layer file system: %w", err)
 	}
@@ -199,7 +203,7 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 			return fmt.Errorf("metrics address: %w", err)
 		}
 		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.Handler())
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			if err := metrics.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {

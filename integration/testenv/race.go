@@ -1,0 +1,7 @@
+//go:build race
+
+package testenv
+
+// raceEnabled: the tests run with -race, so BuildSnapshotter builds the
+// daemon with it too.
+const raceEnabled = true

@@ -1,0 +1,312 @@
+package testenv
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// SnapshotterBinEnv names the environment variable that points the tests at
+// a prebuilt lazypull-snapshotter instead of building ./cmd/snapshotter.
+const SnapshotterBinEnv = "LAZYPULL_SNAPSHOTTER_BIN"
+
+// BuildSnapshotter returns the lazypull-snapshotter binary to test: the
+// one SnapshotterBinEnv names, or else a fresh build of ./cmd/snapshotter
+// (with -race when the tests have it) into dir.
+func BuildSnapshotter(dir string) (string, error) {
+	if p := os.Getenv(SnapshotterBinEnv); p != "" {
+		if fi, err := os.Stat(p); err != nil || fi.IsDir() || fi.Mode().Perm()&0o111 == 0 {
+			return "", fmt.Errorf("%s=%s: not an executable file", SnapshotterBinEnv, p)
+		}
+		return p, nil
+	}
+	root, err := ModuleRoot()
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(dir, "lazypull-snapshotter")
+	args := []string{"build", "-o", out}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	args = append(args, "./cmd/snapshotter")
+	cmd := exec.Command(goTool(), args...)
+	cmd.Dir = root
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go %s (in %s): %v\n%s", strings.Join(args, " "), root, err, b)
+	}
+	return out, nil
+}
+
+func goTool() string {
+	if p, err := exec.LookPath("go"); err == nil {
+		return p
+	}
+	return "/usr/local/go/bin/go"
+}
+
+// ModuleRoot is the directory of the go.mod above the working directory
+// (tests run in their package's directory).
+func ModuleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("no go.mod above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// SnapshotterConfig configures a snapshotter daemon started by
+// StartSnapshotter. The daemon is run as
+//
+//	BINARY --address ADDRESS --root ROOT --config CONFIG [--log-level LEVEL] ARGS...
+type SnapshotterConfig struct {
+	// Binary is the daemon to run (see BuildSnapshotter).
+	Binary string
+	// Dir holds the socket, root, config and log. Empty means a new
+	// directory under /tmp, removed by Close.
+	Dir string
+	// Address is the gRPC socket; default Dir/sn.sock.
+	Address string
+	// Root is the daemon's state directory; default Dir/root.
+	Root string
+	// Config is written to Dir/config.toml and passed with --config;
+	// ConfigPath passes an existing file instead. With neither, an empty
+	// config file is passed, so the daemon never reads the machine's
+	// default (/etc/lazypull/config.toml).
+	Config     string
+	ConfigPath string
+	// LogLevel, if set, is passed with --log-level.
+	LogLevel string
+	// Args are appended to the command line; Env to the environment.
+	Args []string
+	Env  []string
+	// StartTimeout bounds the wait for the socket; default 30s.
+	StartTimeout time.Duration
+}
+
+// Snapshotter is a snapshotter daemon run by the harness.
+type Snapshotter struct {
+	cfg     SnapshotterConfig
+	ownDir  bool
+	logPath string
+
+	mu   sync.Mutex
+	proc *process
+}
+
+// StartSnapshotter starts the daemon and waits until its socket accepts
+// connections. The caller must Close it.
+func StartSnapshotter(ctx context.Context, cfg SnapshotterConfig) (_ *Snapshotter, retErr error) {
+	if cfg.Binary == "" {
+		return nil, errors.New("snapshotter: no binary")
+	}
+	s := &Snapshotter{cfg: cfg}
+	if s.cfg.Dir == "" {
+		d, err := os.MkdirTemp("/tmp", "lp-sn-")
+		if err != nil {
+			return nil, err
+		}
+		s.cfg.Dir, s.ownDir = d, true
+	}
+	defer func() {
+		if retErr != nil {
+			s.Close()
+		}
+	}()
+	if s.cfg.Address == "" {
+		s.cfg.Address = filepath.Join(s.cfg.Dir, "sn.sock")
+	}
+	if len(s.cfg.Address) >= 108 {
+		return nil, fmt.Errorf("snapshotter socket path %q is too long", s.cfg.Address)
+	}
+	if s.cfg.Root == "" {
+		s.cfg.Root = filepath.Join(s.cfg.Dir, "root")
+	}
+	if s.cfg.StartTimeout == 0 {
+		s.cfg.StartTimeout = 30 * time.Second
+	}
+	if err := os.MkdirAll(s.cfg.Root, 0o700); err != nil {
+		return nil, err
+	}
+	if s.cfg.ConfigPath == "" {
+		s.cfg.ConfigPath = filepath.Join(s.cfg.Dir, "config.toml")
+		if err := os.WriteFile(s.cfg.ConfigPath, []byte(s.cfg.Config), 0o600); err != nil {
+			return nil, err
+		}
+	}
+	s.logPath = filepath.Join(s.cfg.Dir, "snapshotter.log")
+	if err := s.Start(ctx); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// NewSnapshotter starts the daemon for the test. When the test ends it is
+// stopped and its directory cleaned; its log is dumped if the test failed,
+// and a data race the daemon reported fails the test.
+func NewSnapshotter(t testing.TB, cfg SnapshotterConfig) *Snapshotter {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	s, err := StartSnapshotter(ctx, cfg)
+	if err != nil {
+		t.Fatalf("start snapshotter: %v", err)
+	}
+	t.Cleanup(func() {
+		err := s.Stop()
+		if b, rerr := os.ReadFile(s.logPath); rerr == nil && strings.Contains(string(b), "WARNING: DATA RACE") {
+			t.Errorf("snapshotter reported a data race; see its log")
+		}
+		if t.Failed() {
+			dumpLog(t, "snapshotter", s.logPath, 0)
+		}
+		if err != nil {
+			t.Errorf("stop snapshotter: %v", err)
+		}
+		if err := s.Close(); err != nil {
+			t.Errorf("close snapshotter: %v", err)
+		}
+	})
+	return s
+}
+
+// Address is the daemon's gRPC socket, for ContainerdConfig.ProxySnapshotters.
+func (s *Snapshotter) Address() string { return s.cfg.Address }
+
+// Root is the daemon's --root.
+func (s *Snapshotter) Root() string { return s.cfg.Root }
+
+// Dir holds everything the daemon writes.
+func (s *Snapshotter) Dir() string { return s.cfg.Dir }
+
+// LogPath collects the daemon's output across restarts.
+func (s *Snapshotter) LogPath() string { return s.logPath }
+
+// Pid is the daemon's process id, 0 if it never started.
+func (s *Snapshotter) Pid() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc == nil {
+		return 0
+	}
+	return s.proc.pid()
+}
+
+// Running reports whether the daemon process is alive.
+func (s *Snapshotter) Running() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.proc != nil && !s.proc.exited()
+}
+
+// Start starts the daemon (again, after Stop or Kill) and waits for its
+// socket. A stale socket file from a killed daemon is removed first.
+func (s *Snapshotter) Start(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc != nil && !s.proc.exited() {
+		return fmt.Errorf("snapshotter is already running (pid %d)", s.proc.pid())
+	}
+	os.Remove(s.cfg.Address)
+	args := []string{"--address", s.cfg.Address, "--root", s.cfg.Root}
+	args = append(args, "--config", s.cfg.ConfigPath)
+	if s.cfg.LogLevel != "" {
+		args = append(args, "--log-level", s.cfg.LogLevel)
+	}
+	args = append(args, s.cfg.Args...)
+	cmd := exec.Command(s.cfg.Binary, args...)
+	cmd.Env = append(envWithPath(""), s.cfg.Env...)
+	cmd.Dir = s.cfg.Dir
+	p, err := startProcess(cmd, s.logPath)
+	if err != nil {
+		return fmt.Errorf("start %s: %w", s.cfg.Binary, err)
+	}
+	s.proc = p
+	deadline := time.Now().Add(s.cfg.StartTimeout)
+	for {
+		if p.exited() {
+			return fmt.Errorf("snapshotter exited during start-up: %v; log %s:\n%s", p.err(), s.logPath, tailFile(s.logPath, 40))
+		}
+		if conn, err := net.DialTimeout("unix", s.cfg.Address, time.Second); err == nil {
+			conn.Close()
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			p.signal(syscall.SIGKILL)
+			p.wait(5 * time.Second)
+			return fmt.Errorf("snapshotter did not listen on %s in time; log %s:\n%s", s.cfg.Address, s.logPath, tailFile(s.logPath, 40))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Stop stops the daemon with SIGTERM and waits for it (SIGKILL after 20s,
+// reported as an error). It reports a daemon that had crashed.
+func (s *Snapshotter) Stop() error { return s.stop(syscall.SIGTERM, 20*time.Second) }
+
+// Kill stops the daemon with SIGKILL, leaving whatever it mounted behind,
+// as a crash would.
+func (s *Snapshotter) Kill() error { return s.stop(syscall.SIGKILL, 10*time.Second) }
+
+func (s *Snapshotter) stop(sig syscall.Signal, timeout time.Duration) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc == nil {
+		return nil
+	}
+	return s.proc.stop(sig, timeout)
+}
+
+// Restart is Stop then Start.
+func (s *Snapshotter) Restart(ctx context.Context) error {
+	if err := s.Stop(); err != nil {
+		return err
+	}
+	return s.Start(ctx)
+}
+
+// Close kills the daemon if it still runs, unmounts what is left under its
+// directory (FUSE mounts of a killed daemon included) and removes the
+// directory if StartSnapshotter created it.
+func (s *Snapshotter) Close() error {
+	var errs []error
+	s.mu.Lock()
+	if s.proc != nil && !s.proc.exited() {
+		s.proc.stop(syscall.SIGKILL, 10*time.Second)
+	}
+	s.mu.Unlock()
+	if s.cfg.Dir != "" {
+		if err := unmountUnder(s.cfg.Dir); err != nil {
+			errs = append(errs, err)
+		}
+		if s.cfg.Root != "" && !strings.HasPrefix(s.cfg.Root, s.cfg.Dir+"/") {
+			if err := unmountUnder(s.cfg.Root); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if s.ownDir && os.Getenv("LAZYPULL_KEEP_TEST_DIRS") == "" {
+			if err := os.RemoveAll(s.cfg.Dir); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
