@@ -60,6 +60,14 @@ type LayerOptions struct {
 	Scheduler *Scheduler
 	// Observer receives fetch and cache events. May be nil.
 	Observer Observer
+	// Recorder, when set, learns the order in which files are first read
+	// (to build prioritized images).
+	Recorder Recorder
+}
+
+// Recorder receives the first read of each file of a layer, in order.
+type Recorder interface {
+	FirstRead(layer digest.Digest, name string)
 }
 
 // Observer receives events for metrics.
@@ -104,6 +112,8 @@ type Layer struct {
 	sf         singleflight.Group
 
 	fetchedBytes, requests, hits, misses, verifyFailures, fetchNanos, bgBytes atomic.Int64
+
+	readSeen sync.Map // *estargz.Node -> struct{}, when recording
 
 	bgCancel context.CancelFunc
 	bgDone   chan struct{}
@@ -178,6 +188,7 @@ var ErrVerify = errors.New("chunk failed verification")
 // ReadAt reads file content of node n at off into p. It returns the number
 // of bytes read; short reads happen only at the end of the file.
 func (l *Layer) ReadAt(ctx context.Context, n *estargz.Node, p []byte, off int64) (int, error) {
+	l.noteRead(n)
 	if off >= n.Size || len(p) == 0 {
 		return 0, nil
 	}
@@ -212,6 +223,16 @@ func (l *Layer) ReadAt(ctx context.Context, n *estargz.Node, p []byte, off int64
 		off += want
 	}
 	return total, nil
+}
+
+// noteRead tells the Recorder about the first read (or open for reading:
+// passthrough and the page cache hide later reads) of n.
+func (l *Layer) noteRead(n *estargz.Node) {
+	if r := l.opts.Recorder; r != nil {
+		if _, seen := l.readSeen.LoadOrStore(n, struct{}{}); !seen {
+			r.FirstRead(l.digest, n.Name)
+		}
+	}
 }
 
 // fetchChunk fetches, verifies and stores chunk c of file n. Concurrent

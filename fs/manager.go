@@ -52,7 +52,23 @@ type ManagerOptions struct {
 	AllowUnverified bool
 	// Limits bound TOCs.
 	Limits estargz.Limits
+	// Recorder, when set, learns the first read of each file of every
+	// layer mounted, with the image reference the layer was mounted for.
+	Recorder ImageRecorder
 }
+
+// ImageRecorder receives first reads of files, per image.
+type ImageRecorder interface {
+	FirstRead(ref string, layer digest.Digest, name string)
+}
+
+// refRecorder adapts an ImageRecorder to one layer's Recorder.
+type refRecorder struct {
+	ref string
+	r   ImageRecorder
+}
+
+func (r refRecorder) FirstRead(layer digest.Digest, name string) { r.r.FirstRead(r.ref, layer, name) }
 
 // Manager mounts and unmounts layers, keeping their metadata under Root.
 type Manager struct {
@@ -124,7 +140,11 @@ func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error
 		}
 		return m.opts.Registry.OpenBlob(ctx, ref, desc)
 	}
-	return NewLayer(src.Digest, ix, comp, open, m.opts.Store, m.opts.Layer), nil
+	lo := m.opts.Layer
+	if m.opts.Recorder != nil {
+		lo.Recorder = refRecorder{ref: ref, r: m.opts.Recorder}
+	}
+	return NewLayer(src.Digest, ix, comp, open, m.opts.Store, lo), nil
 }
 
 func (m *Manager) loadMeta(src LayerSource) (*estargz.Index, *layerMeta, error) {

@@ -224,6 +224,7 @@ func (nd *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32
 	if nd.n.Type != estargz.TypeReg || nd.whiteout {
 		return nil, fuse.FOPEN_KEEP_CACHE, 0
 	}
+	nd.fs.layer.noteRead(nd.n)
 	if nd.fs.passthrough && len(nd.n.Chunks) == 1 && nd.n.Chunks[0].Size == nd.n.Size {
 		if ps, ok := nd.fs.layer.store.(PassthroughStore); ok {
 			if f, err := ps.OpenFile(nd.n.Chunks[0].Digest); err == nil {

@@ -59,7 +59,7 @@ func newRootCommand() *cobra.Command {
 		return usageError{fmt.Errorf("%w (see %s --help)", err, cmd.CommandPath())}
 	})
 	root.PersistentFlags().StringVar(&logLevel, "log-level", "warn", "log level: debug, info, warn, error")
-	root.AddCommand(newConvertCommand(), newMountCommand())
+	root.AddCommand(newConvertCommand(), newMountCommand(), newPullCommand())
 	return root
 }
 
@@ -102,4 +102,10 @@ func parsePlatforms(s string) (platforms.MatchComparer, []ocispec.Platform, erro
 		ps = append(ps, spec)
 	}
 	return platforms.Ordered(ps...), ps, nil
+}
+
+// credentials returns docker config.json credentials for containerd's
+// resolver.
+func (f *registryFlags) credentials() func(host string) (string, string, error) {
+	return remote.DockerCredentials("")
 }

@@ -43,6 +43,7 @@ func newMountCommand() *cobra.Command {
 		passthrough bool
 		unverified  bool
 		timeout     time.Duration
+		recordDir   string
 	)
 	cmd := &cobra.Command{
 		Use:   "mount [flags] REF DIR\n  lazypull mount --blob FILE DIR",
@@ -102,8 +103,18 @@ With --blob, mount one local eStargz blob file at DIR instead.`,
 			if err != nil {
 				return err
 			}
+			var recorder lfs.ImageRecorder
+			if recordDir != "" {
+				rl, err := lfs.NewReadLog(recordDir)
+				if err != nil {
+					return err
+				}
+				defer rl.Close()
+				recorder = rl
+			}
 			mgr, err := lfs.NewManager(lfs.ManagerOptions{
-				Root: filepath.Join(cacheDir, "meta"), Registry: reg, Store: store,
+				Recorder: recorder,
+				Root:     filepath.Join(cacheDir, "meta"), Registry: reg, Store: store,
 				Layer: lo, Mount: mo, AllowUnverified: unverified,
 				Fetch: lfs.FetchOptions{Prefetch: prefetch, Background: background},
 			})
@@ -125,6 +136,7 @@ With --blob, mount one local eStargz blob file at DIR instead.`,
 	f.BoolVar(&background, "background", false, "fetch the rest of each layer in the background")
 	f.BoolVar(&passthrough, "passthrough", true, "let the kernel read cached single-chunk files directly (Linux >= 6.9)")
 	f.BoolVar(&unverified, "allow-unverified", false, "mount layers that have no TOC digest annotation")
+	f.StringVar(&recordDir, "record", "", "record the files the image reads, in first-read order, in DIR/<ref>.txt (for convert --prioritize)")
 	f.DurationVar(&timeout, "fetch-timeout", 60*time.Second, "give up on (and fail with EIO) a read whose data cannot be fetched in this time")
 	return cmd
 }

@@ -20,6 +20,7 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //
 //	root = "/var/lib/lazypull"
 //	allow_unverified = false
+//	record_dir = ""
 //
 //	[cache]
 //	max_disk_bytes = 10737418240
@@ -44,6 +45,13 @@ type Config struct {
 	// Default "": the --root flag's value (/var/lib/lazypull). An explicit
 	// --root wins over this key.
 	Root string `toml:"root"`
+
+	// RecordDir, when set, makes the daemon record the order in which an
+	// image's files are first read, one path per line, in
+	// <record_dir>/<image ref with / and : replaced by _>.txt; pass that
+	// file to `lazypull convert --prioritize` to build an optimized image.
+	// Default "": no recording.
+	RecordDir string `toml:"record_dir"`
 
 	// AllowUnverified lets layers whose TOC cannot be checked against a
 	// toc.digest label be served lazily anyway. Default false: such layers

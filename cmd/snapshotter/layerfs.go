@@ -56,7 +56,17 @@ func newLayerFS(cfg *Config, root string, reg prometheus.Registerer) (snapshot.L
 		store.Close()
 		return nil, nil, fmt.Errorf("registry client: %w", err)
 	}
+	var recorder lfs.ImageRecorder
+	var readLog *lfs.ReadLog
+	if cfg.RecordDir != "" {
+		if readLog, err = lfs.NewReadLog(cfg.RecordDir); err != nil {
+			store.Close()
+			return nil, nil, err
+		}
+		recorder = readLog
+	}
 	mgr, err := lfs.NewManager(lfs.ManagerOptions{
+		Recorder:        recorder,
 		Root:            root,
 		Registry:        regClient,
 		Store:           store,
@@ -78,6 +88,11 @@ func newLayerFS(cfg *Config, root string, reg prometheus.Registerer) (snapshot.L
 		err := mgr.Close()
 		if cerr := store.Close(); err == nil {
 			err = cerr
+		}
+		if readLog != nil {
+			if cerr := readLog.Close(); err == nil {
+				err = cerr
+			}
 		}
 		return err
 	}

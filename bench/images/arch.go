@@ -1,0 +1,5 @@
+package images
+
+import "runtime"
+
+func goarch() string { return runtime.GOARCH }
