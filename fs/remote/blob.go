@@ -518,7 +518,8 @@ func (c *countingReader) Read(p []byte) (int, error) {
 // flightGroup shares one fetch among concurrent callers asking for the
 // same range. Unlike x/sync/singleflight, a caller whose context ends
 // leaves without failing the others, and the fetch is cancelled only when
-// every caller has left.
+// every caller has left. The fetch's context carries no deadline; its retry
+// loop asks the flight for the latest deadline of its callers instead.
 type flightGroup struct {
 	mu sync.Mutex
 	m  map[Range]*flight
@@ -528,18 +529,59 @@ type flight struct {
 	done   chan struct{}
 	data   []byte
 	err    error
-	refs   int
+	refs   int // under flightGroup.mu
 	cancel context.CancelFunc
+
+	mu        sync.Mutex
+	last      *Error    // last failed attempt, for the callers that give up
+	latest    time.Time // latest deadline among callers
+	unbounded bool      // a caller has no deadline
+}
+
+type flightKey struct{}
+
+// flightOf returns the flight a fetch runs for, if any.
+func flightOf(ctx context.Context) *flight {
+	f, _ := ctx.Value(flightKey{}).(*flight)
+	return f
+}
+
+// join records a caller's deadline.
+func (f *flight) join(ctx context.Context) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if dl, ok := ctx.Deadline(); !ok {
+		f.unbounded = true
+	} else if dl.After(f.latest) {
+		f.latest = dl
+	}
+}
+
+// deadline is the latest deadline of the callers, if they all have one.
+func (f *flight) deadline() (time.Time, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.latest, !f.unbounded
+}
+
+// failed records a failed attempt (a copy: the retry loop goes on
+// annotating the original).
+func (f *flight) failed(e *Error) {
+	c := *e
+	f.mu.Lock()
+	f.last = &c
+	f.mu.Unlock()
 }
 
 func (g *flightGroup) do(ctx context.Context, key Range, fn func(context.Context, Range) ([]byte, error)) ([]byte, error) {
 	g.mu.Lock()
 	f, ok := g.m[key]
 	if !ok {
+		f = &flight{done: make(chan struct{})}
 		// The fetch keeps the first caller's values (logger...) but not
 		// its cancellation.
-		fctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-		f = &flight{done: make(chan struct{}), cancel: cancel}
+		fctx, cancel := context.WithCancel(context.WithValue(context.WithoutCancel(ctx), flightKey{}, f))
+		f.cancel = cancel
 		g.m[key] = f
 		go func() {
 			defer cancel()
@@ -553,6 +595,7 @@ func (g *flightGroup) do(ctx context.Context, key Range, fn func(context.Context
 		}()
 	}
 	f.refs++
+	f.join(ctx)
 	g.mu.Unlock()
 
 	select {
@@ -569,6 +612,15 @@ func (g *flightGroup) do(ctx context.Context, key Range, fn func(context.Context
 		if last {
 			f.cancel()
 		}
-		return nil, &Error{Op: "read", Err: context.Cause(ctx), Range: key.String()}
+		e := &Error{Op: "read", Range: key.String(), Err: context.Cause(ctx)}
+		f.mu.Lock()
+		if f.last != nil {
+			e.Host, e.Status, e.Code, e.Message = f.last.Host, f.last.Status, f.last.Code, f.last.Message
+			if f.last.Err != nil {
+				e.Err = fmt.Errorf("%w (last attempt: %v)", e.Err, f.last.Err)
+			}
+		}
+		f.mu.Unlock()
+		return nil, e
 	}
 }

@@ -17,6 +17,20 @@ import (
 // with credential helpers.
 const dockerHubKey = "https://index.docker.io/v1/"
 
+// DockerCredentials returns the credential lookup a Registry uses by
+// default, reading the docker config.json at path ("" means
+// $DOCKER_CONFIG/config.json or ~/.docker/config.json). Its shape is the
+// one containerd's docker.WithAuthCreds and config.HostOptions.Credentials
+// take: host in (e.g. "registry-1.docker.io"), username and secret out; an
+// empty username with a secret is an identity token, empty strings mean
+// anonymous.
+func DockerCredentials(path string) func(host string) (username, secret string, err error) {
+	if path == "" {
+		path = defaultDockerConfig()
+	}
+	return (&dockerCredentials{path: path}).get
+}
+
 // dockerCredentials looks credentials up in a docker config.json, the
 // way the docker CLI does: credHelpers[host], else credsStore, else the
 // inline "auths" entry. The file is re-read at every lookup (lookups happen

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -242,7 +244,15 @@ func transportError(ctx, actx context.Context, err error, timeout time.Duration)
 		// Classified errors (authorizer, our own checks): keep the class.
 		return &Error{Err: err}
 	}
+	if ue, ok := errors.AsType[*url.Error](err); ok {
+		// Drop the URL: the host is named elsewhere, and the URL may be a
+		// signed one, or show https where the fallback used http.
+		err = fmt.Errorf("%s: %w", ue.Op, ue.Err)
+	}
 	if isCertError(err) {
+		return &Error{Err: err, class: errdefs.ErrUnavailable}
+	}
+	if dns, ok := errors.AsType[*net.DNSError](err); ok && dns.IsNotFound {
 		return &Error{Err: err, class: errdefs.ErrUnavailable}
 	}
 	// Connection refused/reset, EOF, unexpected EOF, DNS, timeouts...

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/remotes/docker"
@@ -179,7 +180,7 @@ func (r *Registry) putBlob(ctx context.Context, ep *endpoint, spec refSpec, desc
 	actx, wd := r.attempt(ctx)
 	defer wd.done()
 	t0 := time.Now()
-	vr := &hashingReader{r: io.LimitReader(content, desc.Size), h: desc.Digest.Algorithm().Hash(), wd: wd}
+	vr := &hashingReader{r: io.LimitReader(content, desc.Size), h: desc.Digest.Algorithm().Hash(), wd: wd, closed: make(chan struct{})}
 	ev := FetchEvent{Op: "upload", Host: loc.Host, Repo: spec.name(), Digest: desc.Digest, Length: desc.Size, Attempt: attempt}
 	defer func() {
 		if err != nil {
@@ -195,6 +196,11 @@ func (r *Registry) putBlob(ctx context.Context, ep *endpoint, spec refSpec, desc
 	u.RawQuery = qs.Encode()
 	q := &request{method: http.MethodPut, url: &u, header: http.Header{"Content-Type": {"application/octet-stream"}},
 		bodyR: vr, size: desc.Size, repo: spec.repo, push: true}
+	if desc.Size == 0 {
+		// An empty body must not look like one of unknown length.
+		q.bodyR, q.body = nil, []byte{}
+		vr.eof = true
+	}
 	pep := ep
 	if u.Host != ep.host.Host {
 		// Upload elsewhere (some registries hand off uploads): no registry credentials.
@@ -203,33 +209,49 @@ func (r *Registry) putBlob(ctx context.Context, ep *endpoint, spec refSpec, desc
 	wd.arm()
 	resp, err := r.send(actx, pep, q)
 	wd.disarm()
-	if vr.n < desc.Size && vr.eof {
-		if resp != nil {
-			resp.Body.Close()
+	var (
+		status int
+		header http.Header
+		serr   *Error
+	)
+	if err == nil {
+		status, header = resp.StatusCode, resp.Header
+		if status != http.StatusCreated {
+			serr = statusError(resp.Response, nil)
 		}
+		drainClose(resp.Body)
+	}
+	// The transport may still be sending the body (a server can answer
+	// before reading it all): abort the attempt and wait until the
+	// transport lets go of the body, before looking at it or rewinding
+	// the caller's content.
+	wd.done()
+	if q.bodyR != nil {
+		select {
+		case <-vr.closed:
+		case <-time.After(time.Minute):
+			return &Error{Err: errors.New("HTTP transport did not release the upload body")}
+		}
+	}
+	ev.Status = status
+	if vr.n < desc.Size && vr.eof {
 		return &Error{Err: fmt.Errorf("content ended after %d bytes, descriptor says %d", vr.n, desc.Size), class: errdefs.ErrDataLoss}
 	}
 	if vr.n == desc.Size {
 		if got := digest.NewDigest(desc.Digest.Algorithm(), vr.h); got != desc.Digest {
-			if resp != nil {
-				resp.Body.Close()
-			}
 			return &Error{Err: fmt.Errorf("content has digest %s, descriptor says %s", got, desc.Digest), class: errdefs.ErrDataLoss}
 		}
 	}
 	if err != nil {
 		return err
 	}
-	defer drainClose(resp.Body)
-	ev.Status = resp.StatusCode
-	if resp.StatusCode != http.StatusCreated {
-		e := statusError(resp.Response, nil)
-		if e.Code == "DIGEST_INVALID" || e.Code == "SIZE_INVALID" {
-			e.class = errdefs.ErrDataLoss
+	if serr != nil {
+		if serr.Code == "DIGEST_INVALID" || serr.Code == "SIZE_INVALID" {
+			serr.class = errdefs.ErrDataLoss
 		}
-		return e
+		return serr
 	}
-	if got := resp.Header.Get("Docker-Content-Digest"); got != "" && got != desc.Digest.String() {
+	if got := header.Get("Docker-Content-Digest"); got != "" && got != desc.Digest.String() {
 		return &Error{Err: fmt.Errorf("registry stored the blob as %s", got), class: errdefs.ErrDataLoss}
 	}
 	return nil
@@ -249,13 +271,22 @@ func (r *Registry) cancelUpload(ctx context.Context, ep *endpoint, spec refSpec,
 }
 
 // hashingReader hashes and counts what goes through it, and tells the
-// watchdog that the upload makes progress.
+// watchdog that the upload makes progress. The HTTP transport closes it
+// when it is done with it.
 type hashingReader struct {
-	r   io.Reader
-	h   hash.Hash
-	wd  *watchdog
-	n   int64
-	eof bool
+	r      io.Reader
+	h      hash.Hash
+	wd     *watchdog
+	n      int64
+	eof    bool
+	once   sync.Once
+	closed chan struct{}
+}
+
+// Close records that the transport is done with the body.
+func (v *hashingReader) Close() error {
+	v.once.Do(func() { close(v.closed) })
+	return nil
 }
 
 func (v *hashingReader) Read(p []byte) (int, error) {

@@ -164,7 +164,7 @@ func New(opts Options) (*Registry, error) {
 		if opts.DockerConfig == "" {
 			opts.DockerConfig = defaultDockerConfig()
 		}
-		creds = (&dockerCredentials{path: opts.DockerConfig}).get
+		creds = DockerCredentials(opts.DockerConfig)
 	}
 
 	r := &Registry{opts: opts, cache: map[string][]*endpoint{}}
@@ -181,6 +181,18 @@ func New(opts Options) (*Registry, error) {
 	}
 	r.hosts = config.ConfigureHosts(context.Background(), hostOpts)
 	return r, nil
+}
+
+// CloseIdleConnections closes the idle connections of every host's
+// transport. The Registry stays usable.
+func (r *Registry) CloseIdleConnections() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, eps := range r.cache {
+		for _, ep := range eps {
+			ep.client.CloseIdleConnections()
+		}
+	}
 }
 
 func defaultDockerConfig() string {
@@ -291,7 +303,7 @@ func (r *Registry) endpoints(spec refSpec, c docker.HostCapabilities) ([]*endpoi
 		}[c]
 		return nil, &Error{Op: what, Repo: spec.name(),
 			Err:   fmt.Errorf("no host configured with the %q capability in %s", what, r.opts.HostsDir),
-			class: errdefs.ErrNotFound}
+			class: errdefs.ErrFailedPrecondition}
 	}
 	return eps, nil
 }

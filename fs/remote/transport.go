@@ -61,6 +61,7 @@ func (r *Registry) send(ctx context.Context, ep *endpoint, q *request) (*respons
 		}
 		if ep.host.Authorizer != nil {
 			if err := ep.host.Authorizer.Authorize(ctx, req); err != nil {
+				q.closeBody()
 				return nil, authError(err)
 			}
 		}
@@ -81,9 +82,7 @@ func (r *Registry) send(ctx context.Context, ep *endpoint, q *request) (*respons
 		challenges = append(challenges, resp)
 		if err := ep.host.Authorizer.AddResponses(ctx, challenges); err != nil {
 			e := statusError(resp, body)
-			if !errdefs.IsNotImplemented(err) || e.Message == "" {
-				e.Err = authError(err)
-			}
+			e.Err = fmt.Errorf("authentication failed: %w", err)
 			return nil, e
 		}
 	}
@@ -144,6 +143,9 @@ func (r *Registry) newRequest(ctx context.Context, method string, u *url.URL, q 
 	}
 	req, err := http.NewRequestWithContext(ctx, method, u.String(), body)
 	if err != nil {
+		if withBody {
+			q.closeBody()
+		}
 		return nil, &Error{Err: err, class: errdefs.ErrInvalidArgument}
 	}
 	if withBody && q.bodyR != nil {
@@ -157,6 +159,14 @@ func (r *Registry) newRequest(ctx context.Context, method string, u *url.URL, q 
 }
 
 func (q *request) replayable() bool { return q.bodyR == nil }
+
+// closeBody closes a one-shot body that will not reach the transport
+// (which otherwise closes it).
+func (q *request) closeBody() {
+	if c, ok := q.bodyR.(io.Closer); ok {
+		c.Close()
+	}
+}
 
 func isRedirect(status int) bool {
 	switch status {
@@ -266,6 +276,10 @@ func (r *Registry) retry(ctx context.Context, last bool, fn func(attempt int) er
 			return nil
 		}
 		e := asError(err)
+		fl := flightOf(ctx)
+		if fl != nil && ctx.Err() == nil {
+			fl.failed(e)
+		}
 		if ctx.Err() != nil {
 			if !errors.Is(e, ctx.Err()) {
 				e.Err = errors.Join(context.Cause(ctx), e.Err)
@@ -287,7 +301,11 @@ func (r *Registry) retry(ctx context.Context, last bool, fn func(attempt int) er
 			}
 			wait = e.retryAfter
 		}
-		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
+		dl, ok := ctx.Deadline()
+		if !ok && fl != nil {
+			dl, ok = fl.deadline()
+		}
+		if ok && time.Until(dl) < wait {
 			e.Attempts = i
 			e.Err = errors.Join(e.Err, fmt.Errorf("context deadline too close to wait %v before retrying", wait))
 			return e

@@ -122,6 +122,7 @@ func (r *Registry) Requests() []Request {
 func (r *Registry) ResetRequests() {
 	r.mu.Lock()
 	r.requests = nil
+	r.reqGen++
 	r.mu.Unlock()
 }
 
@@ -159,13 +160,19 @@ func (r *Registry) middleware(server string, next http.Handler) http.Handler {
 			Range: req.Header.Get("Range"), Authorization: req.Header.Get("Authorization"), Proto: req.Proto}
 		f := r.takeFault(q)
 		q.Faulted = f != nil
-		sw := &statusWriter{ResponseWriter: w}
-		defer func() {
-			q.Status = sw.status
+		// Record now (a client may count requests before the handler
+		// returns); the status is filled in when it is sent.
+		r.mu.Lock()
+		r.requests = append(r.requests, q)
+		idx, gen := len(r.requests)-1, r.reqGen
+		r.mu.Unlock()
+		sw := &statusWriter{ResponseWriter: w, onStatus: func(code int) {
 			r.mu.Lock()
-			r.requests = append(r.requests, q)
+			if r.reqGen == gen && idx < len(r.requests) {
+				r.requests[idx].Status = code
+			}
 			r.mu.Unlock()
-		}()
+		}}
 		if f == nil {
 			next.ServeHTTP(sw, req)
 			return
@@ -298,22 +305,24 @@ func parseSingleRange(s string) (int64, int64, bool) {
 	return start, end, true
 }
 
-// statusWriter remembers the status sent.
+// statusWriter reports the status sent.
 type statusWriter struct {
 	http.ResponseWriter
-	status int
+	status   int
+	onStatus func(int)
 }
 
 func (w *statusWriter) WriteHeader(code int) {
 	if w.status == 0 {
 		w.status = code
+		w.onStatus(code)
 	}
 	w.ResponseWriter.WriteHeader(code)
 }
 
 func (w *statusWriter) Write(p []byte) (int, error) {
 	if w.status == 0 {
-		w.status = http.StatusOK
+		w.WriteHeader(http.StatusOK)
 	}
 	return w.ResponseWriter.Write(p)
 }

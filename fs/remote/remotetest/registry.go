@@ -19,6 +19,10 @@
 // [Registry.RedirectBlobs] redirects blob reads to a second "object
 // storage" server with expiring signed URLs, and [Registry.Stop] makes the
 // registry disappear (listener and connections closed).
+//
+// The registry logs every request through logrus' standard logger, which
+// containerd/log shares; the first NewRegistry lowers that logger from
+// info to warn, unless REMOTETEST_LOG names a level (e.g. "debug").
 package remotetest
 
 import (
@@ -48,6 +52,7 @@ import (
 	"testing"
 	"time"
 
+	clog "github.com/containerd/log"
 	"github.com/distribution/distribution/v3/configuration"
 	"github.com/distribution/distribution/v3/registry/handlers"
 	"github.com/opencontainers/go-digest"
@@ -108,17 +113,28 @@ type Registry struct {
 	tokenKey  *ecdsa.PrivateKey
 	tokenCert []byte // DER
 
-	mu       sync.Mutex
-	srv      *http.Server
-	faults   []*faultRule
-	requests []Request
-	store    *ObjectStore
-	closed   bool
+	mu        sync.Mutex
+	srv       *http.Server
+	faults    []*faultRule
+	requests  []Request
+	reqGen    int // bumped by ResetRequests
+	store     *ObjectStore
+	oldStores []*ObjectStore
+	closed    bool
 }
+
+var quietOnce sync.Once
 
 // NewRegistry starts a registry and registers its shutdown with t.Cleanup.
 func NewRegistry(t testing.TB, opts ...Option) *Registry {
 	t.Helper()
+	quietOnce.Do(func() {
+		if lvl := os.Getenv("REMOTETEST_LOG"); lvl != "" {
+			_ = clog.SetLevel(lvl)
+		} else if clog.GetLevel() == clog.InfoLevel {
+			_ = clog.SetLevel("warn")
+		}
+	})
 	r := &Registry{scheme: "http"}
 	for _, o := range opts {
 		o(&r.cfg)
@@ -142,7 +158,6 @@ func NewRegistry(t testing.TB, opts ...Option) *Registry {
 	}
 	cfg.HTTP.Secret = "remotetest-secret"
 	cfg.HTTP.Host = r.scheme + "://" + r.addr
-	cfg.Log.Level = "error"
 	switch r.cfg.auth {
 	case "htpasswd":
 		hash, err := bcrypt.GenerateFromPassword([]byte(r.cfg.pass), bcrypt.MinCost)
@@ -290,11 +305,13 @@ func (r *Registry) Close() {
 		return
 	}
 	r.closed = true
-	store := r.store
+	stores := append([]*ObjectStore{r.store}, r.oldStores...)
 	r.mu.Unlock()
 	r.Stop()
-	if store != nil {
-		store.close()
+	for _, s := range stores {
+		if s != nil {
+			s.close()
+		}
 	}
 	_ = r.app.Shutdown()
 }
