@@ -4,14 +4,15 @@ BIN := bin
 GOFLAGS_BUILD := -trimpath
 TEST_TIMEOUT ?= 60m
 
-.PHONY: all build deps test test-unit vet fmt bench demo clean
+.PHONY: all build deps test test-unit vet fmt bench bench-micro demo clean
 
 all: build
 
 build:
 	@mkdir -p $(BIN)
 	$(GO) build $(GOFLAGS_BUILD) -o $(BIN)/lazypull ./cmd/lazypull
-	@if [ -f cmd/snapshotter/main.go ]; then $(GO) build $(GOFLAGS_BUILD) -o $(BIN)/lazypull-snapshotter ./cmd/snapshotter; fi
+	$(GO) build $(GOFLAGS_BUILD) -o $(BIN)/lazypull-snapshotter ./cmd/snapshotter
+	$(GO) build $(GOFLAGS_BUILD) -o $(BIN)/lazypull-bench ./cmd/lazypull-bench
 
 # deps installs system packages (containerd, runc, fuse3, registry) and
 # builds containerd 2.x for the integration tests. Needs root.
@@ -31,8 +32,22 @@ test: deps build vet
 test-unit:
 	$(GO) test -race -short ./...
 
-bench:
-	$(GO) test -run '^$$' -bench . -benchtime 3x ./estargz/
+# demo is the main job: one image, one WAN profile, a lazy cold start
+# against a full pull, in private containerd instances. Needs root.
+DEMO_OUT ?= /tmp/lazypull-demo
+demo: deps build
+	$(BIN)/lazypull-bench -images python -profiles 40ms-100Mbit -repeats 1 -out $(DEMO_OUT)
+
+# bench is the full cold-start benchmark; results go to docs/benchmarks.
+BENCH_IMAGES ?= python,gcc,node,large
+BENCH_PROFILES ?= 40ms-100Mbit,2ms-1Gbit
+BENCH_REPEATS ?= 3
+bench: deps build
+	$(BIN)/lazypull-bench -images $(BENCH_IMAGES) -profiles $(BENCH_PROFILES) -repeats $(BENCH_REPEATS) -out docs/benchmarks
+
+# bench-micro runs the Go benchmarks (format, cache, FUSE mount).
+bench-micro:
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./estargz/ ./cache/ ./fs/
 
 clean:
 	rm -rf $(BIN)

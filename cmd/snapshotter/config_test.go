@@ -37,6 +37,8 @@ prefetch = false
 background_fetch = false
 timeout = "1m30s"
 retries = 0
+read_timeout = "45s"
+passthrough = false
 
 [registry]
 hosts_dir = "/etc/hosts.d"
@@ -53,7 +55,7 @@ address = "127.0.0.1:9999"
 		Root:            "/srv/lazypull",
 		AllowUnverified: true,
 		Cache:           CacheConfig{MaxDiskBytes: 1000, MaxMemoryBytes: 0},
-		Fetch:           FetchConfig{Timeout: Duration(90 * time.Second)},
+		Fetch:           FetchConfig{Timeout: Duration(90 * time.Second), ReadTimeout: Duration(45 * time.Second)},
 		Registry:        RegistryConfig{HostsDir: "/etc/hosts.d", DockerConfig: "/root/.docker/config.json"},
 		Metrics:         MetricsConfig{Address: "127.0.0.1:9999"},
 	}
@@ -93,6 +95,15 @@ func TestLoadConfigErrors(t *testing.T) {
 		_, err := LoadConfig(p, true)
 		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), p) {
 			t.Errorf("config %q: want error naming the file and containing %q, got %v", tc.content, tc.want, err)
+		}
+	}
+}
+
+func TestRemoteRetries(t *testing.T) {
+	// remote.Options.Retries: 0 is the default (5), negative is none.
+	for in, want := range map[int]int{0: -1, 1: 1, 5: 5} {
+		if got := remoteRetries(in); got != want {
+			t.Errorf("remoteRetries(%d) = %d, want %d", in, got, want)
 		}
 	}
 }

@@ -24,6 +24,9 @@ import (
 type layerFS struct {
 	mgr   *lfs.Manager
 	store *cache.Store
+	// allowUnverified is the config's allow_unverified: layers without a
+	// TOC digest can be mounted.
+	allowUnverified bool
 
 	mu        sync.Mutex
 	preloaded map[digest.Digest]bool
@@ -49,7 +52,7 @@ func newLayerFS(cfg *Config, root string, reg prometheus.Registerer) (snapshot.L
 		HostsDir:       cfg.Registry.HostsDir,
 		DockerConfig:   cfg.Registry.DockerConfig,
 		RequestTimeout: time.Duration(cfg.Fetch.Timeout),
-		Retries:        cfg.Fetch.Retries,
+		Retries:        remoteRetries(cfg.Fetch.Retries),
 		UserAgent:      "lazypull-snapshotter/" + versionString(),
 	})
 	if err != nil {
@@ -82,7 +85,7 @@ func newLayerFS(cfg *Config, root string, reg prometheus.Registerer) (snapshot.L
 		store.Close()
 		return nil, nil, err
 	}
-	l := &layerFS{mgr: mgr, store: store, preloaded: map[digest.Digest]bool{}}
+	l := &layerFS{mgr: mgr, store: store, allowUnverified: cfg.AllowUnverified, preloaded: map[digest.Digest]bool{}}
 	m.mounts = func() int { return len(mgr.Mounts()) }
 	closeFn := func() error {
 		err := mgr.Close()
@@ -97,6 +100,16 @@ func newLayerFS(cfg *Config, root string, reg prometheus.Registerer) (snapshot.L
 		return err
 	}
 	return l, closeFn, nil
+}
+
+// remoteRetries maps the config's retry count to remote.Options.Retries,
+// where 0 means "the default" (5) and a negative count disables retries:
+// fetch.retries = 0 must mean no retries.
+func remoteRetries(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
 }
 
 // orDisabled maps the config's "0 disables" to the cache's "< 0 disables".
@@ -131,7 +144,12 @@ func (l *layerFS) Mount(ctx context.Context, mountpoint string, labels map[strin
 	if err != nil {
 		return err
 	}
-	l.preloadNeighbours(ctx, src, labels[snapshot.LabelCRIImageLayers])
+	// A layer without a TOC digest is refused (unless allow_unverified):
+	// its image is most likely not eStargz at all, and reading its
+	// neighbours' footers would be wasted requests.
+	if src.TOCDigest != "" || l.allowUnverified {
+		l.preloadNeighbours(ctx, src, labels[snapshot.LabelCRIImageLayers])
+	}
 	start := time.Now()
 	if _, err := l.mgr.Mount(ctx, mountpoint, src); err != nil {
 		return err

@@ -268,8 +268,8 @@ func TestDaemonLifecycle(t *testing.T) {
 	// Socket in use.
 	other := filepath.Join(tmp, "other")
 	expectFailure(t, "in use", "--address", sock, "--root", other, "--config", cfg)
-	// Root in use.
-	expectFailure(t, "locked", "--address", filepath.Join(tmp, "s2.sock"), "--root", root, "--config", cfg)
+	// Root in use: the chunk cache under it, opened first, is locked.
+	expectFailure(t, "in use by another store", "--address", filepath.Join(tmp, "s2.sock"), "--root", root, "--config", cfg)
 	if _, err := sn.Stat(ctx, "c"); err != nil {
 		t.Fatalf("first daemon hurt by the second: %v", err)
 	}
