@@ -107,9 +107,11 @@ func (res *Result) chart(profile, path string) error {
 		names = append(names, im.Name)
 	}
 	p := plot.New()
-	p.Title.Text = "Cold start to first useful output, " + profile
-	p.Y.Label.Text = "seconds (median)"
+	p.Title.Text = "Pull + start to first useful output (" + profile + ")"
+	p.Y.Label.Text = "seconds, median"
 	p.Legend.Top = true
+	p.Legend.Left = true
+	p.Legend.XOffs = vg.Points(40)
 	series := append(append([]string{}, modeNames()...), "limit")
 	w := vg.Points(14)
 	for i, name := range series {
@@ -141,7 +143,8 @@ func (res *Result) chart(profile, path string) error {
 		p.Legend.Add(name, bars)
 	}
 	p.NominalX(names...)
-	return p.Save(vg.Points(float64(110*len(names)+160)), 4*vg.Inch, path)
+	p.Y.Max *= 1.35 // room for the legend above the bars
+	return p.Save(vg.Points(float64(max(520, 120*len(names)+200))), 4*vg.Inch, path)
 }
 
 func modeNames() []string {

@@ -8,6 +8,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
@@ -33,14 +34,39 @@ func main() {
 		cacheDir    = flag.String("cache-dir", "/var/cache/lazypull-bench", "keeps built images and the registry between runs")
 		snapshotter = flag.String("snapshotter", "bin/lazypull-snapshotter", "lazypull-snapshotter binary")
 		modeList    = flag.String("modes", "", "comma-separated modes (default all): full-pull, lazypull, lazypull-optimized")
+		from        = flag.String("from", "", "render the report from this results.json instead of measuring")
 	)
 	flag.Parse()
 	// The in-process registry logs every request at info level.
 	logrus.SetLevel(logrus.WarnLevel)
+	if *from != "" {
+		if err := rerender(*from, *out); err != nil {
+			fmt.Fprintln(os.Stderr, "lazypull-bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(*imageList, *profileList, *modeList, *repeats, *out, *cacheDir, *snapshotter); err != nil {
 		fmt.Fprintln(os.Stderr, "lazypull-bench:", err)
 		os.Exit(1)
 	}
+}
+
+// rerender writes the report of an earlier run again.
+func rerender(from, out string) error {
+	b, err := os.ReadFile(from)
+	if err != nil {
+		return err
+	}
+	var res bench.Result
+	if err := json.Unmarshal(b, &res); err != nil {
+		return fmt.Errorf("%s: %w", from, err)
+	}
+	if err := res.Write(out); err != nil {
+		return err
+	}
+	fmt.Println(res.Table())
+	return nil
 }
 
 func names() string {
