@@ -21,6 +21,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/sync/semaphore"
 )
 
 // BuildOptions tune Build.
@@ -215,6 +216,7 @@ type segment struct {
 	entries []*TOCEntry
 	done    chan struct{}
 	err     error
+	weight  int64 // bytes of the in-flight budget it holds
 }
 
 type builder struct {
@@ -231,9 +233,22 @@ type builder struct {
 	order  chan *segment
 	jobs   chan *segment
 	ctx    context.Context
+
+	// inflight bounds the plain bytes of segments cut but not yet
+	// written. Bounding bytes rather than segments lets the producer run
+	// ahead past many small members while a large one compresses, so
+	// every worker stays busy on a realistic mix of file sizes.
+	inflight *semaphore.Weighted
+	budget   int64
 }
 
-func (b *builder) getBuf() []byte {
+// getBuf returns an empty buffer for a segment expected to hold about
+// hint bytes: a pooled chunk-sized buffer for payload chunks, a small one
+// (grown by append if needed) otherwise.
+func (b *builder) getBuf(hint int64) []byte {
+	if hint < b.opts.ChunkSize/2 {
+		return make([]byte, 0, hint+16<<10)
+	}
 	if p, ok := b.bufs.Get().(*[]byte); ok {
 		return (*p)[:0]
 	}
@@ -250,7 +265,7 @@ func (b *builder) putBuf(p []byte) {
 // into chunk-sized members; a payload in progress never is.
 func (b *builder) Write(p []byte) (int, error) {
 	if b.cur == nil {
-		b.cur = &segment{plain: b.getBuf()}
+		b.cur = &segment{plain: b.getBuf(int64(len(p)))}
 	}
 	b.cur.plain = append(b.cur.plain, p...)
 	if !b.pinned && int64(len(b.cur.plain)) >= b.opts.ChunkSize {
@@ -270,6 +285,10 @@ func (b *builder) cut() error {
 		return nil
 	}
 	s.done = make(chan struct{})
+	s.weight = min(int64(cap(s.plain)), b.budget)
+	if err := b.inflight.Acquire(b.ctx, s.weight); err != nil {
+		return err
+	}
 	select {
 	case b.order <- s:
 	case <-b.ctx.Done():
@@ -284,12 +303,12 @@ func (b *builder) cut() error {
 }
 
 // startPayload cuts and pins a new segment whose first byte is the payload
-// of ent.
-func (b *builder) startPayload(ent *TOCEntry) error {
+// of ent, size bytes long.
+func (b *builder) startPayload(ent *TOCEntry, size int64) error {
 	if err := b.cut(); err != nil {
 		return err
 	}
-	b.cur = &segment{plain: b.getBuf(), entries: []*TOCEntry{ent}}
+	b.cur = &segment{plain: b.getBuf(size), entries: []*TOCEntry{ent}}
 	b.pinned = true
 	return nil
 }
@@ -297,8 +316,11 @@ func (b *builder) startPayload(ent *TOCEntry) error {
 func (b *builder) run(ctx context.Context, src entrySource) (*TOC, error) {
 	g, ctx := errgroup.WithContext(ctx)
 	b.ctx = ctx
-	b.order = make(chan *segment, 2*b.opts.Workers)
+	b.order = make(chan *segment, 64*b.opts.Workers)
 	b.jobs = make(chan *segment, b.opts.Workers)
+	// About what 3*Workers chunk-sized segments hold.
+	b.budget = 3 * int64(b.opts.Workers) * (b.opts.ChunkSize + 64<<10)
+	b.inflight = semaphore.NewWeighted(b.budget)
 
 	for range b.opts.Workers {
 		g.Go(func() error {
@@ -352,6 +374,7 @@ func (b *builder) writeSegments() error {
 		}
 		b.putBuf(s.plain)
 		s.plain, s.compressed = nil, nil
+		b.inflight.Release(s.weight)
 	}
 	return nil
 }
@@ -459,7 +482,7 @@ func (b *builder) writeEntry(tw *tar.Writer, h *tar.Header, payload io.Reader, t
 		if size == b.opts.ChunkSize {
 			chunk.ChunkSize = size
 		}
-		if err := b.startPayload(chunk); err != nil {
+		if err := b.startPayload(chunk, size); err != nil {
 			return err
 		}
 		start := len(b.cur.plain)
@@ -585,10 +608,45 @@ func dedupeTOC(entries []*TOCEntry) []*TOCEntry {
 
 // survivors decides which of a sequence of named entries remain after
 // later-wins replacement. follower(i) marks entries that belong to the
-// entry before them (chunks) and share its fate.
+// entry before them (chunks) and share its fate. A non-directory that
+// replaces a directory — declared, or only implied by the names below it —
+// removes everything below it, as extraction does.
 func survivors(names []string, isDir []bool, follower func(int) bool) []bool {
 	keep := make([]bool, len(names))
 	alive := make(map[string]int, len(names))
+	// kids links every path (alive or only implied) to the paths directly
+	// below it, so a replaced subtree is found without scanning all names.
+	kids := make(map[string]map[string]struct{})
+	link := func(n string) {
+		for n != "" {
+			i := strings.LastIndexByte(n, '/')
+			parent := ""
+			if i >= 0 {
+				parent = n[:i]
+			}
+			k := kids[parent]
+			if k == nil {
+				k = make(map[string]struct{})
+				kids[parent] = k
+			}
+			if _, ok := k[n]; ok {
+				return
+			}
+			k[n] = struct{}{}
+			n = parent
+		}
+	}
+	var removeBelow func(string)
+	removeBelow = func(n string) {
+		for c := range kids[n] {
+			if j, ok := alive[c]; ok {
+				drop(keep, j, follower)
+				delete(alive, c)
+			}
+			removeBelow(c)
+		}
+		delete(kids, n)
+	}
 	owner := -1
 	for i, n := range names {
 		if follower != nil && follower(i) {
@@ -598,18 +656,13 @@ func survivors(names []string, isDir []bool, follower func(int) bool) []bool {
 		owner = i
 		if prev, ok := alive[n]; ok {
 			drop(keep, prev, follower)
-			if isDir[prev] && !isDir[i] {
-				prefix := n + "/"
-				for name, j := range alive {
-					if strings.HasPrefix(name, prefix) {
-						drop(keep, j, follower)
-						delete(alive, name)
-					}
-				}
-			}
+		}
+		if !isDir[i] && n != "" {
+			removeBelow(n)
 		}
 		alive[n] = i
 		keep[i] = true
+		link(n)
 	}
 	return keep
 }
@@ -654,6 +707,20 @@ func (c *countingReader) Read(p []byte) (int, error) {
 		c.progress(c.n)
 	}
 	return n, err
+}
+
+// ctxReader fails reads once ctx is done, so that copying one large
+// payload stops promptly on cancellation.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c *ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
 }
 
 // spooled input for reordering.
@@ -713,7 +780,7 @@ func spool(ctx context.Context, r io.Reader, dir string) (*spoolFile, error) {
 			return nil, err
 		}
 		e := &spooledEntry{h: h, name: name, off: off}
-		n, err := io.Copy(w, tr)
+		n, err := io.Copy(w, &ctxReader{ctx: ctx, r: tr})
 		if err != nil {
 			return nil, fmt.Errorf("estargz: entry %q: spooling payload: %w", h.Name, err)
 		}

@@ -131,17 +131,37 @@ func ParseFooter(tail []byte, blobSize int64) (*Footer, error) {
 	if bytes.HasSuffix(tail, zstdChunkedMagic) {
 		return parseZstdFooter(tail, blobSize)
 	}
+	var err51 error
 	if len(tail) >= gzipFooterSize {
-		if f, err := parseGzipFooter(tail[len(tail)-gzipFooterSize:], blobSize, false); err == nil {
+		f, err := parseGzipFooter(tail[len(tail)-gzipFooterSize:], blobSize, false)
+		if err == nil {
 			return f, nil
 		}
+		err51 = err
 	}
-	f, err := parseGzipFooter(tail[len(tail)-legacyGzipFooterSize:], blobSize, true)
-	if err != nil {
-		return nil, errorf(ErrNotEStargz, "", blobSize-int64(min(len(tail), gzipFooterSize)),
-			"no eStargz (gzip or legacy) or zstd:chunked footer at the end of the blob")
+	f, errLegacy := parseGzipFooter(tail[len(tail)-legacyGzipFooterSize:], blobSize, true)
+	if errLegacy == nil {
+		return f, nil
 	}
-	return f, nil
+	// Neither parses. When one of them at least starts like a footer (a
+	// gzip header with only FEXTRA and the right extra length), say what
+	// is wrong with it.
+	if err51 != nil && looksLikeGzipFooter(tail[len(tail)-gzipFooterSize:], false) {
+		return nil, err51
+	}
+	if looksLikeGzipFooter(tail[len(tail)-legacyGzipFooterSize:], true) {
+		return nil, errLegacy
+	}
+	return nil, errorf(ErrNotEStargz, "", blobSize-int64(min(len(tail), gzipFooterSize)),
+		"no eStargz (gzip or legacy) or zstd:chunked footer at the end of the blob")
+}
+
+func looksLikeGzipFooter(b []byte, legacy bool) bool {
+	xlen := uint16(4 + 22)
+	if legacy {
+		xlen = 22
+	}
+	return bytes.HasPrefix(b, gzipFooterHeader[:4]) && binary.LittleEndian.Uint16(b[10:12]) == xlen
 }
 
 func parseGzipFooter(b []byte, blobSize int64, legacy bool) (*Footer, error) {
@@ -149,36 +169,14 @@ func parseGzipFooter(b []byte, blobSize int64, legacy bool) (*Footer, error) {
 	if legacy {
 		xlen = 22
 	}
-	// Header: magic, CM=deflate, FLG=FEXTRA only. MTIME, XFL and OS are
-	// not significant.
-	if b[0] != 0x1f || b[1] != 0x8b || b[2] != 0x08 || b[3] != 0x04 {
-		return nil, errorf(ErrFormat, "", -1, "footer is not a gzip member with only FEXTRA set")
-	}
-	if int(binary.LittleEndian.Uint16(b[10:12])) != xlen {
-		return nil, errorf(ErrFormat, "", -1, "footer extra field length %d, want %d", binary.LittleEndian.Uint16(b[10:12]), xlen)
-	}
-	extra := b[12 : 12+xlen]
-	if !legacy {
-		if extra[0] != 'S' || extra[1] != 'G' || binary.LittleEndian.Uint16(extra[2:4]) != 22 {
-			return nil, errorf(ErrFormat, "", -1, "footer subfield is not SG of length 22")
+	off, err := parseGzipFooterFields(b, blobSize, xlen, legacy)
+	if err != nil {
+		if legacy {
+			err.Msg = "legacy " + err.Msg
 		}
-		extra = extra[4:]
-	}
-	if string(extra[16:]) != "STARGZ" {
-		return nil, errorf(ErrFormat, "", -1, "footer lacks the STARGZ magic")
-	}
-	off, ok := parseHex16(extra[:16])
-	if !ok {
-		return nil, errorf(ErrFormat, "", -1, "footer TOC offset %q is not 16 hex digits", extra[:16])
-	}
-	rest := b[12+xlen:]
-	if !bytes.Equal(rest[:5], emptyStoredBlock) || !bytes.Equal(rest[5:], make([]byte, 8)) {
-		return nil, errorf(ErrFormat, "", -1, "footer does not end with an empty stored block and zero trailer")
+		return nil, err
 	}
 	size := int64(len(b))
-	if off < 0 || off >= blobSize-size {
-		return nil, errorf(ErrFormat, "", off, "footer TOC offset outside the blob (%d bytes before a %d-byte footer)", blobSize-size, size)
-	}
 	return &Footer{
 		Compression:       Gzip,
 		Legacy:            legacy,
@@ -187,6 +185,40 @@ func parseGzipFooter(b []byte, blobSize int64, legacy bool) (*Footer, error) {
 		TOCCompressedSize: blobSize - size - off,
 		PayloadEnd:        off,
 	}, nil
+}
+
+func parseGzipFooterFields(b []byte, blobSize int64, xlen int, legacy bool) (int64, *Error) {
+	// Header: magic, CM=deflate, FLG=FEXTRA only. MTIME, XFL and OS are
+	// not significant.
+	if b[0] != 0x1f || b[1] != 0x8b || b[2] != 0x08 || b[3] != 0x04 {
+		return 0, errorf(ErrFormat, "", -1, "footer is not a gzip member with only FEXTRA set")
+	}
+	if int(binary.LittleEndian.Uint16(b[10:12])) != xlen {
+		return 0, errorf(ErrFormat, "", -1, "footer extra field length %d, want %d", binary.LittleEndian.Uint16(b[10:12]), xlen)
+	}
+	extra := b[12 : 12+xlen]
+	if !legacy {
+		if extra[0] != 'S' || extra[1] != 'G' || binary.LittleEndian.Uint16(extra[2:4]) != 22 {
+			return 0, errorf(ErrFormat, "", -1, "footer subfield is not SG of length 22")
+		}
+		extra = extra[4:]
+	}
+	if string(extra[16:]) != "STARGZ" {
+		return 0, errorf(ErrFormat, "", -1, "footer lacks the STARGZ magic")
+	}
+	off, ok := parseHex16(extra[:16])
+	if !ok {
+		return 0, errorf(ErrFormat, "", -1, "footer TOC offset %q is not 16 hex digits", extra[:16])
+	}
+	rest := b[12+xlen:]
+	if !bytes.Equal(rest[:5], emptyStoredBlock) || !bytes.Equal(rest[5:], make([]byte, 8)) {
+		return 0, errorf(ErrFormat, "", -1, "footer does not end with an empty stored block and zero trailer")
+	}
+	size := int64(len(b))
+	if off < 0 || off >= blobSize-size {
+		return 0, errorf(ErrFormat, "", off, "footer TOC offset outside the blob (%d bytes before a %d-byte footer)", blobSize-size, size)
+	}
+	return off, nil
 }
 
 func parseHex16(b []byte) (int64, bool) {

@@ -29,6 +29,12 @@ const (
 	maxFileSize = 1 << 50
 	// maxHardlinkDepth bounds hardlink-to-hardlink chains.
 	maxHardlinkDepth = 32
+	// maxNameLen bounds entry and hardlink target names (PATH_MAX). It
+	// also keeps indexing linear: every ancestor of a name is a map key.
+	maxNameLen = 4096
+	// implicitDirSlack is how many more directories than entries a TOC
+	// may imply by the names of its entries.
+	implicitDirSlack = 1 << 16
 )
 
 func (l Limits) withDefaults() Limits {
@@ -203,9 +209,13 @@ func cleanLookup(name string) string {
 }
 
 // CleanName cleans a TOC or tar entry name: it drops leading "/" and "./"
-// and trailing "/", and rejects names with ".." components, NUL bytes or
-// that are empty. The root directory is returned as "".
+// and trailing "/", and rejects names with ".." components or NUL bytes
+// (ErrUnsafePath) and names longer than PATH_MAX, 4096 bytes (ErrFormat).
+// The root directory is returned as "".
 func CleanName(name string) (string, error) {
+	if len(name) > maxNameLen {
+		return "", errorf(ErrFormat, name[:64]+"...", -1, "name of %d bytes is longer than %d", len(name), maxNameLen)
+	}
 	if strings.IndexByte(name, 0) >= 0 {
 		return "", errorf(ErrUnsafePath, name, -1, "name contains a NUL byte")
 	}
@@ -223,11 +233,18 @@ func CleanName(name string) (string, error) {
 // misbehave: unsafe names, duplicate names, unknown types, chunks that
 // overlap, leave gaps or do not add up to the file size, offsets outside the
 // payload region, hardlinks to missing or directory targets, and TOCs larger
-// than the limits.
+// than the limits. Besides the limits, a TOC may not imply (by the names of
+// its entries) more than 65536 directories beyond its number of entries,
+// which keeps indexing time and memory linear in the TOC size.
 func ParseTOC(tocJSON []byte, payloadEnd int64, limits Limits) (*Index, error) {
 	limits = limits.withDefaults()
 	if int64(len(tocJSON)) > limits.MaxTOCSize {
 		return nil, errorf(ErrTOCTooLarge, "", -1, "%d bytes, limit %d", len(tocJSON), limits.MaxTOCSize)
+	}
+	// Decoding allocates an entry for each element of the entries array,
+	// however short its JSON ("0," is two bytes): count them first.
+	if n := countTopLevelArrayElements(tocJSON, limits.MaxEntries); n > limits.MaxEntries {
+		return nil, errorf(ErrTOCTooLarge, "", -1, "more than %d entries", limits.MaxEntries)
 	}
 	var toc TOC
 	if err := json.Unmarshal(tocJSON, &toc); err != nil {
@@ -244,14 +261,79 @@ func ParseTOC(tocJSON []byte, payloadEnd int64, limits Limits) (*Index, error) {
 	return ix, nil
 }
 
+// countTopLevelArrayElements counts the elements of the arrays that are
+// values of the top-level JSON object (in a TOC, the entries), stopping
+// once the count exceeds limit. It only tracks strings and nesting, so it
+// is cheap; the result is exact for well-formed JSON.
+func countTopLevelArrayElements(p []byte, limit int) int {
+	var (
+		depth   int
+		inArray bool // inside an array at depth 2 (a top-level value)
+		counted bool // the current element of that array was counted
+		inStr   bool
+		esc     bool
+		n       int
+	)
+	for _, c := range p {
+		if inStr {
+			switch {
+			case esc:
+				esc = false
+			case c == '\\':
+				esc = true
+			case c == '"':
+				inStr = false
+			}
+			continue
+		}
+		switch c {
+		case ' ', '\t', '\n', '\r', ':':
+			continue
+		case ',':
+			if depth == 2 && inArray {
+				counted = false
+			}
+			continue
+		case '}', ']':
+			depth--
+			if depth < 2 {
+				inArray = false
+			}
+			continue
+		}
+		// c starts a value or is part of a literal.
+		if depth == 2 && inArray && !counted {
+			counted = true
+			if n++; n > limit {
+				return n
+			}
+		}
+		switch c {
+		case '"':
+			inStr = true
+		case '{', '[':
+			depth++
+			if depth == 2 {
+				inArray, counted = c == '[', false
+			}
+		}
+	}
+	return n
+}
+
 type indexBuilder struct {
-	ix        *Index
-	nextID    uint64
-	hardlinks []*TOCEntry       // resolved after all entries are known
-	linkTo    map[string]string // hardlink name -> cleaned target name
-	lastReg   *Node             // the file that "chunk" entries continue
-	lastName  string
-	sizeSoFar int64 // plain bytes covered by lastReg's chunks so far
+	ix          *Index
+	nextID      uint64
+	hardlinks   []*TOCEntry       // resolved after all entries are known
+	linkTo      map[string]string // hardlink name -> cleaned target name
+	lastReg     *Node             // the file that "chunk" entries continue
+	lastName    string
+	sizeSoFar   int64 // plain bytes covered by lastReg's chunks so far
+	implicit    int   // directories created only because names imply them
+	maxImplicit int
+	// Owner names seen so far by uid and gid: writers may record a name
+	// only on the first entry with a given id (the upstream builder does).
+	unames, gnames map[int]string
 }
 
 func buildIndex(toc *TOC, payloadEnd int64) (*Index, error) {
@@ -264,7 +346,7 @@ func buildIndex(toc *TOC, payloadEnd int64) (*Index, error) {
 		PayloadEnd:  payloadEnd,
 		nodes:       make(map[string]*Node, len(toc.Entries)+1),
 	}
-	b := &indexBuilder{ix: ix, nextID: 1}
+	b := &indexBuilder{ix: ix, nextID: 1, maxImplicit: len(toc.Entries) + implicitDirSlack}
 	ix.root = b.newNode("", TypeDir)
 	ix.root.Mode = 0o755
 	ix.nodes[""] = ix.root
@@ -318,10 +400,16 @@ func (b *indexBuilder) parentDir(name string) (*Node, error) {
 		return b.ix.root, nil
 	}
 	if p, ok := b.ix.nodes[dir]; ok {
+		if p == nil { // reserved for a hardlink, which never names a directory
+			return nil, errorf(ErrFormat, name, -1, "parent %q is a hardlink, not a directory", dir)
+		}
 		if p.Type != TypeDir {
 			return nil, errorf(ErrFormat, name, -1, "parent %q is a %s, not a directory", dir, p.Type)
 		}
 		return p, nil
+	}
+	if b.implicit++; b.implicit > b.maxImplicit {
+		return nil, errorf(ErrTOCTooLarge, name, -1, "the TOC implies more than %d directories", b.maxImplicit)
 	}
 	gp, err := b.parentDir(dir)
 	if err != nil {
@@ -355,6 +443,7 @@ func (b *indexBuilder) add(e *TOCEntry) error {
 	if err := b.finishFile(); err != nil {
 		return err
 	}
+	uname, gname := b.ownerNames(e)
 	if e.Type == TypeHardlink {
 		if name == "" {
 			return errorf(ErrFormat, e.Name, -1, "the root cannot be a hardlink")
@@ -400,6 +489,7 @@ func (b *indexBuilder) add(e *TOCEntry) error {
 	if err := setAttrs(n, name, e); err != nil {
 		return err
 	}
+	n.Uname, n.Gname = uname, gname
 	if e.Type == TypeReg {
 		if e.Size < 0 || e.Size > maxFileSize {
 			return errorf(ErrFormat, name, -1, "file size %d out of range", e.Size)
@@ -432,6 +522,22 @@ func (b *indexBuilder) add(e *TOCEntry) error {
 		}
 	}
 	return nil
+}
+
+// ownerNames returns e's user and group names, filled in from earlier
+// entries with the same uid or gid when e omits them.
+func (b *indexBuilder) ownerNames(e *TOCEntry) (string, string) {
+	if b.unames == nil {
+		b.unames, b.gnames = make(map[int]string), make(map[int]string)
+	}
+	fill := func(m map[int]string, id int, name string) string {
+		if name == "" {
+			return m[id]
+		}
+		m[id] = name
+		return name
+	}
+	return fill(b.unames, e.UID, e.Uname), fill(b.gnames, e.GID, e.Gname)
 }
 
 func setAttrs(n *Node, name string, e *TOCEntry) error {
@@ -482,8 +588,10 @@ func (b *indexBuilder) addChunk(name string, e *TOCEntry) error {
 	if e.ChunkSize < 0 || e.InnerOffset < 0 {
 		return errorf(ErrFormat, name, e.ChunkOffset, "negative chunk size or inner offset")
 	}
-	if e.Offset <= 0 || e.Offset >= b.ix.PayloadEnd {
-		return errorf(ErrFormat, name, e.Offset, "chunk offset outside the payload region [0, %d)", b.ix.PayloadEnd)
+	// Offset 0 is legal: a writer that lets small files share a member
+	// (innerOffset) may put the first payload in the blob's first member.
+	if e.Offset < 0 || e.Offset >= b.ix.PayloadEnd {
+		return errorf(ErrFormat, name, e.ChunkOffset, "chunk member offset %d outside the payload region [0, %d)", e.Offset, b.ix.PayloadEnd)
 	}
 	d, err := digest.Parse(e.ChunkDigest)
 	if err != nil {
@@ -557,7 +665,7 @@ func (b *indexBuilder) addHardlink(e *TOCEntry) error {
 func (b *indexBuilder) computeExtents() error {
 	var offsets []int64
 	for _, e := range b.ix.TOC.Entries {
-		if e.Offset > 0 && (e.Type == TypeChunk || (e.Type == TypeReg && e.Size > 0)) {
+		if e.Offset >= 0 && (e.Type == TypeChunk || (e.Type == TypeReg && e.Size > 0)) {
 			offsets = append(offsets, e.Offset)
 		}
 	}

@@ -48,6 +48,9 @@ type Reader struct {
 // common case it makes two reads: the tail, then the TOC (one when the TOC
 // lies within the tail).
 func Open(r io.ReaderAt, size int64, opts OpenOptions) (*Reader, error) {
+	if size < 0 {
+		return nil, errorf(ErrFormat, "", -1, "negative blob size %d", size)
+	}
 	limits := opts.Limits.withDefaults()
 	tailSize := opts.TailSize
 	if tailSize <= 0 {
@@ -121,6 +124,9 @@ func DecompressTOC(f *Footer, compressed []byte, limits Limits) ([]byte, error) 
 		}
 		defer zr.Close()
 		out, err := io.ReadAll(io.LimitReader(zr, limits.MaxTOCSize+1))
+		if errors.Is(err, zstd.ErrWindowSizeExceeded) || errors.Is(err, zstd.ErrDecoderSizeExceeded) {
+			return nil, wrapErr(ErrTOCTooLarge, "", f.TOCOffset, err, "zstd TOC frame needs more than %d bytes", limits.MaxTOCSize)
+		}
 		if err != nil {
 			return nil, wrapErr(ErrFormat, "", f.TOCOffset, err, "decompressing the zstd TOC")
 		}
@@ -148,8 +154,8 @@ func DecompressTOC(f *Footer, compressed []byte, limits Limits) ([]byte, error) 
 		if h.Size > limits.MaxTOCSize {
 			return nil, errorf(ErrTOCTooLarge, "", f.TOCOffset, "%d bytes, limit %d", h.Size, limits.MaxTOCSize)
 		}
-		out := make([]byte, h.Size)
-		if _, err := io.ReadFull(tr, out); err != nil {
+		out, err := readExactly(tr, nil, h.Size, 8*int64(len(compressed)))
+		if err != nil {
 			return nil, wrapErr(ErrFormat, TOCTarName, f.TOCOffset, err, "reading the TOC")
 		}
 		return out, nil
@@ -180,10 +186,6 @@ func (d *Decoder) DecodeChunk(comp Compression, compressed []byte, c Chunk, buf 
 	if c.Size < 0 || c.InnerOffset < 0 || c.Size > maxFileSize {
 		return nil, errorf(ErrFormat, "", c.Offset, "bad chunk geometry")
 	}
-	if int64(cap(buf)) < c.Size {
-		buf = make([]byte, c.Size)
-	}
-	buf = buf[:c.Size]
 	src := bytes.NewReader(compressed)
 	var r io.Reader
 	switch comp {
@@ -222,16 +224,53 @@ func (d *Decoder) DecodeChunk(comp Compression, compressed []byte, c Chunk, buf 
 			return nil, wrapErr(ErrFormat, "", c.Offset, err, "skipping %d of %d inner bytes", n, c.InnerOffset)
 		}
 	}
-	if _, err := io.ReadFull(r, buf); err != nil {
-		if errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF
-		}
+	// The size comes from the TOC: trust it only as far as the member
+	// actually delivers bytes, so a lie costs no more memory than the
+	// truth would.
+	buf, err := readExactly(r, buf, c.Size, 8*int64(len(compressed)))
+	if err != nil {
 		return nil, wrapErr(ErrFormat, "", c.Offset, err, "decompressing %d chunk bytes", c.Size)
 	}
 	if err := verifyChunk(buf, c.Digest); err != nil {
 		return nil, err
 	}
 	return buf, nil
+}
+
+// readExactly reads exactly size bytes from r into buf, reusing buf when
+// it is large enough. Otherwise it allocates at most max(hint, 1 MiB)
+// bytes up front and grows the buffer only as bytes arrive, so a size that
+// r cannot back does not cause a large allocation. Running short is
+// io.ErrUnexpectedEOF.
+func readExactly(r io.Reader, buf []byte, size, hint int64) ([]byte, error) {
+	if int64(cap(buf)) >= size {
+		buf = buf[:size]
+		if _, err := io.ReadFull(r, buf); err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+		return buf, nil
+	}
+	buf = make([]byte, min(size, max(hint, 1<<20)))
+	filled := 0
+	for {
+		n, err := io.ReadFull(r, buf[filled:])
+		filled += n
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+		if int64(filled) == size {
+			return buf, nil
+		}
+		grown := make([]byte, min(size, 2*int64(len(buf))))
+		copy(grown, buf)
+		buf = grown
+	}
 }
 
 func verifyChunk(p []byte, want digest.Digest) error {
