@@ -49,8 +49,11 @@ type BuildOptions struct {
 	Progress func(inputBytes int64)
 }
 
-// DefaultGzipLevel is the gzip level Build uses when none is given.
-const DefaultGzipLevel = 9
+// DefaultGzipLevel is the gzip level Build uses when none is given. On a
+// Debian root file system, level 6 of klauspost/compress is about 4x faster
+// than level 9 and its output about 2.5% larger; pass 9 for the smallest
+// blobs.
+const DefaultGzipLevel = 6
 
 // BuildResult describes a blob written by Build.
 type BuildResult struct {

@@ -111,10 +111,15 @@ type Layer struct {
 	plainBytes int64           // total size of the distinct chunks
 	sf         singleflight.Group
 
+	timedOutMu sync.Mutex
+	timedOut   map[digest.Digest]timedOutFetch // see timedOutMemo
+
 	fetchedBytes, requests, hits, misses, verifyFailures, fetchNanos, bgBytes atomic.Int64
 
 	readSeen sync.Map // *estargz.Node -> struct{}, when recording
 
+	bgMu     sync.Mutex // guards closed, bgCancel and bgDone
+	closed   bool
 	bgCancel context.CancelFunc
 	bgDone   chan struct{}
 }
@@ -235,16 +240,45 @@ func (l *Layer) noteRead(n *estargz.Node) {
 	}
 }
 
+// timedOutMemo is how long a chunk whose fetch ran out of FetchTimeout
+// keeps failing at once. When a readahead READ fails, the kernel at once
+// retries the page the reader wants with a READ of its own; without the
+// memo that retry waits a second FetchTimeout, so a read(2) of a buffered
+// file hung for twice the configured time before failing.
+const timedOutMemo = time.Second
+
+type timedOutFetch struct {
+	at  time.Time
+	err error
+}
+
 // fetchChunk fetches, verifies and stores chunk c of file n. Concurrent
 // callers for the same chunk share one fetch; the fetch runs under its own
 // timeout so that one caller giving up does not fail the others.
 func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk) ([]byte, error) {
+	l.timedOutMu.Lock()
+	f, ok := l.timedOut[c.Digest]
+	l.timedOutMu.Unlock()
+	if ok && time.Since(f.at) < timedOutMemo {
+		return nil, f.err
+	}
 	done := l.sched.foreground()
 	defer done()
 	ch := l.sf.DoChan(string(c.Digest), func() (any, error) {
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.opts.FetchTimeout)
 		defer cancel()
-		return l.fetchAround(fctx, n, c)
+		data, err := l.fetchAround(fctx, n, c)
+		l.timedOutMu.Lock()
+		if errors.Is(err, context.DeadlineExceeded) {
+			if l.timedOut == nil {
+				l.timedOut = make(map[digest.Digest]timedOutFetch)
+			}
+			l.timedOut[c.Digest] = timedOutFetch{at: time.Now(), err: err}
+		} else {
+			delete(l.timedOut, c.Digest)
+		}
+		l.timedOutMu.Unlock()
+		return data, err
 	})
 	select {
 	case r := <-ch:
@@ -286,8 +320,9 @@ func (l *Layer) fetchAround(ctx context.Context, n *estargz.Node, c estargz.Chun
 		data, err := l.dec.DecodeChunk(l.comp, buf[g.Offset-start:g.End-start], g, nil)
 		if err != nil {
 			if i > 0 {
-				// A read-ahead chunk failing is reported when someone
-				// reads it; it is not the caller's problem.
+				// A read-ahead chunk failing is counted and logged, but
+				// it is not the caller's problem: it stays uncached.
+				_ = l.verifyError("", g, err)
 				continue
 			}
 			return nil, l.verifyError(n.Name, c, err)
@@ -358,11 +393,18 @@ func (l *Layer) StartFetching(ctx context.Context, o FetchOptions) {
 	if o.RangeSize <= 0 {
 		o.RangeSize = 4 << 20
 	}
+	l.bgMu.Lock()
+	defer l.bgMu.Unlock()
+	if l.closed || l.bgDone != nil {
+		// Closed (the mount went away before fetching started), or
+		// started already.
+		return
+	}
 	ctx, cancel := context.WithCancel(ctx)
-	l.bgCancel = cancel
-	l.bgDone = make(chan struct{})
+	done := make(chan struct{})
+	l.bgCancel, l.bgDone = cancel, done
 	go func() {
-		defer close(l.bgDone)
+		defer close(done)
 		if o.Prefetch && l.index.PrefetchEnd > 0 {
 			if err := l.fetchChunks(ctx, l.chunksBefore(l.index.PrefetchEnd), o.RangeSize, false); err != nil && ctx.Err() == nil {
 				log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("prefetch failed")
@@ -378,8 +420,11 @@ func (l *Layer) StartFetching(ctx context.Context, o FetchOptions) {
 
 // WaitFetching waits for StartFetching's work to end.
 func (l *Layer) WaitFetching() {
-	if l.bgDone != nil {
-		<-l.bgDone
+	l.bgMu.Lock()
+	done := l.bgDone
+	l.bgMu.Unlock()
+	if done != nil {
+		<-done
 	}
 }
 
@@ -430,7 +475,10 @@ func (l *Layer) fetchGroup(ctx context.Context, group []estargz.Chunk, start, en
 	for _, g := range group {
 		data, err := l.dec.DecodeChunk(l.comp, buf[g.Offset-start:g.End-start], g, nil)
 		if err != nil {
-			return l.verifyError("", g, err)
+			// Counted and logged; the chunk stays uncached (a reader
+			// fetches it again) and the other chunks go on.
+			_ = l.verifyError("", g, err)
+			continue
 		}
 		if err := l.store.Add(g.Digest, data); err != nil {
 			return fmt.Errorf("caching chunk %s: %w", g.Digest, err)
@@ -439,11 +487,15 @@ func (l *Layer) fetchGroup(ctx context.Context, group []estargz.Chunk, start, en
 	return nil
 }
 
-// Close stops background work.
+// Close stops background work; StartFetching does nothing afterwards.
 func (l *Layer) Close() error {
-	if l.bgCancel != nil {
-		l.bgCancel()
-		<-l.bgDone
+	l.bgMu.Lock()
+	l.closed = true
+	cancel, done := l.bgCancel, l.bgDone
+	l.bgMu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
 	}
 	return nil
 }

@@ -47,6 +47,8 @@ type node struct {
 type layerFS struct {
 	layer       *Layer
 	passthrough bool
+	// refused is done when the kernel has turned passthrough down.
+	refused sync.Once
 }
 
 // dirView is a directory as overlayfs must see it: whiteout files turned
@@ -263,6 +265,12 @@ func (p *passthroughFile) Read(ctx context.Context, dest []byte, off int64) (fus
 // Read implements gofs.NodeReader.
 func (nd *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	if pf, ok := f.(*passthroughFile); ok {
+		// The kernel sends READs for a passthrough handle only when it
+		// refused the backing file (no CAP_SYS_ADMIN, or the cache on
+		// a stacked file system such as overlayfs): say so once.
+		nd.fs.refused.Do(func() {
+			log.G(ctx).WithField("layer", nd.fs.layer.digest).Warn("FUSE passthrough refused by the kernel; cached files are read through FUSE")
+		})
 		return pf.Read(ctx, dest, off)
 	}
 	if nd.n.Type != estargz.TypeReg || nd.whiteout {
