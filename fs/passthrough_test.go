@@ -1,0 +1,148 @@
+package fs_test
+
+import (
+	"bytes"
+	"log"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	clog "github.com/containerd/log"
+	"golang.org/x/sys/unix"
+
+	lfs "github.com/lazypull/lazypull/fs"
+	"github.com/lazypull/lazypull/fs/fstest"
+)
+
+// syncBuffer is a goroutine-safe log sink.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+// since returns what was logged after the first mark bytes.
+func (s *syncBuffer) since(mark int) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()[mark:]
+}
+
+func (s *syncBuffer) mark() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Len()
+}
+
+// With MountOptions.Passthrough, a single-chunk file whose chunk is on disk
+// is read by the kernel straight from the cache file: no FUSE READ reaches
+// the daemon. Everything else (multi-chunk files, chunks not cached yet, a
+// memory-only store, a kernel that refuses the backing file) falls back to
+// ordinary reads. The FUSE debug log (go-fuse writes it to the standard
+// logger) tells which path a read took.
+func TestPassthrough(t *testing.T) {
+	var logs syncBuffer
+	log.SetOutput(&logs)
+	t.Cleanup(func() { log.SetOutput(os.Stderr) })
+
+	fx := newFixture(t, []fstest.Entry{
+		fstest.Reg("single", 0o644, fstest.Random(70, 10000)),
+		fstest.Reg("other", 0o644, fstest.Random(71, 3000)),
+		fstest.Reg("multi", 0o644, fstest.Random(72, 200000)),
+		fstest.Hardlink("single-link", "single"),
+	})
+	b := oursGzip.build(t, fx.tar, 64<<10, nil)
+	opts := lfs.ManagerOptions{Mount: lfs.MountOptions{Passthrough: true, Debug: true}}
+
+	// read reads p and returns the FUSE requests it caused.
+	read := func(t *testing.T, dir, p string) string {
+		t.Helper()
+		m := logs.mark()
+		mustRead(t, filepath.Join(dir, p), fx.want[p].Data)
+		return logs.since(m)
+	}
+	const fuseRead, passthrough = ": READ ", " PASSTHROUGH}"
+
+	t.Run("disk store", func(t *testing.T) {
+		e := newEnv(t, envOptions{manager: opts})
+		dir, _ := e.mount(t, e.push(t, "passthrough", b))
+		// Not cached yet: read through FUSE, which caches it.
+		if l := read(t, dir, "single"); !strings.Contains(l, fuseRead) || strings.Contains(l, passthrough) {
+			t.Errorf("uncached file: want a FUSE read and no passthrough:\n%s", l)
+		}
+		for _, p := range []string{"single", "single-link"} {
+			if l := read(t, dir, p); strings.Contains(l, fuseRead) || !strings.Contains(l, passthrough) {
+				t.Errorf("%s cached: want passthrough and no FUSE read:\n%s", p, l)
+			}
+		}
+		// mmap of a passthrough file.
+		f, err := os.Open(filepath.Join(dir, "single"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		mm, err := unix.Mmap(int(f.Fd()), 0, 10000, unix.PROT_READ, unix.MAP_SHARED)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(mm, fx.want["single"].Data) {
+			t.Error("mmap of a passthrough file shows wrong bytes")
+		}
+		unix.Munmap(mm)
+		read(t, dir, "multi")
+		if l := read(t, dir, "multi"); !strings.Contains(l, fuseRead) || strings.Contains(l, passthrough) {
+			t.Errorf("multi-chunk file: want FUSE reads and no passthrough:\n%s", l)
+		}
+	})
+
+	t.Run("memory store", func(t *testing.T) {
+		e := newEnv(t, envOptions{manager: opts, memOnly: true})
+		dir, _ := e.mount(t, e.push(t, "passthrough", b))
+		read(t, dir, "single")
+		if l := read(t, dir, "single"); !strings.Contains(l, fuseRead) || strings.Contains(l, passthrough) {
+			t.Errorf("memory store: want a FUSE read and no passthrough:\n%s", l)
+		}
+	})
+
+	// A cache directory on overlayfs is one level of stacking too many for
+	// a FUSE backing file (max_stack_depth 1): the kernel refuses it, and
+	// reads are served by the daemon from the open cache file.
+	t.Run("kernel refuses", func(t *testing.T) {
+		base := t.TempDir()
+		for _, d := range []string{"lower", "upper", "work", "merged"} {
+			if err := os.Mkdir(filepath.Join(base, d), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ovl := filepath.Join(base, "merged")
+		m := mount.Mount{Type: "overlay", Source: "overlay", Options: []string{
+			"lowerdir=" + filepath.Join(base, "lower"), "upperdir=" + filepath.Join(base, "upper"), "workdir=" + filepath.Join(base, "work")}}
+		if err := m.Mount(ovl); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { mount.UnmountAll(ovl, 0) })
+		var warnings syncBuffer
+		clog.L.Logger.SetOutput(&warnings)
+		defer clog.L.Logger.SetOutput(os.Stderr)
+		e := newEnv(t, envOptions{manager: opts, cacheDir: ovl})
+		dir, _ := e.mount(t, e.push(t, "passthrough", b))
+		read(t, dir, "single")
+		l := read(t, dir, "single")
+		if !strings.Contains(l, "BACKING_OPEN") || strings.Contains(l, "(errno 0)") || !strings.Contains(l, fuseRead) || strings.Contains(l, passthrough) {
+			t.Errorf("backing file refused: want a refused BACKING_OPEN and a FUSE read:\n%s", l)
+		}
+		read(t, dir, "other")
+		read(t, dir, "other")
+		if w := warnings.since(0); strings.Count(w, "passthrough refused") != 1 {
+			t.Errorf("want one warning about passthrough being refused, got:\n%s", w)
+		}
+	})
+}
