@@ -12,7 +12,6 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/lazypull/lazypull/estargz"
 )
@@ -109,7 +108,9 @@ type Layer struct {
 
 	chunks     []estargz.Chunk // every distinct chunk, in blob order
 	plainBytes int64           // total size of the distinct chunks
-	sf         singleflight.Group
+
+	pmu     sync.Mutex
+	pending map[digest.Digest]*inflight // chunks being fetched
 
 	timedOutMu sync.Mutex
 	timedOut   map[digest.Digest]timedOutFetch // see timedOutMemo
@@ -147,6 +148,7 @@ func NewLayer(dgst digest.Digest, index *estargz.Index, comp estargz.Compression
 		sched:    sched,
 		openBlob: open,
 		chunks:   index.Chunks(),
+		pending:  map[digest.Digest]*inflight{},
 	}
 	for _, c := range l.chunks {
 		l.plainBytes += c.Size
@@ -252,9 +254,49 @@ type timedOutFetch struct {
 	err error
 }
 
-// fetchChunk fetches, verifies and stores chunk c of file n. Concurrent
-// callers for the same chunk share one fetch; the fetch runs under its own
-// timeout so that one caller giving up does not fail the others.
+// inflight is a chunk being fetched: readers of it wait on done instead of
+// fetching it again.
+type inflight struct {
+	done chan struct{}
+	data []byte
+	err  error
+}
+
+// claim marks the chunks of cs that are neither cached nor being fetched
+// as being fetched by the caller, and returns them. The caller must
+// resolve every claimed chunk.
+func (l *Layer) claim(cs []estargz.Chunk) []estargz.Chunk {
+	l.pmu.Lock()
+	defer l.pmu.Unlock()
+	var mine []estargz.Chunk
+	for _, c := range cs {
+		if _, busy := l.pending[c.Digest]; busy || l.store.Has(c.Digest) {
+			continue
+		}
+		l.pending[c.Digest] = &inflight{done: make(chan struct{})}
+		mine = append(mine, c)
+	}
+	return mine
+}
+
+// resolve ends the fetch of a claimed chunk.
+func (l *Layer) resolve(c estargz.Chunk, data []byte, err error) {
+	l.pmu.Lock()
+	p := l.pending[c.Digest]
+	delete(l.pending, c.Digest)
+	l.pmu.Unlock()
+	if p != nil {
+		p.data, p.err = data, err
+		close(p.done)
+	}
+}
+
+// fetchChunk returns chunk c of file n, verified, fetching it (and the
+// uncached chunks after it within the read-ahead window, in the same
+// request) unless a fetch of it is in flight already — a read, a prefetch
+// or a background fetch — in which case it waits for that one. The fetch
+// runs under its own timeout, so one reader giving up does not fail the
+// others waiting for the same chunk.
 func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk) ([]byte, error) {
 	l.timedOutMu.Lock()
 	f, ok := l.timedOut[c.Digest]
@@ -264,77 +306,125 @@ func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk
 	}
 	done := l.sched.foreground()
 	defer done()
-	ch := l.sf.DoChan(string(c.Digest), func() (any, error) {
-		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.opts.FetchTimeout)
-		defer cancel()
-		data, err := l.fetchAround(fctx, n, c)
-		l.timedOutMu.Lock()
-		if errors.Is(err, context.DeadlineExceeded) {
-			if l.timedOut == nil {
-				l.timedOut = make(map[digest.Digest]timedOutFetch)
+	for {
+		l.pmu.Lock()
+		p := l.pending[c.Digest]
+		l.pmu.Unlock()
+		if p == nil {
+			if group := l.claim(l.readAheadGroup(c)); len(group) > 0 {
+				name := ""
+				if group[0].Digest == c.Digest {
+					name = n.Name
+				}
+				go l.fetchForeground(context.WithoutCancel(ctx), name, group)
 			}
-			l.timedOut[c.Digest] = timedOutFetch{at: time.Now(), err: err}
-		} else {
-			delete(l.timedOut, c.Digest)
+			l.pmu.Lock()
+			p = l.pending[c.Digest]
+			l.pmu.Unlock()
+			if p == nil {
+				// Fetched by someone else between our looks: read it.
+				data, err := l.storeGet(c)
+				if err == nil {
+					return data, nil
+				}
+				continue
+			}
 		}
-		l.timedOutMu.Unlock()
-		return data, err
-	})
-	select {
-	case r := <-ch:
-		if r.Err != nil {
-			return nil, r.Err
+		select {
+		case <-p.done:
+			if p.err != nil {
+				return nil, p.err
+			}
+			return p.data, nil
+		case <-ctx.Done():
+			return nil, ctx.Err()
 		}
-		return r.Val.([]byte), nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
 	}
 }
 
-// fetchAround fetches chunk c and, in the same request, the uncached chunks
-// that follow it in the blob within the read-ahead window.
-func (l *Layer) fetchAround(ctx context.Context, n *estargz.Node, c estargz.Chunk) ([]byte, error) {
-	group := []estargz.Chunk{c}
-	if l.opts.ReadAhead > 0 {
-		i := sort.Search(len(l.chunks), func(i int) bool { return l.chunks[i].Offset > c.Offset })
-		for ; i < len(l.chunks); i++ {
-			next := l.chunks[i]
-			if next.End-c.Offset > c.End-c.Offset+l.opts.ReadAhead {
-				break
-			}
-			if !l.store.Has(next.Digest) {
-				group = append(group, next)
-			}
-		}
-	}
-	start, end := c.Offset, c.End
-	for _, g := range group {
-		end = max(end, g.End)
-	}
-	buf, err := l.fetchRange(ctx, start, end, false)
+// storeGet reads a whole chunk from the store.
+func (l *Layer) storeGet(c estargz.Chunk) ([]byte, error) {
+	buf := make([]byte, c.Size)
+	n, err := l.store.ReadAt(c.Digest, buf, 0)
 	if err != nil {
-		return nil, fmt.Errorf("layer %s: file %q offset %d: %w", l.digest, n.Name, c.FileOffset, err)
+		return nil, err
 	}
-	var out []byte
+	if int64(n) != c.Size {
+		return nil, fmt.Errorf("short cache read of %s", c.Digest)
+	}
+	return buf, nil
+}
+
+// readAheadGroup returns c and the chunks that follow it in the blob
+// within the read-ahead window.
+func (l *Layer) readAheadGroup(c estargz.Chunk) []estargz.Chunk {
+	group := []estargz.Chunk{c}
+	if l.opts.ReadAhead <= 0 {
+		return group
+	}
+	i := sort.Search(len(l.chunks), func(i int) bool { return l.chunks[i].Offset > c.Offset })
+	for ; i < len(l.chunks); i++ {
+		next := l.chunks[i]
+		if next.End-c.End > l.opts.ReadAhead {
+			break
+		}
+		group = append(group, next)
+	}
+	return group
+}
+
+// fetchForeground fetches a claimed group for a reader, under FetchTimeout,
+// remembering a primary chunk whose fetch timed out.
+func (l *Layer) fetchForeground(ctx context.Context, name string, group []estargz.Chunk) {
+	ctx, cancel := context.WithTimeout(ctx, l.opts.FetchTimeout)
+	defer cancel()
+	err := l.fetchGroup(ctx, name, group, false)
+	primary := group[0].Digest
+	l.timedOutMu.Lock()
+	if errors.Is(err, context.DeadlineExceeded) {
+		if l.timedOut == nil {
+			l.timedOut = make(map[digest.Digest]timedOutFetch)
+		}
+		l.timedOut[primary] = timedOutFetch{at: time.Now(), err: err}
+	} else {
+		delete(l.timedOut, primary)
+	}
+	l.timedOutMu.Unlock()
+}
+
+// fetchGroup fetches the claimed chunks of group (in blob order) with one
+// range request, verifies and stores each and resolves them. It returns the
+// request's error; a chunk that fails verification is counted, logged and
+// resolved with its error while the others go on.
+func (l *Layer) fetchGroup(ctx context.Context, name string, group []estargz.Chunk, background bool) error {
+	start, end := group[0].Offset, group[0].End
+	for _, g := range group {
+		start, end = min(start, g.Offset), max(end, g.End)
+	}
+	buf, err := l.fetchRange(ctx, start, end, background)
+	if err != nil {
+		err = fmt.Errorf("layer %s: file %q: %w", l.digest, name, err)
+		for _, g := range group {
+			l.resolve(g, nil, err)
+		}
+		return err
+	}
 	for i, g := range group {
 		data, err := l.dec.DecodeChunk(l.comp, buf[g.Offset-start:g.End-start], g, nil)
 		if err != nil {
-			if i > 0 {
-				// A read-ahead chunk failing is counted and logged, but
-				// it is not the caller's problem: it stays uncached.
-				_ = l.verifyError("", g, err)
-				continue
+			fname := ""
+			if i == 0 {
+				fname = name
 			}
-			return nil, l.verifyError(n.Name, c, err)
+			l.resolve(g, nil, l.verifyError(fname, g, err))
+			continue
 		}
 		if err := l.store.Add(g.Digest, data); err != nil {
 			log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("caching chunk failed; serving it uncached")
 		}
-		if i == 0 {
-			out = data
-		}
+		l.resolve(g, data, nil)
 	}
-	return out, nil
+	return nil
 }
 
 func (l *Layer) verifyError(name string, c estargz.Chunk, err error) error {
@@ -379,9 +469,13 @@ type FetchOptions struct {
 	Prefetch bool
 	// Background fetches every other chunk afterwards.
 	Background bool
-	// RangeSize is the compressed size of one background request
-	// (default 4 MiB).
+	// RangeSize is the compressed size of one prefetch or background
+	// request (default 1 MiB: small enough that a read arriving behind a
+	// background request on a slow link does not wait long).
 	RangeSize int64
+	// PrefetchParallel is how many prefetch requests run at once
+	// (default 3, to keep a high-latency link busy).
+	PrefetchParallel int
 }
 
 // StartFetching starts prefetching and background fetching in a
@@ -391,7 +485,10 @@ func (l *Layer) StartFetching(ctx context.Context, o FetchOptions) {
 		return
 	}
 	if o.RangeSize <= 0 {
-		o.RangeSize = 4 << 20
+		o.RangeSize = 1 << 20
+	}
+	if o.PrefetchParallel <= 0 {
+		o.PrefetchParallel = 3
 	}
 	l.bgMu.Lock()
 	defer l.bgMu.Unlock()
@@ -406,12 +503,12 @@ func (l *Layer) StartFetching(ctx context.Context, o FetchOptions) {
 	go func() {
 		defer close(done)
 		if o.Prefetch && l.index.PrefetchEnd > 0 {
-			if err := l.fetchChunks(ctx, l.chunksBefore(l.index.PrefetchEnd), o.RangeSize, false); err != nil && ctx.Err() == nil {
+			if err := l.fetchChunks(ctx, l.chunksBefore(l.index.PrefetchEnd), o.RangeSize, o.PrefetchParallel, false); err != nil && ctx.Err() == nil {
 				log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("prefetch failed")
 			}
 		}
 		if o.Background {
-			if err := l.fetchChunks(ctx, l.chunks, o.RangeSize, true); err != nil && ctx.Err() == nil {
+			if err := l.fetchChunks(ctx, l.chunks, o.RangeSize, 1, true); err != nil && ctx.Err() == nil {
 				log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("background fetch stopped")
 			}
 		}
@@ -434,57 +531,76 @@ func (l *Layer) chunksBefore(end int64) []estargz.Chunk {
 }
 
 // fetchChunks fetches the uncached chunks among cs (in blob order) in
-// ranges of about rangeSize compressed bytes. Background fetches yield to
-// foreground ones before each request.
-func (l *Layer) fetchChunks(ctx context.Context, cs []estargz.Chunk, rangeSize int64, background bool) error {
+// ranges of about rangeSize compressed bytes, up to parallel requests at a
+// time. Background fetches ask the Scheduler before each request, so they
+// wait while readers are fetching. Chunks already being fetched by someone
+// else are skipped.
+func (l *Layer) fetchChunks(ctx context.Context, cs []estargz.Chunk, rangeSize int64, parallel int, background bool) error {
+	sem := make(chan struct{}, max(1, parallel))
+	var wg sync.WaitGroup
+	var firstErr error
+	var errMu sync.Mutex
+	defer wg.Wait()
 	for i := 0; i < len(cs); {
-		if l.store.Has(cs[i].Digest) {
-			i++
-			continue
+		if err := ctx.Err(); err != nil {
+			return err
 		}
-		group := []estargz.Chunk{cs[i]}
-		start, end := cs[i].Offset, cs[i].End
-		for i++; i < len(cs) && cs[i].End-start <= rangeSize; i++ {
-			if !l.store.Has(cs[i].Digest) {
-				group = append(group, cs[i])
-				end = max(end, cs[i].End)
-			}
+		errMu.Lock()
+		err := firstErr
+		errMu.Unlock()
+		if err != nil {
+			return err
 		}
+		j := i + 1
+		for j < len(cs) && cs[j].End-cs[i].Offset <= rangeSize {
+			j++
+		}
+		window := cs[i:j]
+		i = j
 		if background {
 			release, err := l.sched.background(ctx)
 			if err != nil {
 				return err
 			}
-			err = l.fetchGroup(ctx, group, start, end, true)
+			group := l.claim(window)
+			if len(group) == 0 {
+				release()
+				continue
+			}
+			err = l.fetchGroup(ctx, "", group, true)
 			release()
 			if err != nil {
 				return err
 			}
-		} else if err := l.fetchGroup(ctx, group, start, end, false); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (l *Layer) fetchGroup(ctx context.Context, group []estargz.Chunk, start, end int64, background bool) error {
-	buf, err := l.fetchRange(ctx, start, end, background)
-	if err != nil {
-		return err
-	}
-	for _, g := range group {
-		data, err := l.dec.DecodeChunk(l.comp, buf[g.Offset-start:g.End-start], g, nil)
-		if err != nil {
-			// Counted and logged; the chunk stays uncached (a reader
-			// fetches it again) and the other chunks go on.
-			_ = l.verifyError("", g, err)
 			continue
 		}
-		if err := l.store.Add(g.Digest, data); err != nil {
-			return fmt.Errorf("caching chunk %s: %w", g.Digest, err)
+		group := l.claim(window)
+		if len(group) == 0 {
+			continue
 		}
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			for _, g := range group {
+				l.resolve(g, nil, ctx.Err())
+			}
+			return ctx.Err()
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if err := l.fetchGroup(ctx, "", group, false); err != nil {
+				errMu.Lock()
+				if firstErr == nil {
+					firstErr = err
+				}
+				errMu.Unlock()
+			}
+		}()
 	}
-	return nil
+	wg.Wait()
+	return firstErr
 }
 
 // Close stops background work; StartFetching does nothing afterwards.
@@ -511,21 +627,29 @@ func (l *Layer) Cached() (cached, total int) {
 }
 
 // Scheduler lets foreground reads win over background fetches across
-// layers: a background fetch starts only when no foreground fetch is in
-// flight, and at most a fixed number run at once.
+// layers: a background request starts only when no foreground fetch has
+// been in flight for a quiet period, and at most a fixed number run at
+// once.
 type Scheduler struct {
-	mu   sync.Mutex
-	fg   int
-	idle chan struct{} // closed while fg == 0
-	bg   chan struct{}
+	mu      sync.Mutex
+	fg      int
+	lastFg  time.Time     // when the last foreground fetch ended
+	idle    chan struct{} // closed while fg == 0
+	bg      chan struct{}
+	quiet   time.Duration
+	nowFunc func() time.Time
 }
+
+// DefaultQuietPeriod is how long background fetching waits after the last
+// foreground fetch: a workload that is reading tends to read again soon.
+const DefaultQuietPeriod = 100 * time.Millisecond
 
 // NewScheduler returns a Scheduler allowing maxBackground concurrent
 // background requests.
 func NewScheduler(maxBackground int) *Scheduler {
 	idle := make(chan struct{})
 	close(idle)
-	return &Scheduler{idle: idle, bg: make(chan struct{}, max(1, maxBackground))}
+	return &Scheduler{idle: idle, bg: make(chan struct{}, max(1, maxBackground)), quiet: DefaultQuietPeriod, nowFunc: time.Now}
 }
 
 func (s *Scheduler) foreground() func() {
@@ -538,6 +662,7 @@ func (s *Scheduler) foreground() func() {
 	return func() {
 		s.mu.Lock()
 		s.fg--
+		s.lastFg = s.nowFunc()
 		if s.fg == 0 {
 			close(s.idle)
 		}
@@ -545,17 +670,25 @@ func (s *Scheduler) foreground() func() {
 	}
 }
 
-// background waits for a background slot while no foreground fetch is in
-// flight.
+// background waits for a background slot while foreground fetches are in
+// flight or ended less than the quiet period ago.
 func (s *Scheduler) background(ctx context.Context) (func(), error) {
 	for {
 		s.mu.Lock()
-		idle := s.idle
+		idle, wait := s.idle, s.quiet-s.nowFunc().Sub(s.lastFg)
 		s.mu.Unlock()
 		select {
 		case <-idle:
 		case <-ctx.Done():
 			return nil, ctx.Err()
+		}
+		if wait > 0 {
+			select {
+			case <-time.After(wait):
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			continue
 		}
 		select {
 		case s.bg <- struct{}{}:

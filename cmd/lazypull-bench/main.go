@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -35,12 +36,20 @@ func main() {
 		snapshotter = flag.String("snapshotter", "bin/lazypull-snapshotter", "lazypull-snapshotter binary")
 		modeList    = flag.String("modes", "", "comma-separated modes (default all): full-pull, lazypull, lazypull-optimized")
 		from        = flag.String("from", "", "render the report from this results.json instead of measuring")
+		convertCmp  = flag.String("convert-compare", "", "instead of cold starts, time `lazypull convert` against `ctr-remote image convert` on this image")
 	)
 	flag.Parse()
 	// The in-process registry logs every request at info level.
-	logrus.SetLevel(logrus.WarnLevel)
+	logrus.SetOutput(io.Discard)
 	if *from != "" {
 		if err := rerender(*from, *out); err != nil {
+			fmt.Fprintln(os.Stderr, "lazypull-bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if *convertCmp != "" {
+		if err := compareConvert(*convertCmp, *out, *cacheDir, *snapshotter); err != nil {
 			fmt.Fprintln(os.Stderr, "lazypull-bench:", err)
 			os.Exit(1)
 		}
@@ -50,6 +59,28 @@ func main() {
 		fmt.Fprintln(os.Stderr, "lazypull-bench:", err)
 		os.Exit(1)
 	}
+}
+
+func compareConvert(image, out, cacheDir, snapshotter string) error {
+	specs, err := pickImages(image)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	r, err := bench.NewRunner(bench.Config{Images: specs, CacheDir: cacheDir, Snapshotter: snapshotter, Log: os.Stderr})
+	if err != nil {
+		return err
+	}
+	c, err := r.CompareConvert(ctx, specs[0])
+	if err != nil {
+		return err
+	}
+	if err := c.Write(out); err != nil {
+		return err
+	}
+	c.Markdown(os.Stdout)
+	return nil
 }
 
 // rerender writes the report of an earlier run again.
