@@ -27,6 +27,10 @@ type MountOptions struct {
 	FsName string
 	// Debug logs every FUSE request.
 	Debug bool
+	// UserXattr marks opaque directories with user.overlay.opaque instead
+	// of trusted.overlay.opaque, for overlayfs mounted with userxattr
+	// (unprivileged, in a user namespace).
+	UserXattr bool
 }
 
 // Mount is a mounted layer.
@@ -47,7 +51,10 @@ func MountLayer(dir string, l *Layer, o MountOptions) (*Mount, error) {
 	if o.FsName == "" {
 		o.FsName = "lazypull"
 	}
-	lfs := &layerFS{layer: l, passthrough: o.Passthrough}
+	lfs := &layerFS{layer: l, passthrough: o.Passthrough, opaqueXattr: opaqueXattr}
+	if o.UserXattr {
+		lfs.opaqueXattr = userOpaqueXattr
+	}
 	root := &node{fs: lfs, n: l.index.Root()}
 	timeout := o.CacheTimeout
 	opts := &gofs.Options{

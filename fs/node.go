@@ -27,9 +27,15 @@ const (
 	blockSize       = 4096
 )
 
-// opaqueXattrs are set on directories holding ".wh..wh..opq": overlayfs
-// reads the trusted one, or the user one when mounted with userxattr.
-var opaqueXattrs = []string{"trusted.overlay.opaque", "user.overlay.opaque"}
+// Directories holding ".wh..wh..opq" carry the opaque xattr overlayfs
+// reads: the trusted one, or the user one when overlayfs is mounted with
+// userxattr (in a user namespace). Only one is set: overlayfs hides its own
+// trusted.overlay.* from containers but not user.overlay.* when it does not
+// use it.
+const (
+	opaqueXattr     = "trusted.overlay.opaque"
+	userOpaqueXattr = "user.overlay.opaque"
+)
 
 // node is a FUSE inode backed by a TOC node, or a whiteout device when
 // whiteout is set.
@@ -47,6 +53,7 @@ type node struct {
 type layerFS struct {
 	layer       *Layer
 	passthrough bool
+	opaqueXattr string
 	// refused is done when the kernel has turned passthrough down.
 	refused sync.Once
 }
@@ -300,13 +307,11 @@ func (nd *node) xattrs() map[string][]byte {
 	}
 	x := nd.n.Xattrs
 	if nd.n.Type == estargz.TypeDir && nd.dir().opaque {
-		m := make(map[string][]byte, len(x)+len(opaqueXattrs))
+		m := make(map[string][]byte, len(x)+1)
 		for k, v := range x {
 			m[k] = v
 		}
-		for _, k := range opaqueXattrs {
-			m[k] = []byte("y")
-		}
+		m[nd.fs.opaqueXattr] = []byte("y")
 		x = m
 	}
 	return x

@@ -110,8 +110,9 @@ const (
 	ovlPrefix = "trusted.overlay."
 )
 
-// Overlay xattrs a layer mount puts on opaque directories.
-var opaqueXattrs = []string{"trusted.overlay.opaque", "user.overlay.opaque"}
+// The overlay xattr a layer mount puts on opaque directories (overlayfs
+// hides it from the merged view).
+const opaqueXattr = "trusted.overlay.opaque"
 
 func implicitDir() *Node {
 	return &Node{Kind: KindDir, Mode: 0o755, Mtime: time.Unix(0, 0).UTC()}
@@ -121,7 +122,7 @@ func implicitDir() *Node {
 // as overlayfs expects a lower directory: ".wh.NAME" files are 0/0
 // character devices NAME (mode 0, the whiteout entry's owner and time)
 // unless the layer also has NAME, ".wh..wh..opq" is invisible and makes its
-// directory carry trusted.overlay.opaque=y and user.overlay.opaque=y,
+// directory carry trusted.overlay.opaque=y,
 // hardlinks share a node whose Nlink counts its names, and directories
 // count 2 + subdirectories. Later entries of the same name replace earlier
 // ones. Parent directories without an entry are 0755 root:root at the
@@ -222,13 +223,11 @@ func LayerView(entries []Entry) Tree {
 			continue
 		}
 		if n.opaque {
-			x := make(map[string]string, len(n.Xattrs)+2)
+			x := make(map[string]string, len(n.Xattrs)+1)
 			for k, v := range n.Xattrs {
 				x[k] = v
 			}
-			for _, k := range opaqueXattrs {
-				x[k] = "y"
-			}
+			x[opaqueXattr] = "y"
 			n.Xattrs = x
 		}
 		n.Nlink = 2

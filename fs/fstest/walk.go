@@ -150,6 +150,9 @@ func Xattrs(p string) (map[string]string, error) {
 		return nil, fmt.Errorf("%s: listxattr size probe said %d, then returned %d", p, size, k)
 	}
 	out := map[string]string{}
+	if k == 0 {
+		return out, nil // e.g. overlayfs filtered out all it had
+	}
 	for _, name := range bytes.Split(bytes.TrimSuffix(buf[:k], []byte{0}), []byte{0}) {
 		name := string(name)
 		vs, err := unix.Lgetxattr(p, name, nil)
