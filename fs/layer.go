@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -50,9 +51,13 @@ type LayerOptions struct {
 	// whose chunk cannot be fetched in time fails with EIO instead of
 	// hanging (default 60s).
 	FetchTimeout time.Duration
-	// ReadAhead is how many compressed bytes after a missed chunk are
-	// fetched in the same request when the chunks there are not cached
-	// (default 512 KiB; negative disables).
+	// DirReadAhead is how many compressed bytes of the files of a missed
+	// file's directory (those after it in the blob) are fetched alongside
+	// it (default 4 MiB).
+	DirReadAhead int64
+	// ReadAhead is how many compressed bytes that follow a missed chunk in
+	// the blob are fetched alongside it (default 512 KiB; negative
+	// disables all read-ahead).
 	ReadAhead int64
 	// Scheduler arbitrates with other layers' background fetches. Nil
 	// means a private one.
@@ -106,8 +111,11 @@ type Layer struct {
 	blobMu   sync.Mutex
 	blob     Blob
 
-	chunks     []estargz.Chunk // every distinct chunk, in blob order
-	plainBytes int64           // total size of the distinct chunks
+	chunks []estargz.Chunk // every distinct chunk, in blob order
+
+	chunkDir   []string         // directory of each chunk's file
+	dirChunks  map[string][]int // indexes into chunks, per directory
+	plainBytes int64            // total size of the distinct chunks
 
 	pmu     sync.Mutex
 	pending map[digest.Digest]*inflight // chunks being fetched
@@ -134,6 +142,9 @@ func NewLayer(dgst digest.Digest, index *estargz.Index, comp estargz.Compression
 	if opts.ReadAhead == 0 {
 		opts.ReadAhead = 512 << 10
 	}
+	if opts.DirReadAhead == 0 {
+		opts.DirReadAhead = 4 << 20
+	}
 	sched := opts.Scheduler
 	if sched == nil {
 		sched = NewScheduler(2)
@@ -152,6 +163,27 @@ func NewLayer(dgst digest.Digest, index *estargz.Index, comp estargz.Compression
 	}
 	for _, c := range l.chunks {
 		l.plainBytes += c.Size
+	}
+	// The directory of each chunk's file, and each directory's chunks in
+	// blob order, for read-ahead.
+	type key struct{ off, inner int64 }
+	dirs := make(map[key]string, len(l.chunks))
+	seen := make(map[*estargz.Node]bool)
+	index.Walk(func(name string, n *estargz.Node) bool {
+		if n.Type == estargz.TypeReg && !seen[n] {
+			seen[n] = true
+			for _, c := range n.Chunks {
+				dirs[key{c.Offset, c.InnerOffset}] = path.Dir(name)
+			}
+		}
+		return true
+	})
+	l.chunkDir = make([]string, len(l.chunks))
+	l.dirChunks = make(map[string][]int)
+	for i, c := range l.chunks {
+		d := dirs[key{c.Offset, c.InnerOffset}]
+		l.chunkDir[i] = d
+		l.dirChunks[d] = append(l.dirChunks[d], i)
 	}
 	return l
 }
@@ -312,11 +344,16 @@ func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk
 		l.pmu.Unlock()
 		if p == nil {
 			if group := l.claim(l.readAheadGroup(c)); len(group) > 0 {
-				name := ""
+				fctx := context.WithoutCancel(ctx)
 				if group[0].Digest == c.Digest {
-					name = n.Name
+					// The reader waits for its own chunk only: the
+					// read-ahead travels in a second request alongside.
+					go l.fetchForeground(fctx, n.Name, group[:1])
+					group = group[1:]
 				}
-				go l.fetchForeground(context.WithoutCancel(ctx), name, group)
+				if len(group) > 0 {
+					go l.fetchForeground(fctx, "", group)
+				}
 			}
 			l.pmu.Lock()
 			p = l.pending[c.Digest]
@@ -355,16 +392,36 @@ func (l *Layer) storeGet(c estargz.Chunk) ([]byte, error) {
 	return buf, nil
 }
 
-// readAheadGroup returns c and the chunks that follow it in the blob
-// within the read-ahead window.
+// readAheadGroup returns c and the chunks to fetch alongside it: the
+// uncached chunks of the files of c's directory that follow it (a program
+// that reads one file of a directory — a module of a package, a library —
+// tends to read its neighbours next), up to DirReadAhead compressed bytes,
+// then the chunks that follow in the blob within ReadAhead.
 func (l *Layer) readAheadGroup(c estargz.Chunk) []estargz.Chunk {
 	group := []estargz.Chunk{c}
 	if l.opts.ReadAhead <= 0 {
 		return group
 	}
-	i := sort.Search(len(l.chunks), func(i int) bool { return l.chunks[i].Offset > c.Offset })
-	for ; i < len(l.chunks); i++ {
-		next := l.chunks[i]
+	i := sort.Search(len(l.chunks), func(i int) bool { return l.chunks[i].Offset >= c.Offset })
+	for i < len(l.chunks) && l.chunks[i].Digest != c.Digest {
+		i++
+	}
+	if i == len(l.chunks) {
+		return group
+	}
+	budget := l.opts.DirReadAhead
+	for _, j := range l.dirChunks[l.chunkDir[i]] {
+		next := l.chunks[j]
+		if j <= i || l.store.Has(next.Digest) {
+			continue
+		}
+		if budget -= next.End - next.Offset; budget < 0 {
+			break
+		}
+		group = append(group, next)
+	}
+	for j := i + 1; j < len(l.chunks); j++ {
+		next := l.chunks[j]
 		if next.End-c.End > l.opts.ReadAhead {
 			break
 		}
@@ -503,7 +560,12 @@ func (l *Layer) StartFetching(ctx context.Context, o FetchOptions) {
 	go func() {
 		defer close(done)
 		if o.Prefetch && l.index.PrefetchEnd > 0 {
-			if err := l.fetchChunks(ctx, l.chunksBefore(l.index.PrefetchEnd), o.RangeSize, o.PrefetchParallel, false); err != nil && ctx.Err() == nil {
+			// Prefetch is what the workload is about to read: it counts
+			// as foreground, so background fetches wait for it.
+			done := l.sched.foreground()
+			err := l.fetchChunks(ctx, l.chunksBefore(l.index.PrefetchEnd), o.RangeSize, o.PrefetchParallel, false)
+			done()
+			if err != nil && ctx.Err() == nil {
 				log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("prefetch failed")
 			}
 		}
@@ -551,8 +613,12 @@ func (l *Layer) fetchChunks(ctx context.Context, cs []estargz.Chunk, rangeSize i
 		if err != nil {
 			return err
 		}
+		size := rangeSize
+		if background {
+			size = l.sched.backgroundRange(rangeSize)
+		}
 		j := i + 1
-		for j < len(cs) && cs[j].End-cs[i].Offset <= rangeSize {
+		for j < len(cs) && cs[j].End-cs[i].Offset <= size {
 			j++
 		}
 		window := cs[i:j]
@@ -668,6 +734,20 @@ func (s *Scheduler) foreground() func() {
 		}
 		s.mu.Unlock()
 	}
+}
+
+// backgroundRange sizes the next background request: small (256 KiB)
+// right after foreground activity, so that a read arriving behind it on a
+// slow link waits little, doubling for every 250 ms of quiet up to max.
+func (s *Scheduler) backgroundRange(max int64) int64 {
+	s.mu.Lock()
+	quiet := s.nowFunc().Sub(s.lastFg)
+	s.mu.Unlock()
+	size := int64(256 << 10)
+	for steps := quiet / (250 * time.Millisecond); steps > 0 && size < max; steps-- {
+		size *= 2
+	}
+	return min(size, max)
 }
 
 // background waits for a background slot while foreground fetches are in

@@ -133,7 +133,9 @@ func TestAlteredBlob(t *testing.T) {
 // not even see the error: the kernel retries a failed readahead page with
 // a read of its own, which fetches again.)
 func TestCorruptedInTransit(t *testing.T) {
-	e := newEnv(t, envOptions{})
+	// One request per miss: the injected fault must hit the reader's own
+	// chunk, not a read-ahead request sent beside it.
+	e := newEnv(t, envOptions{manager: lfs.ManagerOptions{Layer: lfs.LayerOptions{ReadAhead: -1}}})
 	fx := newFixture(t, verifyLayer())
 	src := e.push(t, "transit", oursGzip.build(t, fx.tar, verifyChunk, nil))
 	dir, m := e.mount(t, src)
