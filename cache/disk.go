@@ -626,3 +626,67 @@ func (c *fileCache) closeAll() {
 		v.release()
 	}
 }
+
+// AddFrom stores the size bytes read from r under d in the disk tier,
+// without holding them in memory, checking as they stream that they hash to
+// d: bytes that do not are discarded and an error returned. It is for large
+// entries assembled from others (a whole file from its chunks, for FUSE
+// passthrough). A store without a disk tier returns ErrTooLarge.
+func (s *Store) AddFrom(d digest.Digest, size int64, r io.Reader) (err error) {
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	if err := d.Validate(); err != nil {
+		return fmt.Errorf("cache: add %q: %w", d, err)
+	}
+	if s.disk == nil {
+		return fmt.Errorf("cache: add %s (%d bytes) without a disk tier: %w", d, size, ErrTooLarge)
+	}
+	key := string(d)
+	if n, ok := s.disk.peek(key); ok {
+		s.disk.touch(n)
+		return nil
+	}
+	if !s.disk.fits(diskCharge(size)) {
+		return fmt.Errorf("cache: add %s (%d bytes) to disk tier of %d bytes: %w", d, size, s.disk.limit, ErrTooLarge)
+	}
+	_, err, _ = s.adding.Do(key, func() (any, error) {
+		if n, ok := s.disk.peek(key); ok {
+			return n, nil
+		}
+		return s.streamDisk(d, size, r)
+	})
+	return err
+}
+
+// streamDisk is writeDisk for a stream that is verified as it is written.
+func (s *Store) streamDisk(d digest.Digest, size int64, r io.Reader) (n *lruNode[*diskEntry], err error) {
+	defer func() {
+		if err != nil {
+			s.writeErrors.Add(1)
+			err = fmt.Errorf("cache: storing %s on disk: %w", d, err)
+		}
+	}()
+	f, err := os.CreateTemp(s.tmpDir, d.Encoded()[:16]+"-*")
+	if err != nil {
+		return nil, err
+	}
+	tmp := f.Name()
+	v := d.Verifier()
+	written, err := io.Copy(io.MultiWriter(f, v), io.LimitReader(r, size+1))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil && (written != size || !v.Verified()) {
+		err = fmt.Errorf("content (%d of %d bytes) does not match its digest", written, size)
+	}
+	if err == nil {
+		n, err = s.commitDisk(string(d), size, tmp)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return nil, err
+	}
+	s.disk.shrink()
+	return n, nil
+}

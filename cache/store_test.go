@@ -767,3 +767,42 @@ func TestReadOnly(t *testing.T) {
 		t.Fatal("failed Add reported as cached")
 	}
 }
+
+func TestAddFromStreamsAndVerifies(t *testing.T) {
+	s, err := Open(Options{Dir: t.TempDir(), MaxMemoryBytes: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	data := bytes.Repeat([]byte("whole file "), 100000)
+	d := digest.FromBytes(data)
+	if err := s.AddFrom(d, int64(len(data)), bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Get(d)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("Get after AddFrom: %v", err)
+	}
+	f, err := s.OpenFile(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	// Bytes that do not hash to the digest are refused and leave nothing.
+	bad := digest.FromString("something else")
+	if err := s.AddFrom(bad, int64(len(data)), bytes.NewReader(data)); err == nil || !strings.Contains(err.Error(), "does not match") {
+		t.Fatalf("AddFrom of mismatching content: %v", err)
+	}
+	if s.Has(bad) {
+		t.Fatal("mismatching content was stored")
+	}
+	// So is a stream shorter or longer than declared.
+	short := digest.FromBytes(data[:10])
+	if err := s.AddFrom(short, 5, bytes.NewReader(data[:10])); err == nil {
+		t.Fatal("AddFrom accepted more bytes than declared")
+	}
+	if ents, _ := os.ReadDir(filepath.Join(s.dir, "tmp")); len(ents) != 0 {
+		t.Fatalf("temporary files left behind: %v", ents)
+	}
+}

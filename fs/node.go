@@ -234,11 +234,9 @@ func (nd *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32
 		return nil, fuse.FOPEN_KEEP_CACHE, 0
 	}
 	nd.fs.layer.noteRead(nd.n)
-	if nd.fs.passthrough && len(nd.n.Chunks) == 1 && nd.n.Chunks[0].Size == nd.n.Size {
-		if ps, ok := nd.fs.layer.store.(PassthroughStore); ok {
-			if f, err := ps.OpenFile(nd.n.Chunks[0].Digest); err == nil {
-				return &passthroughFile{f: f}, fuse.FOPEN_KEEP_CACHE, 0
-			}
+	if nd.fs.passthrough {
+		if f := nd.fs.layer.backingFile(ctx, nd.n); f != nil {
+			return &passthroughFile{f: f}, fuse.FOPEN_KEEP_CACHE, 0
 		}
 	}
 	return nil, fuse.FOPEN_KEEP_CACHE, 0
