@@ -257,6 +257,13 @@ func refFor(info *ImageInfo, m Mode) string {
 	return info.OriginalRef
 }
 
+func (r *Runner) remoteClient() *remote.Registry {
+	if r.remote == nil {
+		r.remote, _ = remote.New(remote.Options{})
+	}
+	return r.remote
+}
+
 // prepare builds the image, pushes the original, converts it, records its
 // start-up reads and pushes the optimized conversion.
 func (r *Runner) prepare(ctx context.Context, spec images.Spec) error {

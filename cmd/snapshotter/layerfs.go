@@ -10,6 +10,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/moby/sys/userns"
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -78,7 +79,10 @@ func newLayerFS(cfg *Config, root string, reg prometheus.Registerer) (snapshot.L
 			FetchTimeout: time.Duration(cfg.Fetch.ReadTimeout),
 			Observer:     m,
 		},
-		Mount: lfs.MountOptions{Passthrough: cfg.Fetch.Passthrough},
+		// Opaque directories must carry the xattr the overlay mounts
+		// stacked on the layers read: the snapshotter mounts them with
+		// userxattr in a user namespace (see snapshot.Options.MountOptions).
+		Mount: lfs.MountOptions{Passthrough: cfg.Fetch.Passthrough, UserXattr: userns.RunningInUserNS()},
 		Fetch: lfs.FetchOptions{Prefetch: cfg.Fetch.Prefetch, Background: cfg.Fetch.BackgroundFetch},
 	})
 	if err != nil {
