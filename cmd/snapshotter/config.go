@@ -24,7 +24,7 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //
 //	[cache]
 //	max_disk_bytes = 10737418240
-//	max_memory_bytes = 67108864
+//	max_memory_bytes = 33554432
 //
 //	[fetch]
 //	prefetch = true
@@ -69,7 +69,7 @@ type CacheConfig struct {
 	// MaxDiskBytes bounds the on-disk chunk cache (under root). Default
 	// 10 GiB; 0 disables the disk cache.
 	MaxDiskBytes int64 `toml:"max_disk_bytes"`
-	// MaxMemoryBytes bounds the in-memory chunk cache. Default 64 MiB;
+	// MaxMemoryBytes bounds the in-memory chunk cache. Default 32 MiB;
 	// 0 disables the memory cache.
 	MaxMemoryBytes int64 `toml:"max_memory_bytes"`
 }
@@ -137,7 +137,7 @@ func DefaultConfig() *Config {
 	return &Config{
 		Cache: CacheConfig{
 			MaxDiskBytes:   10 << 30,
-			MaxMemoryBytes: 64 << 20,
+			MaxMemoryBytes: 32 << 20,
 		},
 		Fetch: FetchConfig{
 			Prefetch:        true,

@@ -143,6 +143,7 @@ func versionString() string {
 
 // serve runs the daemon until ctx is done.
 func serve(ctx context.Context, dc daemonConfig) (retErr error) {
+	setMemoryLimit(ctx, dc.cfg)
 	root, err := filepath.Abs(dc.root)
 	if err != nil {
 		return err
@@ -278,4 +279,21 @@ func listen(address string) (net.Listener, error) {
 		return nil, err
 	}
 	return l, nil
+}
+
+// workingSetAllowance is what the daemon needs besides its memory chunk
+// cache: TOC indexes, fetch and decompression buffers, FUSE buffers.
+const workingSetAllowance = 96 << 20
+
+// setMemoryLimit gives the Go runtime a soft memory limit (unless GOMEMLIMIT
+// is set): the memory chunk cache plus a working-set allowance. Most of the
+// daemon's allocations are short-lived fetch buffers; without a limit the
+// heap may grow to twice the live data before a collection.
+func setMemoryLimit(ctx context.Context, cfg *Config) {
+	if os.Getenv("GOMEMLIMIT") != "" {
+		return
+	}
+	limit := cfg.Cache.MaxMemoryBytes + workingSetAllowance
+	debug.SetMemoryLimit(limit)
+	log.G(ctx).WithField("bytes", limit).Debug("soft memory limit set")
 }
