@@ -31,6 +31,9 @@ type MountOptions struct {
 	// of trusted.overlay.opaque, for overlayfs mounted with userxattr
 	// (unprivileged, in a user namespace).
 	UserXattr bool
+	// OnOp, when set, is called with the duration of every FUSE operation
+	// the daemon serves ("lookup", "getattr", "open", "read", ...).
+	OnOp func(op string, d time.Duration)
 }
 
 // Mount is a mounted layer.
@@ -51,7 +54,7 @@ func MountLayer(dir string, l *Layer, o MountOptions) (*Mount, error) {
 	if o.FsName == "" {
 		o.FsName = "lazypull"
 	}
-	lfs := &layerFS{layer: l, passthrough: o.Passthrough, opaqueXattr: opaqueXattr}
+	lfs := &layerFS{layer: l, passthrough: o.Passthrough, opaqueXattr: opaqueXattr, onOp: o.OnOp}
 	if o.UserXattr {
 		lfs.opaqueXattr = userOpaqueXattr
 	}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/containerd/log"
 	gofs "github.com/hanwen/go-fuse/v2/fs"
@@ -51,6 +52,7 @@ type node struct {
 
 // layerFS is what all nodes of one mount share.
 type layerFS struct {
+	onOp        func(op string, d time.Duration)
 	layer       *Layer
 	passthrough bool
 	opaqueXattr string
@@ -145,6 +147,7 @@ func typeBits(t string) uint32 {
 
 // Lookup implements gofs.NodeLookuper.
 func (nd *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	defer nd.fs.observe("lookup", time.Now())
 	if nd.n.Type != estargz.TypeDir || nd.whiteout {
 		return nil, syscall.ENOTDIR
 	}
@@ -178,6 +181,7 @@ func (nd *node) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
 // OpendirHandle implements gofs.NodeOpendirHandler: listings never change,
 // so the kernel may cache them.
 func (nd *node) OpendirHandle(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	defer nd.fs.observe("opendir", time.Now())
 	if nd.n.Type != estargz.TypeDir || nd.whiteout {
 		return nil, 0, syscall.ENOTDIR
 	}
@@ -189,6 +193,7 @@ func (nd *node) OpendirHandle(ctx context.Context, flags uint32) (gofs.FileHandl
 
 // Getattr implements gofs.NodeGetattrer.
 func (nd *node) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	defer nd.fs.observe("getattr", time.Now())
 	nd.fill(&out.Attr)
 	return 0
 }
@@ -227,6 +232,7 @@ func (nd *node) fill(a *fuse.Attr) {
 // cache is kept across opens. A single-chunk file whose chunk is on disk
 // is handed to the kernel for passthrough reads.
 func (nd *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	defer nd.fs.observe("open", time.Now())
 	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
 		return nil, 0, syscall.EROFS
 	}
@@ -269,6 +275,7 @@ func (p *passthroughFile) Read(ctx context.Context, dest []byte, off int64) (fus
 
 // Read implements gofs.NodeReader.
 func (nd *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	defer nd.fs.observe("read", time.Now())
 	if pf, ok := f.(*passthroughFile); ok {
 		// The kernel sends READs for a passthrough handle only when it
 		// refused the backing file (no CAP_SYS_ADMIN, or the cache on
@@ -293,6 +300,7 @@ func (nd *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off in
 
 // Readlink implements gofs.NodeReadlinker.
 func (nd *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	defer nd.fs.observe("readlink", time.Now())
 	if nd.n.Type != estargz.TypeSymlink || nd.whiteout {
 		return nil, syscall.EINVAL
 	}
@@ -317,6 +325,7 @@ func (nd *node) xattrs() map[string][]byte {
 
 // Getxattr implements gofs.NodeGetxattrer.
 func (nd *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	defer nd.fs.observe("getxattr", time.Now())
 	v, ok := nd.xattrs()[attr]
 	if !ok {
 		return 0, syscall.ENODATA
@@ -332,6 +341,7 @@ func (nd *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32,
 
 // Listxattr implements gofs.NodeListxattrer.
 func (nd *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	defer nd.fs.observe("listxattr", time.Now())
 	x := nd.xattrs()
 	names := make([]string, 0, len(x))
 	for k := range x {
@@ -366,4 +376,11 @@ func (nd *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
 	out.Files = uint64(nd.fs.layer.index.NumNodes())
 	out.NameLen = 255
 	return 0
+}
+
+// observe reports a FUSE operation's duration to MountOptions.OnOp.
+func (f *layerFS) observe(op string, start time.Time) {
+	if f.onOp != nil {
+		f.onOp(op, time.Since(start))
+	}
 }

@@ -82,7 +82,7 @@ func newLayerFS(cfg *Config, root string, reg prometheus.Registerer) (snapshot.L
 		// Opaque directories must carry the xattr the overlay mounts
 		// stacked on the layers read: the snapshotter mounts them with
 		// userxattr in a user namespace (see snapshot.Options.MountOptions).
-		Mount: lfs.MountOptions{Passthrough: cfg.Fetch.Passthrough, UserXattr: userns.RunningInUserNS()},
+		Mount: lfs.MountOptions{Passthrough: cfg.Fetch.Passthrough, UserXattr: userns.RunningInUserNS(), OnOp: m.FuseOp},
 		Fetch: lfs.FetchOptions{Prefetch: cfg.Fetch.Prefetch, Background: cfg.Fetch.BackgroundFetch},
 	})
 	if err != nil {

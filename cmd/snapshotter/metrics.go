@@ -17,6 +17,7 @@ type metrics struct {
 	fetchLatency  *prometheus.HistogramVec
 	cacheLookups  *prometheus.CounterVec
 	verifyFailed  prometheus.Counter
+	fuseOps       *prometheus.HistogramVec
 	mounts        func() int
 }
 
@@ -44,7 +45,12 @@ func newMetrics(reg prometheus.Registerer, store *cache.Store) *metrics {
 			Help: "Chunks that failed verification against their TOC digest (never served).",
 		}),
 	}
-	reg.MustRegister(m.fetchBytes, m.fetchRequests, m.fetchLatency, m.cacheLookups, m.verifyFailed)
+	m.fuseOps = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: "lazypull", Name: "fuse_operation_duration_seconds",
+		Help:    "Duration of FUSE operations served, by operation (lookup, getattr, open, read, ...).",
+		Buckets: prometheus.ExponentialBuckets(0.00001, 4, 10),
+	}, []string{"op"})
+	reg.MustRegister(m.fetchBytes, m.fetchRequests, m.fetchLatency, m.cacheLookups, m.verifyFailed, m.fuseOps)
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Namespace: "lazypull", Name: "mounted_layers",
 		Help: "Layers currently mounted lazily.",
@@ -98,3 +104,8 @@ func (m *metrics) CacheMiss(digest.Digest) { m.cacheLookups.WithLabelValues("mis
 
 // VerifyFailed implements fs.Observer.
 func (m *metrics) VerifyFailed(digest.Digest) { m.verifyFailed.Inc() }
+
+// FuseOp records one FUSE operation (fs.MountOptions.OnOp).
+func (m *metrics) FuseOp(op string, d time.Duration) {
+	m.fuseOps.WithLabelValues(op).Observe(d.Seconds())
+}
