@@ -578,6 +578,8 @@ func (g *flightGroup) do(ctx context.Context, key Range, fn func(context.Context
 	f, ok := g.m[key]
 	if !ok {
 		f = &flight{done: make(chan struct{})}
+		// Record this caller's deadline before the fetch can look at it.
+		f.join(ctx)
 		// The fetch keeps the first caller's values (logger...) but not
 		// its cancellation.
 		fctx, cancel := context.WithCancel(context.WithValue(context.WithoutCancel(ctx), flightKey{}, f))
@@ -594,8 +596,10 @@ func (g *flightGroup) do(ctx context.Context, key Range, fn func(context.Context
 			close(f.done)
 		}()
 	}
+	if ok {
+		f.join(ctx)
+	}
 	f.refs++
-	f.join(ctx)
 	g.mu.Unlock()
 
 	select {
