@@ -214,6 +214,7 @@ func (c *converter) convertManifest(ctx context.Context, raw []byte, tag bool) (
 
 	newLayers := make([]ocispec.Descriptor, len(m.Layers))
 	diffIDs := make([]digest.Digest, len(m.Layers))
+	first := map[digest.Digest]int{} // a layer listed twice is converted once
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(c.opts.Parallel)
 	for i, l := range m.Layers {
@@ -221,6 +222,10 @@ func (c *converter) convertManifest(ctx context.Context, raw []byte, tag bool) (
 			newLayers[i], diffIDs[i] = done, c.diffIDs[l.Digest]
 			continue
 		}
+		if _, ok := first[l.Digest]; ok {
+			continue
+		}
+		first[l.Digest] = i
 		g.Go(func() error {
 			nd, diffID, err := c.convertLayer(gctx, l, rootfs.DiffIDs[i])
 			if err != nil {
@@ -234,6 +239,9 @@ func (c *converter) convertManifest(ctx context.Context, raw []byte, tag bool) (
 		return ocispec.Descriptor{}, err
 	}
 	for i, l := range m.Layers {
+		if j, ok := first[l.Digest]; ok && j != i {
+			newLayers[i], diffIDs[i] = newLayers[j], diffIDs[j]
+		}
 		c.layers[l.Digest], c.diffIDs[l.Digest] = newLayers[i], diffIDs[i]
 	}
 
@@ -292,6 +300,7 @@ func isLayer(mt string) bool {
 // convertLayer converts (or keeps) one layer and makes sure dst has it.
 func (c *converter) convertLayer(ctx context.Context, l ocispec.Descriptor, diffID digest.Digest) (ocispec.Descriptor, digest.Digest, error) {
 	if l.MediaType == MediaTypeDockerForeignLayer || l.MediaType == ocispec.MediaTypeImageLayerNonDistributableGzip { //nolint:staticcheck // still seen in the wild
+		c.progress(Event{Layer: l.Digest, Phase: PhaseKept, Done: l.Size, Total: l.Size})
 		return l, diffID, nil
 	}
 	if !isLayer(l.MediaType) {
@@ -322,13 +331,24 @@ func (c *converter) convertLayer(ctx context.Context, l ocispec.Descriptor, diff
 	defer os.Remove(tmp.Name())
 	defer tmp.Close()
 
-	in := &progressReader{r: rc, total: l.Size, report: func(done, total int64) {
+	vr := &verifyingReader{r: rc, v: l.Digest.Verifier()}
+	in := &progressReader{r: vr, total: l.Size, report: func(done, total int64) {
 		c.progress(Event{Layer: l.Digest, Phase: PhaseConvert, Done: done, Total: total})
 	}}
 	bw := bufio.NewWriterSize(tmp, 1<<20)
 	bo := c.opts.Build
 	bo.TempDir = c.opts.TempDir
 	res, err := estargz.Build(ctx, bw, in, bo)
+	// Build stops at the end of the tar: read the rest, so that the whole
+	// blob is checked against its digest (a corrupted source must not be
+	// converted, and explains a failed Build better than the tar error).
+	if ctx.Err() == nil {
+		if _, derr := io.Copy(io.Discard, in); derr != nil && (err == nil || errdefs.IsDataLoss(derr)) {
+			return ocispec.Descriptor{}, "", fmt.Errorf("fetching: %w", derr)
+		} else if derr == nil && (vr.n != l.Size || !vr.v.Verified()) {
+			return ocispec.Descriptor{}, "", fmt.Errorf("%w: source blob does not match its descriptor (%d bytes, digest %s)", errdefs.ErrDataLoss, l.Size, l.Digest)
+		}
+	}
 	if err != nil {
 		return ocispec.Descriptor{}, "", fmt.Errorf("converting: %w", err)
 	}
@@ -389,9 +409,25 @@ type progressReader struct {
 func (p *progressReader) Read(b []byte) (int, error) {
 	n, err := p.r.Read(b)
 	p.done += int64(n)
-	if p.done-p.lastReported >= 1<<20 || err == io.EOF {
+	// Report every MiB and at the end: at EOF, or when total is reached
+	// (a reader that knows the size, such as an upload, stops there).
+	if p.done-p.lastReported >= 1<<20 || (err == io.EOF || p.done == p.total) && p.done != p.lastReported {
 		p.lastReported = p.done
 		p.report(p.done, p.total)
 	}
+	return n, err
+}
+
+// verifyingReader digests what is read through it.
+type verifyingReader struct {
+	r io.Reader
+	v digest.Verifier
+	n int64
+}
+
+func (v *verifyingReader) Read(b []byte) (int, error) {
+	n, err := v.r.Read(b)
+	v.v.Write(b[:n])
+	v.n += int64(n)
 	return n, err
 }

@@ -108,7 +108,12 @@ type layoutStore struct {
 	mu  sync.Mutex
 }
 
-func (s *layoutStore) String() string { return LayoutPrefix + s.dir + ":" + s.tag }
+func (s *layoutStore) String() string {
+	if s.tag == "" {
+		return LayoutPrefix + s.dir
+	}
+	return LayoutPrefix + s.dir + ":" + s.tag
+}
 
 func (s *layoutStore) blobPath(d digest.Digest) (string, error) {
 	if err := d.Validate(); err != nil {

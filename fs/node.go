@@ -48,6 +48,12 @@ type node struct {
 
 	once sync.Once
 	view *dirView
+
+	// Open handles, by kind (see Open).
+	omu         sync.Mutex
+	cachedOpens int
+	ptOpens     int
+	ptFile      *os.File // the backing file while ptOpens > 0
 }
 
 // layerFS is what all nodes of one mount share.
@@ -229,8 +235,15 @@ func (nd *node) fill(a *fuse.Attr) {
 }
 
 // Open implements gofs.NodeOpener. Content never changes, so the page
-// cache is kept across opens. A single-chunk file whose chunk is on disk
-// is handed to the kernel for passthrough reads.
+// cache is kept across opens. A regular file whose content is on disk in
+// one cache entry is handed to the kernel for passthrough reads.
+//
+// The kernel does not let an inode be open for passthrough and for cached
+// reads at the same time (the open that would mix them fails with EIO): a
+// program mapped from a file opened before its chunks were cached keeps it
+// open in cached mode, and the next exec of it must not ask for
+// passthrough. So each inode counts its open handles of each kind, and an
+// open follows the kind already in use.
 func (nd *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
 	defer nd.fs.observe("open", time.Now())
 	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
@@ -240,33 +253,74 @@ func (nd *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32
 		return nil, fuse.FOPEN_KEEP_CACHE, 0
 	}
 	nd.fs.layer.noteRead(nd.n)
-	if nd.fs.passthrough {
-		if f := nd.fs.layer.backingFile(ctx, nd.n); f != nil {
-			return &passthroughFile{f: f}, fuse.FOPEN_KEEP_CACHE, 0
+	nd.omu.Lock()
+	defer nd.omu.Unlock()
+	if nd.fs.passthrough && nd.cachedOpens == 0 {
+		if nd.ptOpens == 0 {
+			nd.ptFile = nd.fs.layer.backingFile(ctx, nd.n)
+		}
+		if nd.ptFile != nil {
+			nd.ptOpens++
+			return &passthroughFile{nd: nd}, fuse.FOPEN_KEEP_CACHE, 0
 		}
 	}
-	return nil, fuse.FOPEN_KEEP_CACHE, 0
+	nd.cachedOpens++
+	return &cachedFile{nd: nd}, fuse.FOPEN_KEEP_CACHE, 0
 }
 
-// passthroughFile lets the kernel read a cached chunk file directly.
-type passthroughFile struct{ f *os.File }
+// cachedFile is a handle read through FUSE (and the page cache).
+type cachedFile struct{ nd *node }
+
+var _ gofs.FileReleaser = (*cachedFile)(nil)
+
+// Release implements gofs.FileReleaser.
+func (c *cachedFile) Release(ctx context.Context) syscall.Errno {
+	c.nd.omu.Lock()
+	c.nd.cachedOpens--
+	c.nd.omu.Unlock()
+	return 0
+}
+
+// passthroughFile is a handle the kernel reads from a cache file directly.
+// All passthrough handles of an inode share one backing file.
+type passthroughFile struct{ nd *node }
 
 var (
 	_ gofs.FilePassthroughFder = (*passthroughFile)(nil)
 	_ gofs.FileReleaser        = (*passthroughFile)(nil)
-	_ gofs.FileReader          = (*passthroughFile)(nil)
 )
 
-func (p *passthroughFile) PassthroughFd() (int, bool) { return int(p.f.Fd()), true }
+// PassthroughFd implements gofs.FilePassthroughFder.
+func (p *passthroughFile) PassthroughFd() (int, bool) {
+	p.nd.omu.Lock()
+	defer p.nd.omu.Unlock()
+	if p.nd.ptFile == nil {
+		return 0, false
+	}
+	return int(p.nd.ptFile.Fd()), true
+}
 
+// Release implements gofs.FileReleaser.
 func (p *passthroughFile) Release(ctx context.Context) syscall.Errno {
-	p.f.Close()
+	p.nd.omu.Lock()
+	defer p.nd.omu.Unlock()
+	p.nd.ptOpens--
+	if p.nd.ptOpens == 0 && p.nd.ptFile != nil {
+		p.nd.ptFile.Close()
+		p.nd.ptFile = nil
+	}
 	return 0
 }
 
-// Read serves reads when the kernel declined passthrough.
-func (p *passthroughFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	n, err := p.f.ReadAt(dest, off)
+// read serves reads when the kernel declined passthrough.
+func (p *passthroughFile) read(dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	p.nd.omu.Lock()
+	f := p.nd.ptFile
+	p.nd.omu.Unlock()
+	if f == nil {
+		return nil, syscall.EIO
+	}
+	n, err := f.ReadAt(dest, off)
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, syscall.EIO
 	}
@@ -283,7 +337,7 @@ func (nd *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off in
 		nd.fs.refused.Do(func() {
 			log.G(ctx).WithField("layer", nd.fs.layer.digest).Warn("FUSE passthrough refused by the kernel; cached files are read through FUSE")
 		})
-		return pf.Read(ctx, dest, off)
+		return pf.read(dest, off)
 	}
 	if nd.n.Type != estargz.TypeReg || nd.whiteout {
 		return nil, syscall.EISDIR

@@ -3,12 +3,14 @@ package fs_test
 import (
 	"bytes"
 	"github.com/opencontainers/go-digest"
+	"io"
 	"log"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	clog "github.com/containerd/log"
@@ -35,6 +37,24 @@ func (s *syncBuffer) since(mark int) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()[mark:]
+}
+
+// waitClosed waits until the daemon has seen a RELEASE for every file it
+// opened: the kernel sends it after the last close, asynchronously, and an
+// open's kind depends on the handles the daemon knows to be open.
+func (s *syncBuffer) waitClosed(t *testing.T, base int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		l := s.since(base)
+		if strings.Count(l, ": OPEN ") == strings.Count(l, ": RELEASE ") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("files opened on the mount were never released")
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
 }
 
 func (s *syncBuffer) mark() int {
@@ -65,8 +85,10 @@ func TestPassthrough(t *testing.T) {
 	opts := lfs.ManagerOptions{Mount: lfs.MountOptions{Passthrough: true, Debug: true}}
 
 	// read reads p and returns the FUSE requests it caused.
+	base := 0 // each subtest's first log line
 	read := func(t *testing.T, dir, p string) string {
 		t.Helper()
+		logs.waitClosed(t, base)
 		m := logs.mark()
 		mustRead(t, filepath.Join(dir, p), fx.want[p].Data)
 		return logs.since(m)
@@ -74,6 +96,7 @@ func TestPassthrough(t *testing.T) {
 	const fuseRead, passthrough = ": READ ", " PASSTHROUGH}"
 
 	t.Run("disk store", func(t *testing.T) {
+		base = logs.mark()
 		e := newEnv(t, envOptions{manager: opts})
 		dir, _ := e.mount(t, e.push(t, "passthrough", b))
 		// Not cached yet: read through FUSE, which caches it.
@@ -90,7 +113,6 @@ func TestPassthrough(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer f.Close()
 		mm, err := unix.Mmap(int(f.Fd()), 0, 10000, unix.PROT_READ, unix.MAP_SHARED)
 		if err != nil {
 			t.Fatal(err)
@@ -99,6 +121,7 @@ func TestPassthrough(t *testing.T) {
 			t.Error("mmap of a passthrough file shows wrong bytes")
 		}
 		unix.Munmap(mm)
+		f.Close()
 		// A multi-chunk file reads through FUSE until all its chunks
 		// are cached; then an open assembles it into a whole-file cache
 		// entry (keyed and verified by the file digest) for passthrough.
@@ -113,6 +136,7 @@ func TestPassthrough(t *testing.T) {
 	})
 
 	t.Run("memory store", func(t *testing.T) {
+		base = logs.mark()
 		e := newEnv(t, envOptions{manager: opts, memOnly: true})
 		dir, _ := e.mount(t, e.push(t, "passthrough", b))
 		read(t, dir, "single")
@@ -125,6 +149,7 @@ func TestPassthrough(t *testing.T) {
 	// a FUSE backing file (max_stack_depth 1): the kernel refuses it, and
 	// reads are served by the daemon from the open cache file.
 	t.Run("kernel refuses", func(t *testing.T) {
+		base = logs.mark()
 		base := t.TempDir()
 		for _, d := range []string{"lower", "upper", "work", "merged"} {
 			if err := os.Mkdir(filepath.Join(base, d), 0o755); err != nil {
@@ -154,4 +179,53 @@ func TestPassthrough(t *testing.T) {
 			t.Errorf("want one warning about passthrough being refused, got:\n%s", w)
 		}
 	})
+}
+
+// The kernel refuses (EIO) to open an inode for passthrough while it is
+// open for cached reads, and the other way round. A binary that is mapped
+// by a running program since before its chunks were cached is the common
+// case: exec'ing it again must not ask for passthrough.
+func TestPassthroughFollowsOpenMode(t *testing.T) {
+	var logs syncBuffer
+	log.SetOutput(&logs)
+	t.Cleanup(func() { log.SetOutput(os.Stderr) })
+	fx := newFixture(t, []fstest.Entry{
+		fstest.Reg("bin", 0o755, fstest.Random(80, 20000)),
+	})
+	b := oursGzip.build(t, fx.tar, 64<<10, nil)
+	e := newEnv(t, envOptions{manager: lfs.ManagerOptions{Mount: lfs.MountOptions{Passthrough: true, Debug: true}}})
+	dir, _ := e.mount(t, e.push(t, "openmode", b))
+	p := filepath.Join(dir, "bin")
+	want := fx.want["bin"].Data
+
+	// First open: not cached yet, so a cached-mode handle; keep it.
+	held, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(held)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("first read: %v", err)
+	}
+	// Now cached: a second open while the first is held must work and
+	// must not be passthrough.
+	m := logs.mark()
+	mustRead(t, p, want)
+	if l := logs.since(m); strings.Contains(l, " PASSTHROUGH}") {
+		t.Errorf("open beside a cached-mode handle asked for passthrough:\n%s", l)
+	}
+	held.Close()
+	logs.waitClosed(t, 0)
+	// With no handle open, the next open is passthrough; while it is
+	// held, further opens are passthrough too.
+	m = logs.mark()
+	held, err = os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	mustRead(t, p, want)
+	if l := logs.since(m); strings.Count(l, " PASSTHROUGH}") < 2 {
+		t.Errorf("opens of a cached file with no cached-mode handle: want passthrough for both:\n%s", l)
+	}
 }

@@ -169,9 +169,15 @@ func mountImage(ctx context.Context, cmd *cobra.Command, reg *remote.Registry, m
 	defer os.RemoveAll(work)
 	var lowers []string // bottom layer first
 	defer func() {
+		// Unmount the layers before removing their directories (and
+		// work): RemoveAll must not walk into a mounted layer, and the
+		// directories must not outlive the command.
 		for _, l := range lowers {
 			if _, ok := mgr.Lookup(l); ok {
-				continue // the manager unmounts its own
+				if err := mgr.Unmount(context.Background(), l); err != nil {
+					log.G(ctx).WithError(err).Warn("unmounting layer")
+					continue
+				}
 			}
 			_ = os.RemoveAll(l)
 		}

@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vbauerster/mpb/v8"
 	"github.com/vbauerster/mpb/v8/decor"
@@ -21,7 +22,7 @@ type progress struct {
 
 type bar struct {
 	b     *mpb.Bar
-	phase string
+	phase atomic.Pointer[string] // read by mpb's render goroutine
 }
 
 // newProgress returns a display on w if w is a terminal, else nil (all
@@ -43,18 +44,21 @@ func (p *progress) update(item, phase string, done, total int64) {
 	defer p.mu.Unlock()
 	b, ok := p.bars[item]
 	if !ok {
-		b = &bar{phase: phase}
+		b = &bar{}
+		b.phase.Store(&phase)
 		name := item
-		b.b = p.p.AddBar(total,
+		// Total 0: the bar must not complete when one phase reaches its
+		// total (convert, then upload); finish completes it.
+		b.b = p.p.AddBar(0,
 			mpb.PrependDecorators(
 				decor.Name(name, decor.WC{W: len(name) + 1, C: decor.DindentRight}),
-				decor.Any(func(decor.Statistics) string { return fmt.Sprintf("%-8s", b.phase) }),
+				decor.Any(func(decor.Statistics) string { return fmt.Sprintf("%-8s", *b.phase.Load()) }),
 			),
 			mpb.AppendDecorators(decor.CountersKibiByte("% .1f / % .1f"), decor.Percentage(decor.WCSyncSpace)),
 		)
 		p.bars[item] = b
 	}
-	b.phase = phase
+	b.phase.Store(&phase)
 	if total > 0 {
 		b.b.SetTotal(total, false)
 	}
@@ -69,7 +73,7 @@ func (p *progress) finish(item, phase string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if b, ok := p.bars[item]; ok {
-		b.phase = phase
+		b.phase.Store(&phase)
 		b.b.SetTotal(-1, true)
 	}
 }
