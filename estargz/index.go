@@ -125,7 +125,8 @@ func (n *Node) ChunkAt(off int64) int {
 
 // Index is a parsed, validated TOC: the inode tree of one layer.
 type Index struct {
-	// TOC is the parsed table of contents as found in the blob.
+	// TOC is the parsed table of contents as found in the blob. Callers
+	// that only need the index may drop it (set it to nil) to save memory.
 	TOC *TOC
 	// TOCDigest is the sha256 of the TOC JSON bytes.
 	TOCDigest digest.Digest
@@ -624,6 +625,10 @@ func (b *indexBuilder) finishFile() error {
 	b.lastReg = nil
 	if b.sizeSoFar != n.Size {
 		return errorf(ErrFormat, b.lastName, b.sizeSoFar, "chunks cover %d of %d bytes", b.sizeSoFar, n.Size)
+	}
+	// A one-chunk file's digest is its chunk's: share the string.
+	if len(n.Chunks) == 1 && n.Chunks[0].Digest == n.Digest {
+		n.Digest = n.Chunks[0].Digest
 	}
 	return nil
 }

@@ -48,8 +48,23 @@ type Reader struct {
 // common case it makes two reads: the tail, then the TOC (one when the TOC
 // lies within the tail).
 func Open(r io.ReaderAt, size int64, opts OpenOptions) (*Reader, error) {
+	f, tocJSON, err := ReadTOC(r, size, opts)
+	if err != nil {
+		return nil, err
+	}
+	ix, err := ParseTOC(tocJSON, f.PayloadEnd, opts.Limits)
+	if err != nil {
+		return nil, err
+	}
+	return &Reader{Footer: f, Index: ix, TOCJSON: tocJSON, r: r, size: size, decoder: NewDecoder()}, nil
+}
+
+// ReadTOC reads the footer and the TOC JSON of the blob r of the given size
+// (checking it against opts.TOCDigest when set) without parsing the TOC:
+// Open's first half, for callers that only keep the TOC for later.
+func ReadTOC(r io.ReaderAt, size int64, opts OpenOptions) (*Footer, []byte, error) {
 	if size < 0 {
-		return nil, errorf(ErrFormat, "", -1, "negative blob size %d", size)
+		return nil, nil, errorf(ErrFormat, "", -1, "negative blob size %d", size)
 	}
 	limits := opts.Limits.withDefaults()
 	tailSize := opts.TailSize
@@ -59,18 +74,18 @@ func Open(r io.ReaderAt, size int64, opts OpenOptions) (*Reader, error) {
 	tailSize = max(min(tailSize, size), min(MaxFooterSize, size))
 	tail := make([]byte, tailSize)
 	if _, err := readFull(r, tail, size-tailSize); err != nil {
-		return nil, fmt.Errorf("reading the last %d bytes of the blob: %w", tailSize, err)
+		return nil, nil, fmt.Errorf("reading the last %d bytes of the blob: %w", tailSize, err)
 	}
 	f, err := ParseFooter(tail, size)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	tocEnd := size - f.Size
 	if f.Compression == Zstd {
 		tocEnd = f.TOCOffset + f.TOCCompressedSize
 	}
 	if tocEnd-f.TOCOffset > limits.MaxTOCSize {
-		return nil, errorf(ErrTOCTooLarge, "", f.TOCOffset, "compressed TOC is %d bytes, limit %d", tocEnd-f.TOCOffset, limits.MaxTOCSize)
+		return nil, nil, errorf(ErrTOCTooLarge, "", f.TOCOffset, "compressed TOC is %d bytes, limit %d", tocEnd-f.TOCOffset, limits.MaxTOCSize)
 	}
 	var compressed []byte
 	if tailStart := size - tailSize; f.TOCOffset >= tailStart {
@@ -78,23 +93,19 @@ func Open(r io.ReaderAt, size int64, opts OpenOptions) (*Reader, error) {
 	} else {
 		compressed = make([]byte, tocEnd-f.TOCOffset)
 		if _, err := readFull(r, compressed, f.TOCOffset); err != nil {
-			return nil, fmt.Errorf("reading the TOC at offset %d: %w", f.TOCOffset, err)
+			return nil, nil, fmt.Errorf("reading the TOC at offset %d: %w", f.TOCOffset, err)
 		}
 	}
 	tocJSON, err := DecompressTOC(f, compressed, limits)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if opts.TOCDigest != "" {
 		if got := digest.FromBytes(tocJSON); got != opts.TOCDigest {
-			return nil, errorf(ErrDigest, "", f.TOCOffset, "TOC digest is %s, the layer says %s", got, opts.TOCDigest)
+			return nil, nil, errorf(ErrDigest, "", f.TOCOffset, "TOC digest is %s, the layer says %s", got, opts.TOCDigest)
 		}
 	}
-	ix, err := ParseTOC(tocJSON, f.PayloadEnd, limits)
-	if err != nil {
-		return nil, err
-	}
-	return &Reader{Footer: f, Index: ix, TOCJSON: tocJSON, r: r, size: size, decoder: NewDecoder()}, nil
+	return f, tocJSON, nil
 }
 
 func readFull(r io.ReaderAt, p []byte, off int64) (int, error) {

@@ -120,11 +120,14 @@ func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error
 	ix, meta, err := m.loadMeta(src)
 	if err != nil {
 		log.G(ctx).WithError(err).WithField("layer", src.Digest).Debug("no usable saved metadata; reading the TOC from the registry")
-		ix, meta, err = m.fetchMeta(ctx, src)
+		ix, meta, err = m.fetchMeta(ctx, src, true)
 		if err != nil {
 			return nil, err
 		}
 	}
+	// The layer needs the index only; the raw TOC entries are half of
+	// its memory on large layers.
+	ix.TOC = nil
 	comp := estargz.Gzip
 	if meta.Compression == estargz.Zstd.String() {
 		comp = estargz.Zstd
@@ -179,7 +182,7 @@ func (m *Manager) loadMeta(src LayerSource) (*estargz.Index, *layerMeta, error) 
 	return ix, &meta, nil
 }
 
-func (m *Manager) fetchMeta(ctx context.Context, src LayerSource) (*estargz.Index, *layerMeta, error) {
+func (m *Manager) fetchMeta(ctx context.Context, src LayerSource, parse bool) (*estargz.Index, *layerMeta, error) {
 	if m.opts.Registry == nil {
 		return nil, nil, fmt.Errorf("layer %s: no saved metadata and no registry: %w", src.Digest, errdefs.ErrUnavailable)
 	}
@@ -187,19 +190,26 @@ func (m *Manager) fetchMeta(ctx context.Context, src LayerSource) (*estargz.Inde
 	if err != nil {
 		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
 	}
-	r, err := estargz.Open(blob.ReaderAt(ctx), blob.Size(), estargz.OpenOptions{TOCDigest: src.TOCDigest, Limits: m.opts.Limits})
+	f, tocJSON, err := estargz.ReadTOC(blob.ReaderAt(ctx), blob.Size(), estargz.OpenOptions{TOCDigest: src.TOCDigest, Limits: m.opts.Limits})
 	if err != nil {
 		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
 	}
+	var ix *estargz.Index
+	if parse {
+		// Validate before saving: a TOC that does not parse is not kept.
+		if ix, err = estargz.ParseTOC(tocJSON, f.PayloadEnd, m.opts.Limits); err != nil {
+			return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
+		}
+	}
 	meta := &layerMeta{
 		Ref: src.Ref, Digest: src.Digest, Size: blob.Size(),
-		Compression: r.Footer.Compression.String(), TOCDigest: r.TOCDigest,
-		PayloadEnd: r.Footer.PayloadEnd,
+		Compression: f.Compression.String(), TOCDigest: digest.FromBytes(tocJSON),
+		PayloadEnd: f.PayloadEnd,
 	}
-	if err := m.saveMeta(meta, r.TOCJSON); err != nil {
+	if err := m.saveMeta(meta, tocJSON); err != nil {
 		log.G(ctx).WithError(err).WithField("layer", src.Digest).Warn("saving layer metadata failed; the layer will need the registry after a restart")
 	}
-	return r.Index, meta, nil
+	return ix, meta, nil
 }
 
 func (m *Manager) saveMeta(meta *layerMeta, tocJSON []byte) error {
@@ -245,7 +255,7 @@ func (m *Manager) Preload(ctx context.Context, src LayerSource) error {
 	if _, err := os.Stat(filepath.Join(m.metaDir(src.Digest), "layer.json")); err == nil {
 		return nil
 	}
-	_, _, err := m.fetchMeta(ctx, src)
+	_, _, err := m.fetchMeta(ctx, src, false)
 	return err
 }
 
