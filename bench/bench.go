@@ -25,7 +25,6 @@ import (
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/oci"
-	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazypull/lazypull/bench/images"
@@ -152,6 +151,9 @@ type Runner struct {
 	log     io.Writer
 	infos   map[string]*ImageInfo
 	reads   map[string][]string // image -> recorded start-up files
+	// readBytes is, per image, the compressed size of the chunks read at
+	// start-up.
+	readBytes map[string]int64
 }
 
 // NewRunner checks the configuration.
@@ -174,7 +176,7 @@ func NewRunner(cfg Config) (*Runner, error) {
 	if err := testenv.Containerd2().Check(); err != nil {
 		return nil, fmt.Errorf("bench: %w (run hack/install-deps.sh)", err)
 	}
-	return &Runner{cfg: cfg, log: cfg.Log, infos: map[string]*ImageInfo{}, reads: map[string][]string{},
+	return &Runner{cfg: cfg, log: cfg.Log, infos: map[string]*ImageInfo{}, reads: map[string][]string{}, readBytes: map[string]int64{},
 		builder: &images.Builder{CacheDir: cfg.CacheDir, Log: cfg.Log}}, nil
 }
 
@@ -306,11 +308,12 @@ func (r *Runner) prepare(ctx context.Context, spec images.Spec) error {
 		}
 	}
 	r.logf("%s: recording start-up reads", spec.Name)
-	reads, err := r.record(ctx, spec, r.reg.Ref(info.Lazy))
+	reads, readBytes, err := r.record(ctx, spec, r.reg.Ref(info.Lazy))
 	if err != nil {
 		return fmt.Errorf("recording: %w", err)
 	}
 	r.reads[spec.Name] = reads
+	r.readBytes[spec.Name] = readBytes
 	info.PrioritizedFiles = len(reads)
 	optDst, _ := convert.OpenStore(r.reg.Ref(info.Optimized), r.remote)
 	if _, err := convert.Convert(ctx, src, optDst, convert.Options{Build: estargz.BuildOptions{Prioritized: reads}}); err != nil {
@@ -372,29 +375,29 @@ func (e *env) close() {
 }
 
 // record runs the lazy image once with read recording on and returns the
-// files read, in order.
-func (r *Runner) record(ctx context.Context, spec images.Spec, ref string) ([]string, error) {
+// files read, in order, and the compressed size of the chunks read.
+func (r *Runner) record(ctx context.Context, spec images.Spec, ref string) ([]string, int64, error) {
 	recDir, err := os.MkdirTemp("", "lazypull-record-")
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer os.RemoveAll(recDir)
 	e, err := r.startEnv(ctx, true, fmt.Sprintf("record_dir = %q\n", recDir))
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer e.close()
 	ctx = namespaces.WithNamespace(ctx, "bench")
 	img, err := e.c.Pull(ctx, ref, "lazypull")
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	if _, _, err := runUntilReady(ctx, e.c, img, "lazypull", spec); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	b, err := os.ReadFile(filepath.Join(recDir, lfs.RecordFileName(ref)))
 	if err != nil {
-		return nil, fmt.Errorf("reading the record: %w", err)
+		return nil, 0, fmt.Errorf("reading the record: %w", err)
 	}
 	seen := map[string]bool{}
 	var out []string
@@ -404,7 +407,28 @@ func (r *Runner) record(ctx context.Context, spec images.Spec, ref string) ([]st
 			out = append(out, l)
 		}
 	}
-	return out, nil
+	// The compressed extents of the chunks read: what the workload needed.
+	cb, err := os.ReadFile(filepath.Join(recDir, lfs.RecordFileName(ref)+".chunks"))
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading the chunk record: %w", err)
+	}
+	type extent struct {
+		layer    string
+		off, end int64
+	}
+	extents := map[extent]bool{}
+	var readBytes int64
+	for _, l := range strings.Split(strings.TrimSpace(string(cb)), "\n") {
+		var x extent
+		if _, err := fmt.Sscanf(l, "%s %d %d", &x.layer, &x.off, &x.end); err != nil {
+			continue
+		}
+		if !extents[x] {
+			extents[x] = true
+			readBytes += x.end - x.off
+		}
+	}
+	return out, readBytes, nil
 }
 
 // measure runs one cold start.
@@ -470,52 +494,13 @@ func (r *Runner) limit(ctx context.Context, spec images.Spec, p wan.Profile) (Li
 			best = d
 		}
 	}
-	readBytes, err := r.readBytes(ctx, r.reg.Ref(info.Lazy), r.reads[spec.Name])
-	if err != nil {
-		return Limit{}, err
-	}
+	readBytes := r.readBytes[spec.Name]
 	l := Limit{Image: spec.Name, Profile: p.Name, LocalSeconds: best.Seconds(), ReadBytes: readBytes}
 	l.Seconds = l.LocalSeconds + 3*p.RTT.Seconds()
 	if bps := p.BytesPerSecond(); bps > 0 {
 		l.Seconds += float64(readBytes) / bps
 	}
 	return l, nil
-}
-
-// readBytes sums the compressed extents of the chunks of the given files
-// in the eStargz image's layers.
-func (r *Runner) readBytes(ctx context.Context, ref string, files []string) (int64, error) {
-	m, err := r.manifest(ctx, ref)
-	if err != nil {
-		return 0, err
-	}
-	type extent struct{ off, end int64 }
-	var total int64
-	for _, l := range m.Layers {
-		blob, err := r.remote.OpenBlob(ctx, ref, l)
-		if err != nil {
-			return 0, err
-		}
-		er, err := estargz.Open(blob.ReaderAt(ctx), blob.Size(), estargz.OpenOptions{TOCDigest: digest.Digest(l.Annotations[estargz.TOCDigestAnnotation])})
-		if err != nil {
-			return 0, err
-		}
-		seen := map[extent]bool{}
-		for _, f := range files {
-			n, ok := er.Lookup(f)
-			if !ok || n.Type != estargz.TypeReg {
-				continue
-			}
-			for _, c := range n.Chunks {
-				x := extent{c.Offset, c.End}
-				if !seen[x] {
-					seen[x] = true
-					total += c.End - c.Offset
-				}
-			}
-		}
-	}
-	return total, nil
 }
 
 // runUntilReady starts the workload and returns the time from task start

@@ -152,15 +152,26 @@ type LayerOptions struct {
 	Scheduler *Scheduler
 	// Observer receives fetch and cache events. May be nil.
 	Observer Observer
-	// Recorder, when set, learns the order in which files are first read
-	// (to build prioritized images).
+	// Recorder, when set, learns which files and chunks are read, in
+	// order (to build prioritized images).
 	Recorder Recorder
 }
 
-// Recorder receives the first read of each file of a layer, in order.
+// Recorder learns what a workload reads from a layer.
 type Recorder interface {
+	// FirstRead is called once per file, when the file counts as read:
+	// at its first read if it is small (RecordSmallFile), else once a
+	// quarter of it has been read — a program that maps a large library
+	// but touches a few pages of it should not make the whole library
+	// part of the start-up set.
 	FirstRead(layer digest.Digest, name string)
+	// ChunkRead is called once per chunk, at its first read.
+	ChunkRead(layer digest.Digest, c estargz.Chunk)
 }
+
+// RecordSmallFile is the size up to which a file counts as read at its
+// first read.
+const RecordSmallFile = 1 << 20
 
 // Observer receives events for metrics.
 type Observer interface {
@@ -201,19 +212,20 @@ type Layer struct {
 
 	chunks []estargz.Chunk // every distinct chunk, in blob order
 
-	chunkDir   []string         // directory of each chunk's file
-	dirChunks  map[string][]int // indexes into chunks, per directory
-	plainBytes int64            // total size of the distinct chunks
+	dirIndex   atomic.Pointer[dirIndex] // nil until built
+	plainBytes int64                    // total size of the distinct chunks
 
 	pmu     sync.Mutex
 	pending map[digest.Digest]*inflight // chunks being fetched
+	raBusy  atomic.Bool                 // a read-ahead fetch is in flight
 
 	timedOutMu sync.Mutex
 	timedOut   map[digest.Digest]timedOutFetch // see timedOutMemo
 
 	fetchedBytes, requests, hits, misses, verifyFailures, fetchNanos, bgBytes atomic.Int64
 
-	readSeen   sync.Map // *estargz.Node -> struct{}, when recording
+	readSeen   sync.Map // *estargz.Node -> *atomic.Int64 bytes read (-1: recorded), when recording
+	chunkSeen  sync.Map // chunk digest -> struct{}, when recording
 	assembling sync.Map // file digest -> struct{}, while assembled for passthrough
 
 	bgMu     sync.Mutex // guards closed, bgCancel and bgDone
@@ -253,27 +265,9 @@ func NewLayer(dgst digest.Digest, index *estargz.Index, comp estargz.Compression
 	for _, c := range l.chunks {
 		l.plainBytes += c.Size
 	}
-	// The directory of each chunk's file, and each directory's chunks in
-	// blob order, for read-ahead.
-	type key struct{ off, inner int64 }
-	dirs := make(map[key]string, len(l.chunks))
-	seen := make(map[*estargz.Node]bool)
-	index.Walk(func(name string, n *estargz.Node) bool {
-		if n.Type == estargz.TypeReg && !seen[n] {
-			seen[n] = true
-			for _, c := range n.Chunks {
-				dirs[key{c.Offset, c.InnerOffset}] = path.Dir(name)
-			}
-		}
-		return true
-	})
-	l.chunkDir = make([]string, len(l.chunks))
-	l.dirChunks = make(map[string][]int)
-	for i, c := range l.chunks {
-		d := dirs[key{c.Offset, c.InnerOffset}]
-		l.chunkDir[i] = d
-		l.dirChunks[d] = append(l.dirChunks[d], i)
-	}
+	// The read-ahead index is built in the background: a large layer's
+	// takes tens of milliseconds the mount need not wait for.
+	go l.buildDirIndex()
 	return l
 }
 
@@ -316,7 +310,6 @@ var ErrVerify = errors.New("chunk failed verification")
 // ReadAt reads file content of node n at off into p. It returns the number
 // of bytes read; short reads happen only at the end of the file.
 func (l *Layer) ReadAt(ctx context.Context, n *estargz.Node, p []byte, off int64) (int, error) {
-	l.noteRead(n)
 	if off >= n.Size || len(p) == 0 {
 		return 0, nil
 	}
@@ -331,6 +324,7 @@ func (l *Layer) ReadAt(ctx context.Context, n *estargz.Node, p []byte, off int64
 		inner := off - c.FileOffset
 		want := min(end-off, c.Size-inner)
 		dst := p[total : total+int(want)]
+		l.noteChunk(c)
 		if k, err := l.store.ReadAt(c.Digest, dst, inner); err == nil && k == len(dst) {
 			l.hits.Add(1)
 			if o := l.opts.Observer; o != nil {
@@ -350,15 +344,32 @@ func (l *Layer) ReadAt(ctx context.Context, n *estargz.Node, p []byte, off int64
 		total += int(want)
 		off += want
 	}
+	l.noteRead(n, int64(total))
 	return total, nil
 }
 
-// noteRead tells the Recorder about the first read (or open for reading:
-// passthrough and the page cache hide later reads) of n.
-func (l *Layer) noteRead(n *estargz.Node) {
+// noteRead tells the Recorder that k more bytes of n were read.
+func (l *Layer) noteRead(n *estargz.Node, k int64) {
+	r := l.opts.Recorder
+	if r == nil {
+		return
+	}
+	v, _ := l.readSeen.LoadOrStore(n, new(atomic.Int64))
+	got := v.(*atomic.Int64)
+	if got.Load() < 0 {
+		return // recorded already
+	}
+	sum := got.Add(k)
+	if (n.Size <= RecordSmallFile || 4*sum >= n.Size) && got.CompareAndSwap(sum, -1) {
+		r.FirstRead(l.digest, n.Name)
+	}
+}
+
+// noteChunk tells the Recorder about the first read of chunk c.
+func (l *Layer) noteChunk(c estargz.Chunk) {
 	if r := l.opts.Recorder; r != nil {
-		if _, seen := l.readSeen.LoadOrStore(n, struct{}{}); !seen {
-			r.FirstRead(l.digest, n.Name)
+		if _, seen := l.chunkSeen.LoadOrStore(c.Digest, struct{}{}); !seen {
+			r.ChunkRead(l.digest, c)
 		}
 	}
 }
@@ -432,17 +443,29 @@ func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk
 		p := l.pending[c.Digest]
 		l.pmu.Unlock()
 		if p == nil {
-			if group := l.claim(l.readAheadGroup(c)); len(group) > 0 {
-				fctx := context.WithoutCancel(ctx)
-				if group[0].Digest == c.Digest {
-					// The reader waits for its own chunk only: the
-					// read-ahead travels in a second request alongside.
-					go l.fetchForeground(fctx, n.Name, group[:1])
-					group = group[1:]
-				}
-				if len(group) > 0 {
-					go l.fetchForeground(fctx, "", group)
-				}
+			// One read-ahead at a time per layer: a burst of misses (the
+			// kernel's own read-ahead of a big file, parallel readers)
+			// must not flood the link and memory with speculation.
+			want := []estargz.Chunk{c}
+			ra := l.raBusy.CompareAndSwap(false, true)
+			if ra {
+				want = l.readAheadGroup(c)
+			}
+			group := l.claim(want)
+			fctx := context.WithoutCancel(ctx)
+			if len(group) > 0 && group[0].Digest == c.Digest {
+				// The reader waits for its own chunk only: the
+				// read-ahead travels in a second request alongside.
+				go l.fetchForeground(fctx, n.Name, group[:1])
+				group = group[1:]
+			}
+			if len(group) > 0 {
+				go func() {
+					l.fetchForeground(fctx, "", group)
+					l.raBusy.Store(false)
+				}()
+			} else if ra {
+				l.raBusy.Store(false)
 			}
 			l.pmu.Lock()
 			p = l.pending[c.Digest]
@@ -481,6 +504,34 @@ func (l *Layer) storeGet(c estargz.Chunk) ([]byte, error) {
 	return buf, nil
 }
 
+// dirIndex maps chunks to the directories of their files.
+type dirIndex struct {
+	chunkDir  []string         // directory of each chunk's file
+	dirChunks map[string][]int // indexes into chunks, per directory
+}
+
+func (l *Layer) buildDirIndex() {
+	type key struct{ off, inner int64 }
+	dirs := make(map[key]string, len(l.chunks))
+	seen := make(map[*estargz.Node]bool)
+	l.index.Walk(func(name string, n *estargz.Node) bool {
+		if n.Type == estargz.TypeReg && !seen[n] {
+			seen[n] = true
+			for _, c := range n.Chunks {
+				dirs[key{c.Offset, c.InnerOffset}] = path.Dir(name)
+			}
+		}
+		return true
+	})
+	di := &dirIndex{chunkDir: make([]string, len(l.chunks)), dirChunks: make(map[string][]int)}
+	for i, c := range l.chunks {
+		d := dirs[key{c.Offset, c.InnerOffset}]
+		di.chunkDir[i] = d
+		di.dirChunks[d] = append(di.dirChunks[d], i)
+	}
+	l.dirIndex.Store(di)
+}
+
 // readAheadGroup returns c and the chunks to fetch alongside it: the
 // uncached chunks of the files of c's directory that follow it (a program
 // that reads one file of a directory — a module of a package, a library —
@@ -498,16 +549,18 @@ func (l *Layer) readAheadGroup(c estargz.Chunk) []estargz.Chunk {
 	if i == len(l.chunks) {
 		return group
 	}
-	budget := l.opts.DirReadAhead
-	for _, j := range l.dirChunks[l.chunkDir[i]] {
-		next := l.chunks[j]
-		if j <= i || l.store.Has(next.Digest) {
-			continue
+	if di := l.dirIndex.Load(); di != nil { // nil: not built yet
+		budget := l.opts.DirReadAhead
+		for _, j := range di.dirChunks[di.chunkDir[i]] {
+			next := l.chunks[j]
+			if j <= i || l.store.Has(next.Digest) {
+				continue
+			}
+			if budget -= next.End - next.Offset; budget < 0 {
+				break
+			}
+			group = append(group, next)
 		}
-		if budget -= next.End - next.Offset; budget < 0 {
-			break
-		}
-		group = append(group, next)
 	}
 	for j := i + 1; j < len(l.chunks); j++ {
 		next := l.chunks[j]

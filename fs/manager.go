@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -57,9 +58,12 @@ type ManagerOptions struct {
 	Recorder ImageRecorder
 }
 
-// ImageRecorder receives first reads of files, per image.
+// ImageRecorder learns what a workload reads, per image (see Recorder).
+// While one is set, layers are mounted without passthrough, so that every
+// read reaches the daemon.
 type ImageRecorder interface {
 	FirstRead(ref string, layer digest.Digest, name string)
+	ChunkRead(ref string, layer digest.Digest, c estargz.Chunk)
 }
 
 // refRecorder adapts an ImageRecorder to one layer's Recorder.
@@ -70,12 +74,17 @@ type refRecorder struct {
 
 func (r refRecorder) FirstRead(layer digest.Digest, name string) { r.r.FirstRead(r.ref, layer, name) }
 
+func (r refRecorder) ChunkRead(layer digest.Digest, c estargz.Chunk) {
+	r.r.ChunkRead(r.ref, layer, c)
+}
+
 // Manager mounts and unmounts layers, keeping their metadata under Root.
 type Manager struct {
 	opts ManagerOptions
 
-	mu     sync.Mutex
-	mounts map[string]*Mount // by mountpoint
+	mu        sync.Mutex
+	mounts    map[string]*Mount // by mountpoint
+	preparing map[digest.Digest]*preparation
 }
 
 // NewManager returns a Manager.
@@ -89,7 +98,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	if err := os.MkdirAll(filepath.Join(opts.Root, "layers"), 0o700); err != nil {
 		return nil, fmt.Errorf("fs: creating metadata dir: %w", err)
 	}
-	return &Manager{opts: opts, mounts: map[string]*Mount{}}, nil
+	return &Manager{opts: opts, mounts: map[string]*Mount{}, preparing: map[digest.Digest]*preparation{}}, nil
 }
 
 // layerMeta is what Root keeps about a layer.
@@ -120,7 +129,7 @@ func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error
 	ix, meta, err := m.loadMeta(src)
 	if err != nil {
 		log.G(ctx).WithError(err).WithField("layer", src.Digest).Debug("no usable saved metadata; reading the TOC from the registry")
-		ix, meta, err = m.fetchMeta(ctx, src, true)
+		ix, meta, err = m.prepared(ctx, src)
 		if err != nil {
 			return nil, err
 		}
@@ -233,11 +242,9 @@ func writeFileAtomic(name string, data []byte) error {
 		return err
 	}
 	defer os.Remove(f.Name())
+	// No fsync: a file torn by a crash fails its digest check when it is
+	// loaded, and the TOC is fetched again.
 	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
 		f.Close()
 		return err
 	}
@@ -255,8 +262,69 @@ func (m *Manager) Preload(ctx context.Context, src LayerSource) error {
 	if _, err := os.Stat(filepath.Join(m.metaDir(src.Digest), "layer.json")); err == nil {
 		return nil
 	}
-	_, _, err := m.fetchMeta(ctx, src, false)
-	return err
+	p := m.prepare(ctx, src)
+	<-p.done
+	return p.err
+}
+
+// preparation is a layer's TOC being fetched and indexed ahead of its
+// mount (Preload), or for it. A Mount that finds one waits for it instead
+// of fetching the TOC again, and takes its index.
+type preparation struct {
+	done chan struct{}
+	ix   *estargz.Index
+	meta *layerMeta
+	err  error
+}
+
+// preparedTTL is how long a preloaded index waits for its Mount.
+const preparedTTL = 2 * time.Minute
+
+// prepare starts (or joins) the fetch and indexing of src's TOC.
+func (m *Manager) prepare(ctx context.Context, src LayerSource) *preparation {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if p, ok := m.preparing[src.Digest]; ok {
+		return p
+	}
+	p := &preparation{done: make(chan struct{})}
+	m.preparing[src.Digest] = p
+	go func() {
+		// The TOC is not verified here (a neighbour's digest is not
+		// known yet): prepared() checks it against the mount's.
+		p.ix, p.meta, p.err = m.fetchMeta(context.WithoutCancel(ctx), LayerSource{Ref: src.Ref, Digest: src.Digest, Size: src.Size}, true)
+		close(p.done)
+		time.AfterFunc(preparedTTL, func() { m.dropPrepared(src.Digest, p) })
+	}()
+	return p
+}
+
+func (m *Manager) dropPrepared(d digest.Digest, p *preparation) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.preparing[d] == p {
+		delete(m.preparing, d)
+	}
+}
+
+// prepared returns src's index from a preparation, started now if none
+// is in flight, after checking the TOC against src.TOCDigest.
+func (m *Manager) prepared(ctx context.Context, src LayerSource) (*estargz.Index, *layerMeta, error) {
+	p := m.prepare(ctx, src)
+	select {
+	case <-p.done:
+	case <-ctx.Done():
+		return nil, nil, ctx.Err()
+	}
+	m.dropPrepared(src.Digest, p)
+	if p.err != nil {
+		return nil, nil, p.err
+	}
+	if src.TOCDigest != "" && p.meta.TOCDigest != src.TOCDigest {
+		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest,
+			&estargz.Error{Kind: estargz.ErrDigest, Offset: -1, Msg: fmt.Sprintf("TOC digest is %s, the layer says %s", p.meta.TOCDigest, src.TOCDigest)})
+	}
+	return p.ix, p.meta, nil
 }
 
 // Mount opens the layer and mounts it at mountpoint, then starts prefetch
@@ -270,6 +338,9 @@ func (m *Manager) Mount(ctx context.Context, mountpoint string, src LayerSource)
 		return nil, fmt.Errorf("creating mountpoint: %w", err)
 	}
 	mo := m.opts.Mount
+	if m.opts.Recorder != nil {
+		mo.Passthrough = false // the recorder must see every read
+	}
 	if mo.FsName == "" {
 		mo.FsName = "lazypull:" + src.Digest.Encoded()[:12]
 	}

@@ -252,7 +252,6 @@ func (nd *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32
 	if nd.n.Type != estargz.TypeReg || nd.whiteout {
 		return nil, fuse.FOPEN_KEEP_CACHE, 0
 	}
-	nd.fs.layer.noteRead(nd.n)
 	nd.omu.Lock()
 	defer nd.omu.Unlock()
 	if nd.fs.passthrough && nd.cachedOpens == 0 {

@@ -8,19 +8,27 @@ import (
 	"sync"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/lazypull/lazypull/estargz"
 )
 
-// ReadLog records the paths of files as they are first read, one per line,
-// in a file per image reference under a directory. Lines are written as
-// they happen (unbuffered), so the log can be read while the image runs.
-// Its files are what `lazypull convert --prioritize` takes.
+// ReadLog records what an image's workload reads, in files under a
+// directory, as it happens (unbuffered, so the log can be read while the
+// image runs):
+//
+//   - <RecordFileName(ref)>: the paths of the files read, one per line, in
+//     the order they counted as read (see Recorder.FirstRead). This is the
+//     file `lazypull convert --prioritize` takes.
+//   - <RecordFileName(ref)>.chunks: "<layer digest> <offset> <end>" per
+//     chunk read, the compressed extent of the chunk in the layer blob —
+//     what the workload really needed from the registry.
 type ReadLog struct {
 	mu    sync.Mutex
 	dir   string
 	files map[string]*os.File
 }
 
-// NewReadLog returns a ReadLog writing <dir>/<RecordFileName(ref)>.
+// NewReadLog returns a ReadLog writing into dir.
 func NewReadLog(dir string) (*ReadLog, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("creating read log directory: %w", err)
@@ -28,9 +36,9 @@ func NewReadLog(dir string) (*ReadLog, error) {
 	return &ReadLog{dir: dir, files: map[string]*os.File{}}, nil
 }
 
-// RecordFileName returns the name of the file a ReadLog writes for ref:
-// the reference with characters other than letters, digits, '.', '-' and
-// '_' replaced by '_', plus ".txt".
+// RecordFileName returns the name of the file list a ReadLog writes for
+// ref: the reference with characters other than letters, digits, '.', '-'
+// and '_' replaced by '_', plus ".txt".
 func RecordFileName(ref string) string {
 	return strings.Map(func(r rune) rune {
 		switch {
@@ -41,20 +49,33 @@ func RecordFileName(ref string) string {
 	}, ref) + ".txt"
 }
 
-// FirstRead implements ImageRecorder.
-func (l *ReadLog) FirstRead(ref string, layer digest.Digest, name string) {
+func (l *ReadLog) write(name, line string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	f, ok := l.files[ref]
+	f, ok := l.files[name]
 	if !ok {
 		var err error
-		f, err = os.OpenFile(filepath.Join(l.dir, RecordFileName(ref)), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		f, err = os.OpenFile(filepath.Join(l.dir, name), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 		if err != nil {
 			return
 		}
-		l.files[ref] = f
+		l.files[name] = f
 	}
-	_, _ = f.WriteString(name + "\n")
+	_, _ = f.WriteString(line)
+}
+
+// FirstRead implements ImageRecorder. Paths with a newline cannot be
+// written one per line and are left out.
+func (l *ReadLog) FirstRead(ref string, layer digest.Digest, name string) {
+	if strings.ContainsAny(name, "\n\r") {
+		return
+	}
+	l.write(RecordFileName(ref), name+"\n")
+}
+
+// ChunkRead implements ImageRecorder.
+func (l *ReadLog) ChunkRead(ref string, layer digest.Digest, c estargz.Chunk) {
+	l.write(RecordFileName(ref)+".chunks", fmt.Sprintf("%s %d %d\n", layer, c.Offset, c.End))
 }
 
 // Close closes the files.
@@ -62,11 +83,11 @@ func (l *ReadLog) Close() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	var err error
-	for ref, f := range l.files {
+	for name, f := range l.files {
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
-		delete(l.files, ref)
+		delete(l.files, name)
 	}
 	return err
 }
