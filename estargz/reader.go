@@ -19,16 +19,20 @@ type OpenOptions struct {
 	// Limits bound the TOC.
 	Limits Limits
 	// TailSize is how many bytes Open reads from the end of the blob in
-	// its first read (default 256 KiB). When the TOC fits in them, Open
-	// needs no second read.
+	// its first read. When the TOC fits in them, Open needs no second
+	// read. The default grows with the blob, as TOCs do: 1/128 of it,
+	// at least 256 KiB and at most 4 MiB.
 	TailSize int64
 	// TOCDigest, when set, is the digest the TOC JSON must have (the
 	// layer's toc.digest annotation).
 	TOCDigest digest.Digest
 }
 
-// DefaultTailSize is Open's default first read.
+// DefaultTailSize is Open's smallest default first read.
 const DefaultTailSize = 256 << 10
+
+// maxDefaultTailSize bounds the default first read.
+const maxDefaultTailSize = 4 << 20
 
 // Reader is an opened eStargz blob.
 type Reader struct {
@@ -69,7 +73,7 @@ func ReadTOC(r io.ReaderAt, size int64, opts OpenOptions) (*Footer, []byte, erro
 	limits := opts.Limits.withDefaults()
 	tailSize := opts.TailSize
 	if tailSize <= 0 {
-		tailSize = DefaultTailSize
+		tailSize = min(max(size/128, DefaultTailSize), maxDefaultTailSize)
 	}
 	tailSize = max(min(tailSize, size), min(MaxFooterSize, size))
 	tail := make([]byte, tailSize)

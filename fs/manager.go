@@ -126,13 +126,22 @@ func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error
 		return nil, fmt.Errorf("layer %s has no %s annotation, so its TOC cannot be verified (set allow_unverified to mount it anyway): %w",
 			src.Digest, estargz.TOCDigestAnnotation, errdefs.ErrFailedPrecondition)
 	}
-	ix, meta, err := m.loadMeta(src)
-	if err != nil {
+	var ix *estargz.Index
+	var meta *layerMeta
+	var err error
+	m.mu.Lock()
+	_, preloaded := m.preparing[src.Digest]
+	m.mu.Unlock()
+	if preloaded {
+		// A neighbour's mount has fetched (or is fetching) and indexed
+		// this TOC already: take that index rather than parse it again.
+		ix, meta, err = m.prepared(ctx, src)
+	} else if ix, meta, err = m.loadMeta(src); err != nil {
 		log.G(ctx).WithError(err).WithField("layer", src.Digest).Debug("no usable saved metadata; reading the TOC from the registry")
 		ix, meta, err = m.prepared(ctx, src)
-		if err != nil {
-			return nil, err
-		}
+	}
+	if err != nil {
+		return nil, err
 	}
 	// The layer needs the index only; the raw TOC entries are half of
 	// its memory on large layers.
