@@ -1,7 +1,8 @@
 package estargz
 
 import (
-	"encoding/json"
+	"bytes"
+	"errors"
 	"fmt"
 	"path"
 	"slices"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	gojson "github.com/goccy/go-json"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -247,14 +249,14 @@ func ParseTOC(tocJSON []byte, payloadEnd int64, limits Limits) (*Index, error) {
 	if n := countTopLevelArrayElements(tocJSON, limits.MaxEntries); n > limits.MaxEntries {
 		return nil, errorf(ErrTOCTooLarge, "", -1, "more than %d entries", limits.MaxEntries)
 	}
-	var toc TOC
-	if err := json.Unmarshal(tocJSON, &toc); err != nil {
+	toc, err := decodeTOC(tocJSON)
+	if err != nil {
 		return nil, wrapErr(ErrFormat, "", -1, err, "decoding TOC JSON")
 	}
 	if len(toc.Entries) > limits.MaxEntries {
 		return nil, errorf(ErrTOCTooLarge, "", -1, "%d entries, limit %d", len(toc.Entries), limits.MaxEntries)
 	}
-	ix, err := buildIndex(&toc, payloadEnd)
+	ix, err := buildIndex(toc, payloadEnd)
 	if err != nil {
 		return nil, err
 	}
@@ -271,22 +273,10 @@ func countTopLevelArrayElements(p []byte, limit int) int {
 		depth   int
 		inArray bool // inside an array at depth 2 (a top-level value)
 		counted bool // the current element of that array was counted
-		inStr   bool
-		esc     bool
 		n       int
 	)
-	for _, c := range p {
-		if inStr {
-			switch {
-			case esc:
-				esc = false
-			case c == '\\':
-				esc = true
-			case c == '"':
-				inStr = false
-			}
-			continue
-		}
+	for i := 0; i < len(p); i++ {
+		c := p[i]
 		switch c {
 		case ' ', '\t', '\n', '\r', ':':
 			continue
@@ -311,7 +301,22 @@ func countTopLevelArrayElements(p []byte, limit int) int {
 		}
 		switch c {
 		case '"':
-			inStr = true
+			// Skip to the closing quote: one not preceded by an odd
+			// number of backslashes.
+			for {
+				k := bytes.IndexByte(p[i+1:], '"')
+				if k < 0 {
+					return n
+				}
+				i += 1 + k
+				bs := 0
+				for b := i - 1; b >= 0 && p[b] == '\\'; b-- {
+					bs++
+				}
+				if bs%2 == 0 {
+					break
+				}
+			}
 		case '{', '[':
 			depth++
 			if depth == 2 {
@@ -716,4 +721,21 @@ func parseDigest(s string) (digest.Digest, error) {
 		return digest.Digest(s), nil
 	}
 	return digest.Parse(s)
+}
+
+// decodeTOC decodes TOC JSON with goccy/go-json, about three times as fast
+// as encoding/json on large TOCs (it decides how long a large layer's mount
+// takes). A panic inside the decoder on hostile input is an error, not a
+// crash.
+func decodeTOC(b []byte) (toc *TOC, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			toc, err = nil, errors.New("malformed JSON")
+		}
+	}()
+	toc = new(TOC)
+	if err := gojson.Unmarshal(b, toc); err != nil {
+		return nil, err
+	}
+	return toc, nil
 }

@@ -208,10 +208,12 @@ func (m *Manager) fetchMeta(ctx context.Context, src LayerSource, parse bool) (*
 	if err != nil {
 		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
 	}
+	t0 := time.Now()
 	f, tocJSON, err := estargz.ReadTOC(blob.ReaderAt(ctx), blob.Size(), estargz.OpenOptions{TOCDigest: src.TOCDigest, Limits: m.opts.Limits})
 	if err != nil {
 		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
 	}
+	t1 := time.Now()
 	var ix *estargz.Index
 	if parse {
 		// Validate before saving: a TOC that does not parse is not kept.
@@ -219,6 +221,9 @@ func (m *Manager) fetchMeta(ctx context.Context, src LayerSource, parse bool) (*
 			return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
 		}
 	}
+	log.G(ctx).WithFields(log.Fields{
+		"layer": src.Digest, "tocBytes": len(tocJSON), "fetch": t1.Sub(t0), "parse": time.Since(t1),
+	}).Debug("TOC read")
 	meta := &layerMeta{
 		Ref: src.Ref, Digest: src.Digest, Size: blob.Size(),
 		Compression: f.Compression.String(), TOCDigest: digest.FromBytes(tocJSON),
