@@ -70,7 +70,7 @@ type registryFlags struct {
 }
 
 func (f *registryFlags) add(cmd *cobra.Command) {
-	cmd.Flags().BoolVar(&f.plainHTTP, "plain-http", false, "use plain HTTP for every registry (localhost and 127.0.0.1 always use it)")
+	cmd.Flags().BoolVar(&f.plainHTTP, "plain-http", false, "use plain HTTP for every registry (not needed for localhost and 127.0.0.1, which fall back to it)")
 	cmd.Flags().StringVar(&f.hostsDir, "hosts-dir", remote.DefaultHostsDir, "containerd hosts.toml directory for registry mirrors and TLS")
 }
 

@@ -17,10 +17,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lazypull/lazypull/estargz"
+	"github.com/lazypull/lazypull/snapshot"
 )
-
-// Labels the lazypull snapshotter puts on snapshots it serves lazily.
-const labelRemote = "containerd.io/snapshot/lazypull.remote"
 
 func newPullCommand() *cobra.Command {
 	var (
@@ -129,7 +127,7 @@ func pull(ctx context.Context, cmd *cobra.Command, client *containerd.Client, re
 	for i, l := range manifest.Layers {
 		chain := identity.ChainID(diffIDs[:i+1]).String()
 		state := "unpacked"
-		if info, err := sn.Stat(ctx, chain); err == nil && info.Labels[labelRemote] == "true" {
+		if info, err := sn.Stat(ctx, chain); err == nil && info.Labels[snapshot.LabelRemote] == "true" {
 			state = "lazy"
 			lazy++
 		}
