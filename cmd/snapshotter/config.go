@@ -46,11 +46,12 @@ type Config struct {
 	// --root wins over this key.
 	Root string `toml:"root"`
 
-	// RecordDir, when set, makes the daemon record the order in which an
-	// image's files are first read, one path per line, in
-	// <record_dir>/<image ref with / and : replaced by _>.txt; pass that
-	// file to `lazypull convert --prioritize` to build an optimized image.
-	// Default "": no recording.
+	// RecordDir, when set, makes the daemon record what each image's
+	// workload reads (fs.ReadLog): the files in the order they count as
+	// read, one path per line, in <record_dir>/<image ref with / and :
+	// replaced by _>.txt (pass it to `lazypull convert --prioritize` to
+	// build an optimized image), and the chunks read in the same name plus
+	// ".chunks". Passthrough is off while recording. Default "".
 	RecordDir string `toml:"record_dir"`
 
 	// AllowUnverified lets layers whose TOC cannot be checked against a
