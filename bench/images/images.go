@@ -205,7 +205,12 @@ func (b *Builder) suite() string {
 // machine's apt sources (deb822 .sources files or sources.list).
 func MirrorFromAptSources() (string, error) {
 	files, _ := filepath.Glob("/etc/apt/sources.list.d/*.sources")
-	files = append(files, "/etc/apt/sources.list")
+	return mirrorFrom(append(files, "/etc/apt/sources.list"))
+}
+
+// mirrorFrom returns the first Debian (non-security) mirror in the given
+// apt source files.
+func mirrorFrom(files []string) (string, error) {
 	for _, name := range files {
 		f, err := os.Open(name)
 		if err != nil {
