@@ -169,6 +169,9 @@ type Recorder interface {
 	ChunkRead(layer digest.Digest, c estargz.Chunk)
 }
 
+// maxForegroundFetches bounds a layer's foreground requests in flight.
+const maxForegroundFetches = 8
+
 // RecordSmallFile is the size up to which a file counts as read at its
 // first read.
 const RecordSmallFile = 1 << 20
@@ -218,6 +221,7 @@ type Layer struct {
 	pmu     sync.Mutex
 	pending map[digest.Digest]*inflight // chunks being fetched
 	raBusy  atomic.Bool                 // a read-ahead fetch is in flight
+	fgSlots chan struct{}               // bounds foreground fetches in flight
 
 	timedOutMu sync.Mutex
 	timedOut   map[digest.Digest]timedOutFetch // see timedOutMemo
@@ -261,6 +265,7 @@ func NewLayer(dgst digest.Digest, index *estargz.Index, comp estargz.Compression
 		openBlob: open,
 		chunks:   index.Chunks(),
 		pending:  map[digest.Digest]*inflight{},
+		fgSlots:  make(chan struct{}, maxForegroundFetches),
 	}
 	for _, c := range l.chunks {
 		l.plainBytes += c.Size
@@ -577,7 +582,20 @@ func (l *Layer) readAheadGroup(c estargz.Chunk) []estargz.Chunk {
 func (l *Layer) fetchForeground(ctx context.Context, name string, group []estargz.Chunk) {
 	ctx, cancel := context.WithTimeout(ctx, l.opts.FetchTimeout)
 	defer cancel()
-	err := l.fetchGroup(ctx, name, group, false)
+	// Bound the fetches (and their buffers) in flight: the kernel's
+	// read-ahead of a big file can send dozens of READs at once, and a
+	// few requests fill any link.
+	var err error
+	select {
+	case l.fgSlots <- struct{}{}:
+		err = l.fetchGroup(ctx, name, group, false)
+		<-l.fgSlots
+	case <-ctx.Done():
+		err = fmt.Errorf("layer %s: file %q: waiting to fetch: %w", l.digest, name, ctx.Err())
+		for _, g := range group {
+			l.resolve(g, nil, err)
+		}
+	}
 	primary := group[0].Digest
 	l.timedOutMu.Lock()
 	if errors.Is(err, context.DeadlineExceeded) {
