@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -118,6 +119,9 @@ func closeShared() error {
 	}
 	if shared.snBuild.dir != "" {
 		os.RemoveAll(shared.snBuild.dir)
+	}
+	if lazypullCLI.err == nil && lazypullCLI.bin != "" {
+		os.RemoveAll(filepath.Dir(lazypullCLI.bin))
 	}
 	return firstErr
 }
