@@ -561,6 +561,12 @@ func (l *Layer) readAheadGroup(c estargz.Chunk) []estargz.Chunk {
 			if j <= i || l.store.Has(next.Digest) {
 				continue
 			}
+			// The group is fetched as one range: a directory whose files
+			// are far apart (subdirectories sort between them) must not
+			// drag in everything between.
+			if next.End-c.Offset > 2*l.opts.DirReadAhead {
+				break
+			}
 			if budget -= next.End - next.Offset; budget < 0 {
 				break
 			}
