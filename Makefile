@@ -20,6 +20,7 @@ deps:
 	./hack/install-deps.sh
 
 vet:
+	./hack/check-tracked.sh
 	@test -z "$$(gofmt -l .)" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
 

@@ -32,8 +32,8 @@ import (
 	"github.com/lazypull/lazypull/convert"
 	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/fs/remote"
 	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/remote"
 )
 
 // Mode is how an image is pulled and run.

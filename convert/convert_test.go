@@ -17,7 +17,7 @@ import (
 
 	"github.com/lazypull/lazypull/convert"
 	"github.com/lazypull/lazypull/estargz"
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 // opts are conversion options for the tests: small chunks so that the

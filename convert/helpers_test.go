@@ -32,8 +32,8 @@ import (
 
 	"github.com/lazypull/lazypull/convert"
 	"github.com/lazypull/lazypull/estargz"
-	"github.com/lazypull/lazypull/fs/remote"
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 var fixtureTime = time.Date(2024, 5, 17, 10, 20, 30, 0, time.UTC)

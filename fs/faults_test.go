@@ -14,8 +14,8 @@ import (
 
 	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/fs/fstest"
-	"github.com/lazypull/lazypull/fs/remote"
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 const faultFetchTimeout = 3 * time.Second

@@ -14,7 +14,7 @@ import (
 
 	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/fs/fstest"
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 const fetchChunk = 16 << 10

@@ -27,8 +27,8 @@ import (
 	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/fs/fstest"
-	"github.com/lazypull/lazypull/fs/remote"
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 // blob is a built eStargz layer blob.

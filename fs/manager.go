@@ -17,7 +17,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazypull/lazypull/estargz"
-	"github.com/lazypull/lazypull/fs/remote"
+	"github.com/lazypull/lazypull/remote"
 )
 
 // LayerSource identifies a layer to mount.

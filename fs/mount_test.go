@@ -14,7 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lazypull/lazypull/fs/fstest"
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 // A layer with every kind of entry, converted by our builder and by

@@ -10,8 +10,8 @@ import (
 
 	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/fs/fstest"
-	"github.com/lazypull/lazypull/fs/remote"
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 // After a restart (a new Manager and store on the same Root and cache

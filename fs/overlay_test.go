@@ -14,7 +14,7 @@ import (
 	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/fs/fstest"
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 // The layers of a three-layer image exercising overlay semantics:

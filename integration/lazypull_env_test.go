@@ -32,8 +32,8 @@ import (
 
 	"github.com/lazypull/lazypull/convert"
 	"github.com/lazypull/lazypull/estargz"
-	"github.com/lazypull/lazypull/fs/remote"
 	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/remote"
 	"github.com/lazypull/lazypull/snapshot"
 )
 

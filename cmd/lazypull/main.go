@@ -17,7 +17,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/spf13/cobra"
 
-	"github.com/lazypull/lazypull/fs/remote"
+	"github.com/lazypull/lazypull/remote"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".

@@ -20,7 +20,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 func TestMain(m *testing.M) {

@@ -24,7 +24,7 @@ import (
 	"github.com/lazypull/lazypull/cache"
 	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/fs/remote"
+	"github.com/lazypull/lazypull/remote"
 )
 
 // defaultCacheDir is where the CLI keeps chunks and layer metadata.

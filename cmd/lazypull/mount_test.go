@@ -15,7 +15,7 @@ import (
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 // mountsUnder lists the mount points at or below dir.

@@ -16,7 +16,7 @@ import (
 
 	"github.com/lazypull/lazypull/cache"
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/fs/remote"
+	"github.com/lazypull/lazypull/remote"
 	"github.com/lazypull/lazypull/snapshot"
 )
 

@@ -10,8 +10,8 @@ import (
 
 	"github.com/containerd/errdefs"
 
-	"github.com/lazypull/lazypull/fs/remote"
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 // writeHostsToml writes <dir>/<host>/hosts.toml (and extra files there).

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lazypull/lazypull/fs/remote"
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 func TestConcurrentReadAt(t *testing.T) {

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lazypull/lazypull/fs/remote/remotetest"
+	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 func get(t *testing.T, url string, h http.Header) (*http.Response, []byte) {

@@ -11,7 +11,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/lazypull/lazypull/fs/remote"
+	"github.com/lazypull/lazypull/remote"
 )
 
 // FuzzHostileServer points the client at a server that answers whatever
