@@ -25,6 +25,7 @@ import (
 	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/remote"
+	"github.com/lazypull/lazypull/service"
 )
 
 // defaultCacheDir is where the CLI keeps chunks and layer metadata.
@@ -79,14 +80,21 @@ With --blob, mount one local eStargz blob file at DIR instead.`,
 			if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
 				return usageError{fmt.Errorf("mount point %q is not a directory", dir)}
 			}
-			store, err := cache.Open(cache.Options{Dir: filepath.Join(cacheDir, "chunks")})
-			if err != nil {
-				return fmt.Errorf("opening cache %s: %w", cacheDir, err)
-			}
-			defer store.Close()
-			lo := lfs.LayerOptions{FetchTimeout: timeout}
-			mo := lfs.MountOptions{Passthrough: passthrough}
+			cfg := service.DefaultConfig()
+			cfg.AllowUnverified = unverified
+			cfg.RecordDir = recordDir
+			cfg.Fetch.Prefetch = prefetch
+			cfg.Fetch.BackgroundFetch = background
+			cfg.Fetch.Passthrough = passthrough
+			cfg.Fetch.ReadTimeout = service.Duration(timeout)
 			if blob != "" {
+				store, err := cache.Open(cache.Options{Dir: filepath.Join(cacheDir, "chunks")})
+				if err != nil {
+					return fmt.Errorf("opening cache %s: %w", cacheDir, err)
+				}
+				defer store.Close()
+				lo := lfs.LayerOptions{FetchTimeout: timeout}
+				mo := lfs.MountOptions{Passthrough: passthrough}
 				return mountBlob(ctx, cmd, blob, dir, store, lo, mo)
 			}
 			_, plats, err := parsePlatforms(platform)
@@ -103,25 +111,17 @@ With --blob, mount one local eStargz blob file at DIR instead.`,
 			if err != nil {
 				return err
 			}
-			var recorder lfs.ImageRecorder
-			if recordDir != "" {
-				rl, err := lfs.NewReadLog(recordDir)
-				if err != nil {
-					return err
-				}
-				defer rl.Close()
-				recorder = rl
-			}
-			mgr, err := lfs.NewManager(lfs.ManagerOptions{
-				Recorder: recorder,
-				Root:     filepath.Join(cacheDir, "meta"), Registry: reg, Store: store,
-				Layer: lo, Mount: mo, AllowUnverified: unverified,
-				Fetch: lfs.FetchOptions{Prefetch: prefetch, Background: background},
+			svc, err := service.New(ctx, service.Options{
+				Config:   cfg,
+				Root:     filepath.Join(cacheDir, "meta"),
+				CacheDir: filepath.Join(cacheDir, "chunks"),
+				Registry: reg,
 			})
 			if err != nil {
 				return err
 			}
-			defer mgr.Close()
+			defer svc.Close()
+			mgr := svc.Manager
 			return mountImage(ctx, cmd, reg, mgr, args[0], dir, plat, fallback)
 		},
 	}
@@ -137,7 +137,7 @@ With --blob, mount one local eStargz blob file at DIR instead.`,
 	f.BoolVar(&passthrough, "passthrough", true, "let the kernel read cached single-chunk files directly (Linux >= 6.9)")
 	f.BoolVar(&unverified, "allow-unverified", false, "mount layers that have no TOC digest annotation")
 	f.StringVar(&recordDir, "record", "", "record the files the image reads, in first-read order, in DIR/<ref>.txt (for convert --prioritize)")
-	f.DurationVar(&timeout, "fetch-timeout", 60*time.Second, "give up on (and fail with EIO) a read whose data cannot be fetched in this time")
+	f.DurationVar(&timeout, "fetch-timeout", time.Duration(service.DefaultConfig().Fetch.ReadTimeout), "give up on (and fail with EIO) a read whose data cannot be fetched in this time")
 	return cmd
 }
 

@@ -40,6 +40,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 
+	"github.com/lazypull/lazypull/service"
 	"github.com/lazypull/lazypull/snapshot"
 )
 
@@ -62,7 +63,7 @@ func main() {
 type daemonConfig struct {
 	address string
 	root    string
-	cfg     *Config
+	cfg     *service.Config
 }
 
 // run is the whole command; it returns the exit status.
@@ -75,7 +76,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	address := fl.String("address", defaultAddress, "unix socket to serve containerd's snapshots API on")
 	root := fl.String("root", defaultRoot, "state directory (overrides the config file's root)")
-	configPath := fl.String("config", DefaultConfigPath, "TOML configuration file (a missing default file means defaults)")
+	configPath := fl.String("config", service.DefaultConfigPath, "TOML configuration file (a missing default file means defaults)")
 	logLevel := fl.String("log-level", "info", "log level: debug, info, warn or error")
 	showVersion := fl.Bool("version", false, "print the version and exit")
 	if err := fl.Parse(args); err != nil {
@@ -112,7 +113,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 
-	cfg, err := LoadConfig(*configPath, given["config"])
+	cfg, err := service.LoadConfig(*configPath, given["config"])
 	if err != nil {
 		fmt.Fprintf(stderr, "lazypull-snapshotter: %v\n", err)
 		return 1
@@ -161,23 +162,25 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	lfs, closeLFS, err := newLayerFS(dc.cfg, root, reg)
+	svc, err := service.New(ctx, service.Options{
+		Config:    dc.cfg,
+		Root:      root,
+		UserAgent: "lazypull-snapshotter/" + versionString(),
+		Metrics:   reg,
+	})
 	if err != nil {
 		return fmt.Errorf("setting up the layer file system: %w", err)
 	}
 	defer func() {
-		if err := closeLFS(); err != nil {
+		if err := svc.Close(); err != nil {
 			log.G(ctx).WithError(err).Error("failed to close the layer file system")
 			if retErr == nil {
 				retErr = err
 			}
 		}
 	}()
-	if lfs == nil {
-		log.G(ctx).Info("no layer file system configured: remote snapshots are disabled, every layer is unpacked")
-	}
 
-	sn, err := snapshot.New(ctx, snapshot.Options{Root: root, LayerFS: lfs})
+	sn, err := snapshot.New(ctx, snapshot.Options{Root: root, LayerFS: svc.LayerFS()})
 	if err != nil {
 		return err
 	}
@@ -289,7 +292,7 @@ const workingSetAllowance = 96 << 20
 // is set): the memory chunk cache plus a working-set allowance. Most of the
 // daemon's allocations are short-lived fetch buffers; without a limit the
 // heap may grow to twice the live data before a collection.
-func setMemoryLimit(ctx context.Context, cfg *Config) {
+func setMemoryLimit(ctx context.Context, cfg *service.Config) {
 	if os.Getenv("GOMEMLIMIT") != "" {
 		return
 	}

@@ -1,4 +1,4 @@
-package main
+package service
 
 import (
 	"os"
@@ -106,4 +106,12 @@ func TestRemoteRetries(t *testing.T) {
 			t.Errorf("remoteRetries(%d) = %d, want %d", in, got, want)
 		}
 	}
+}
+
+func writeConfig(dir, content string) string {
+	p := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		panic(err)
+	}
+	return p
 }

@@ -1,0 +1,183 @@
+package service
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/moby/sys/userns"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lazypull/lazypull/cache"
+	lfs "github.com/lazypull/lazypull/fs"
+	"github.com/lazypull/lazypull/remote"
+)
+
+// Options says where a Service keeps its state and what it talks to.
+type Options struct {
+	// Config is the configuration; nil means DefaultConfig(). Its Root is
+	// not used: Root below is.
+	Config *Config
+
+	// Root holds the layer metadata (saved TOCs and indexes) and, unless
+	// CacheDir is set, the chunk cache in Root/cache. Required.
+	Root string
+
+	// CacheDir is the chunk cache's directory; "" means Root/cache.
+	CacheDir string
+
+	// Registry is the registry client to fetch with; nil builds one from
+	// Config.Registry and Config.Fetch.
+	Registry *remote.Registry
+
+	// UserAgent is sent with registry requests of a client built here.
+	UserAgent string
+
+	// Metrics, when set, receives the Prometheus metrics of fetches, the
+	// cache, FUSE operations and mounts.
+	Metrics prometheus.Registerer
+}
+
+// Service is one wiring of the chunk cache, the registry client and the
+// layer manager.
+type Service struct {
+	// Config is the configuration the service runs with.
+	Config *Config
+	// Store is the verified chunk cache.
+	Store *cache.Store
+	// Registry is the registry client.
+	Registry *remote.Registry
+	// Manager mounts and tracks layers.
+	Manager *lfs.Manager
+
+	readLog *lfs.ReadLog
+}
+
+// New opens the chunk cache, builds the registry client (unless given) and
+// the layer manager. Close releases them.
+func New(ctx context.Context, o Options) (*Service, error) {
+	cfg := o.Config
+	if cfg == nil {
+		cfg = DefaultConfig()
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if o.Root == "" {
+		return nil, errors.New("service: no state directory (Options.Root)")
+	}
+	cacheDir := o.CacheDir
+	if cacheDir == "" {
+		cacheDir = filepath.Join(o.Root, "cache")
+	}
+	store, err := cache.Open(cache.Options{
+		Dir:            cacheDir,
+		MaxDiskBytes:   orDisabled(cfg.Cache.MaxDiskBytes),
+		MaxMemoryBytes: orDisabled(cfg.Cache.MaxMemoryBytes),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("opening the chunk cache %s: %w", cacheDir, err)
+	}
+	s := &Service{Config: cfg, Store: store, Registry: o.Registry}
+	fail := func(err error) (*Service, error) {
+		if cerr := s.Close(); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+		return nil, err
+	}
+	if s.Registry == nil {
+		ua := o.UserAgent
+		if ua == "" {
+			ua = remote.DefaultUserAgent
+		}
+		s.Registry, err = remote.New(remote.Options{
+			HostsDir:       cfg.Registry.HostsDir,
+			DockerConfig:   cfg.Registry.DockerConfig,
+			RequestTimeout: time.Duration(cfg.Fetch.Timeout),
+			Retries:        remoteRetries(cfg.Fetch.Retries),
+			UserAgent:      ua,
+		})
+		if err != nil {
+			return fail(fmt.Errorf("registry client: %w", err))
+		}
+	}
+	var recorder lfs.ImageRecorder
+	if cfg.RecordDir != "" {
+		if s.readLog, err = lfs.NewReadLog(cfg.RecordDir); err != nil {
+			return fail(err)
+		}
+		recorder = s.readLog
+	}
+	var m *metrics
+	layerOpts := lfs.LayerOptions{FetchTimeout: time.Duration(cfg.Fetch.ReadTimeout)}
+	// Opaque directories must carry the xattr the overlay mounts stacked
+	// on the layers read: the snapshotter mounts them with userxattr in a
+	// user namespace (see snapshot.Options.MountOptions).
+	mountOpts := lfs.MountOptions{Passthrough: cfg.Fetch.Passthrough, UserXattr: userns.RunningInUserNS()}
+	if o.Metrics != nil {
+		m = newMetrics(o.Metrics, store)
+		layerOpts.Observer = m
+		mountOpts.OnOp = m.FuseOp
+	}
+	s.Manager, err = lfs.NewManager(lfs.ManagerOptions{
+		Recorder:        recorder,
+		Root:            o.Root,
+		Registry:        s.Registry,
+		Store:           store,
+		AllowUnverified: cfg.AllowUnverified,
+		Layer:           layerOpts,
+		Mount:           mountOpts,
+		Fetch:           lfs.FetchOptions{Prefetch: cfg.Fetch.Prefetch, Background: cfg.Fetch.BackgroundFetch},
+	})
+	if err != nil {
+		return fail(err)
+	}
+	if m != nil {
+		m.mounts = func() int { return len(s.Manager.Mounts()) }
+	}
+	return s, nil
+}
+
+// LayerFS returns the adapter the snapshotter mounts remote snapshots with.
+func (s *Service) LayerFS() *LayerFS {
+	return NewLayerFS(s.Manager, s.Config.AllowUnverified)
+}
+
+// Close unmounts every layer and closes the cache and the read log.
+func (s *Service) Close() error {
+	var errs []error
+	if s.Manager != nil {
+		if err := s.Manager.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("closing the layer manager: %w", err))
+		}
+	}
+	if err := s.Store.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("closing the chunk cache: %w", err))
+	}
+	if s.readLog != nil {
+		if err := s.readLog.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("closing the read log: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// remoteRetries maps the config's retry count to remote.Options.Retries,
+// where 0 means "the default" (5) and a negative count disables retries:
+// fetch.retries = 0 must mean no retries.
+func remoteRetries(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
+}
+
+// orDisabled maps the config's "0 disables" to the cache's "< 0 disables".
+func orDisabled(n int64) int64 {
+	if n == 0 {
+		return -1
+	}
+	return n
+}
