@@ -360,20 +360,50 @@ func (nd *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
 	return []byte(nd.n.LinkName), 0
 }
 
+// xattrs returns the extended attributes the node shows: the TOC's, less
+// any overlayfs control attribute the image carries, plus the opaque
+// marker derived from a ".wh..wh..opq" entry.
+//
+// overlayfs acts on trusted.overlay.* (and, with userxattr, user.overlay.*)
+// attributes of its lower layers: redirect, metacopy, opaque, origin. An
+// image that could set them would steer the overlay stacked on its layer,
+// for instance redirect a directory to another layer's contents, so none
+// of them is served from the TOC; the only one shown is the opaque marker
+// lazypull derives itself.
 func (nd *node) xattrs() map[string][]byte {
 	if nd.whiteout {
 		return nil
 	}
 	x := nd.n.Xattrs
-	if nd.n.Type == estargz.TypeDir && nd.dir().opaque {
-		m := make(map[string][]byte, len(x)+1)
-		for k, v := range x {
+	opaque := nd.n.Type == estargz.TypeDir && nd.dir().opaque
+	if !opaque && !hasOverlayXattr(x) {
+		return x
+	}
+	m := make(map[string][]byte, len(x)+1)
+	for k, v := range x {
+		if !isOverlayXattr(k) {
 			m[k] = v
 		}
-		m[nd.fs.opaqueXattr] = []byte("y")
-		x = m
 	}
-	return x
+	if opaque {
+		m[nd.fs.opaqueXattr] = []byte("y")
+	}
+	return m
+}
+
+// isOverlayXattr reports whether name is in a namespace overlayfs
+// interprets.
+func isOverlayXattr(name string) bool {
+	return strings.HasPrefix(name, "trusted.overlay.") || strings.HasPrefix(name, "user.overlay.")
+}
+
+func hasOverlayXattr(x map[string][]byte) bool {
+	for k := range x {
+		if isOverlayXattr(k) {
+			return true
+		}
+	}
+	return false
 }
 
 // Getxattr implements gofs.NodeGetxattrer.
