@@ -36,12 +36,6 @@ type LayerFS interface {
 const (
 	// LabelRemote marks a committed snapshot served by the LayerFS ("true").
 	LabelRemote = "containerd.io/snapshot/lazypull.remote"
-	// LabelImageRef is lazypull's own name of the image a layer belongs
-	// to; it takes precedence over LabelCRIImageRef.
-	LabelImageRef = "containerd.io/snapshot/lazypull.image-ref"
-	// LabelLayerDigest is lazypull's own layer (blob) digest label; it
-	// takes precedence over LabelCRILayerDigest.
-	LabelLayerDigest = "containerd.io/snapshot/lazypull.layer-digest"
 	// LabelUncompressedSize is the layer's uncompressed size in bytes,
 	// reported as the Usage of a remote snapshot. Optional.
 	LabelUncompressedSize = "containerd.io/snapshot/lazypull.uncompressed-size"
@@ -58,18 +52,18 @@ const (
 	LabelTOCDigest = "containerd.io/snapshot/stargz/toc.digest"
 )
 
-// LayerRef returns the image reference and layer digest named by labels:
-// lazypull's own labels first, CRI's otherwise. ok is false unless both
-// are present, i.e. unless the labels identify a layer.
+// LayerRef returns the image reference and layer digest named by labels.
+// ok is false unless both are present.
+//
+// Only the labels containerd's image handler sets are read (CRI's, which
+// pkg/snapshotters.AppendInfoHandlerWrapper writes over any annotation of
+// the same name): containerd also passes every "containerd.io/snapshot/"
+// annotation of a layer descriptor on as a label, so any other label could
+// come from the image and point the mount at another blob, repository or
+// host.
 func LayerRef(labels map[string]string) (imageRef, layerDigest string, ok bool) {
-	imageRef = labels[LabelImageRef]
-	if imageRef == "" {
-		imageRef = labels[LabelCRIImageRef]
-	}
-	layerDigest = labels[LabelLayerDigest]
-	if layerDigest == "" {
-		layerDigest = labels[LabelCRILayerDigest]
-	}
+	imageRef = labels[LabelCRIImageRef]
+	layerDigest = labels[LabelCRILayerDigest]
 	return imageRef, layerDigest, imageRef != "" && layerDigest != ""
 }
 

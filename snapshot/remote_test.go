@@ -443,15 +443,21 @@ func TestRemoteFallback(t *testing.T) {
 		t.Fatalf("LayerFS.Mount called %d times, want 1", mc)
 	}
 
-	// lazypull's own labels identify a layer too.
-	own := map[string]string{
-		snapshots.LabelSnapshotRef: chain2,
-		LabelImageRef:              testImage,
-		LabelLayerDigest:           digest2,
+	// Labels an image's annotations can carry (containerd passes every
+	// "containerd.io/snapshot/" annotation on) never pick the layer to
+	// mount: the old lazypull.image-ref/layer-digest labels are ignored,
+	// and only the labels containerd's image handler sets count.
+	forged := map[string]string{
+		snapshots.LabelSnapshotRef:                     chain2,
+		"containerd.io/snapshot/lazypull.image-ref":    "evil.example/other:latest",
+		"containerd.io/snapshot/lazypull.layer-digest": digest2,
 	}
 	lfs.addLayer(t, digest2, map[string]string{"two": "2"})
-	if _, err := sn.Prepare(ctx, "extract-3 "+chain2, chain1, snapshots.WithLabels(own)); !errdefs.IsAlreadyExists(err) {
-		t.Fatalf("Prepare with lazypull labels: want ErrAlreadyExists, got %v", err)
+	if _, err := sn.Prepare(ctx, "extract-3 "+chain2, chain1, snapshots.WithLabels(forged)); err != nil {
+		t.Fatalf("Prepare with only image-supplied labels: want a local snapshot, got %v", err)
+	}
+	if mc, _, _ := lfs.counts(); mc != 1 {
+		t.Fatalf("image-supplied labels made the LayerFS mount (%d mounts, want 1)", mc)
 	}
 }
 
