@@ -232,6 +232,8 @@ type Layer struct {
 	chunkSeen  sync.Map // chunk digest -> struct{}, when recording
 	assembling sync.Map // file digest -> struct{}, while assembled for passthrough
 
+	failure atomic.Pointer[error] // set by Fail: every read fails with it
+
 	bgMu     sync.Mutex // guards closed, bgCancel and bgDone
 	closed   bool
 	bgCancel context.CancelFunc
@@ -282,6 +284,9 @@ func (l *Layer) Digest() digest.Digest { return l.digest }
 // Index returns the layer's TOC index.
 func (l *Layer) Index() *estargz.Index { return l.index }
 
+// Compression returns how the layer's blob is compressed.
+func (l *Layer) Compression() estargz.Compression { return l.comp }
+
 // Stats returns a snapshot of the layer's counters.
 func (l *Layer) Stats() Stats {
 	return Stats{
@@ -315,6 +320,9 @@ var ErrVerify = errors.New("chunk failed verification")
 // ReadAt reads file content of node n at off into p. It returns the number
 // of bytes read; short reads happen only at the end of the file.
 func (l *Layer) ReadAt(ctx context.Context, n *estargz.Node, p []byte, off int64) (int, error) {
+	if err := l.Err(); err != nil {
+		return 0, err
+	}
 	if off >= n.Size || len(p) == 0 {
 		return 0, nil
 	}

@@ -41,6 +41,7 @@ type Mount struct {
 	dir    string
 	server *fuse.Server
 	layer  *Layer
+	root   *node
 }
 
 // MountLayer mounts layer l read-only at dir and serves it until Unmount.
@@ -81,7 +82,7 @@ func MountLayer(dir string, l *Layer, o MountOptions) (*Mount, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mounting layer %s at %s: %w", l.digest, dir, err)
 	}
-	return &Mount{dir: dir, server: server, layer: l}, nil
+	return &Mount{dir: dir, server: server, layer: l, root: root}, nil
 }
 
 // Dir returns the mountpoint.
@@ -112,6 +113,9 @@ func (m *Mount) Wait() { m.server.Wait() }
 
 // Check reports whether the mount still answers.
 func (m *Mount) Check(ctx context.Context) error {
+	if err := m.layer.Err(); err != nil {
+		return fmt.Errorf("layer mount %s: %w", m.dir, err)
+	}
 	done := make(chan error, 1)
 	go func() {
 		_, err := os.Stat(m.dir)

@@ -252,6 +252,10 @@ func (nd *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32
 	if nd.n.Type != estargz.TypeReg || nd.whiteout {
 		return nil, fuse.FOPEN_KEEP_CACHE, 0
 	}
+	if err := nd.fs.layer.Err(); err != nil {
+		log.G(ctx).WithError(err).WithField("file", nd.n.Name).Debug("open of a failed layer")
+		return nil, 0, syscall.EIO
+	}
 	nd.omu.Lock()
 	defer nd.omu.Unlock()
 	if nd.fs.passthrough && nd.cachedOpens == 0 {

@@ -55,6 +55,10 @@ type lazyOptions struct {
 	// fetch.timeout (default 10s); Retries is fetch.retries (default 2).
 	ReadTimeout, Timeout time.Duration
 	Retries              int
+	// Verify turns on whole-layer verification (verify.policy =
+	// "background", the daemon's default). Off, the registry request log
+	// shows exactly what reads fetched.
+	Verify bool
 }
 
 // lazyEnv is a lazypull-snapshotter daemon and a containerd of the test's
@@ -104,9 +108,12 @@ read_timeout = %q
 [registry]
 hosts_dir = %q
 
+[verify]
+policy = %q
+
 [metrics]
 address = "127.0.0.1:0"
-`, t.Name(), o.BackgroundFetch, o.Timeout, o.Retries, o.ReadTimeout, hostsDir)
+`, t.Name(), o.BackgroundFetch, o.Timeout, o.Retries, o.ReadTimeout, hostsDir, verifyPolicy(o.Verify))
 	sn := testenv.NewSnapshotter(t, testenv.SnapshotterConfig{
 		Binary:   lazypullSnapshotter(t),
 		Config:   cfg,
@@ -565,4 +572,11 @@ func waitFor(d time.Duration, cond func() bool) bool {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+func verifyPolicy(on bool) string {
+	if on {
+		return "background"
+	}
+	return "off"
 }

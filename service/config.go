@@ -38,6 +38,9 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //	hosts_dir = "/etc/containerd/certs.d"
 //	docker_config = ""
 //
+//	[verify]
+//	policy = "background"
+//
 //	[metrics]
 //	address = ""
 type Config struct {
@@ -62,7 +65,27 @@ type Config struct {
 	Cache    CacheConfig    `toml:"cache"`
 	Fetch    FetchConfig    `toml:"fetch"`
 	Registry RegistryConfig `toml:"registry"`
+	Verify   VerifyConfig   `toml:"verify"`
 	Metrics  MetricsConfig  `toml:"metrics"`
+}
+
+// VerifyConfig is the [verify] section: proving lazily served layers.
+type VerifyConfig struct {
+	// Policy is "background" (default): once a layer is mounted and its
+	// reads have gone quiet, the daemon streams its whole blob once and
+	// proves that the blob digest is the manifest's, that the tar stream
+	// is exactly what the TOC serves, and that its DiffID gives the chain
+	// ID containerd commits the snapshot under. A layer that differs is
+	// failed closed: every read returns EIO, its snapshot is removed when
+	// nothing uses it, and it is never served again. Until the check ends
+	// a layer is served on its TOC and chunk digests. The stream also
+	// fills the chunk cache, so it replaces the background fetch.
+	//
+	// "off" serves layers on their TOC and chunk digests alone: UNSAFE on
+	// a node that runs images of more than one owner, since an image can
+	// then commit a layer whose files differ from the tar its digest and
+	// DiffID name, and every image sharing that layer sees its files.
+	Policy string `toml:"policy"`
 }
 
 // CacheConfig is the [cache] section: the chunk cache.
@@ -151,6 +174,7 @@ func DefaultConfig() *Config {
 		Registry: RegistryConfig{
 			HostsDir: "/etc/containerd/certs.d",
 		},
+		Verify: VerifyConfig{Policy: VerifyBackground},
 	}
 }
 
@@ -195,6 +219,11 @@ func (c *Config) Validate() error {
 	}
 	if c.Fetch.Retries < 0 {
 		errs = append(errs, fmt.Errorf("fetch.retries must not be negative (%d)", c.Fetch.Retries))
+	}
+	switch c.Verify.Policy {
+	case VerifyBackground, VerifyOff:
+	default:
+		errs = append(errs, fmt.Errorf("verify.policy must be %q or %q (%q)", VerifyBackground, VerifyOff, c.Verify.Policy))
 	}
 	return errors.Join(errs...)
 }

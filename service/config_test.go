@@ -44,6 +44,9 @@ passthrough = false
 hosts_dir = "/etc/hosts.d"
 docker_config = "/root/.docker/config.json"
 
+[verify]
+policy = "off"
+
 [metrics]
 address = "127.0.0.1:9999"
 `)
@@ -57,6 +60,7 @@ address = "127.0.0.1:9999"
 		Cache:           CacheConfig{MaxDiskBytes: 1000, MaxMemoryBytes: 0},
 		Fetch:           FetchConfig{Timeout: Duration(90 * time.Second), ReadTimeout: Duration(45 * time.Second)},
 		Registry:        RegistryConfig{HostsDir: "/etc/hosts.d", DockerConfig: "/root/.docker/config.json"},
+		Verify:          VerifyConfig{Policy: VerifyOff},
 		Metrics:         MetricsConfig{Address: "127.0.0.1:9999"},
 	}
 	if !reflect.DeepEqual(cfg, want) {
@@ -86,6 +90,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"[fetch]\nretries = -1\n", "fetch.retries must not be negative"},
 		{"[cache]\nmax_disk_bytes = -5\n", "cache.max_disk_bytes must not be negative"},
 		{"[fetch]\nretries = \"five\"\n", "retries"},
+		{"[verify]\npolicy = \"sometimes\"\n", "verify.policy must be \"background\" or \"off\""},
 		{"this is not toml", "config"},
 	} {
 		p := filepath.Join(t.TempDir(), "c.toml")

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
@@ -23,6 +24,9 @@ type LayerFS struct {
 	// allowUnverified is the config's allow_unverified: layers without a
 	// TOC digest can be mounted.
 	allowUnverified bool
+	// verifier proves mounted layers in the background; nil when
+	// verification is off.
+	verifier *verifier
 
 	mu        sync.Mutex
 	preloaded map[digest.Digest]bool
@@ -63,6 +67,23 @@ func (l *LayerFS) Mount(ctx context.Context, mountpoint string, labels map[strin
 	if err != nil {
 		return err
 	}
+	target := verifyTarget{src: src, chain: labels[snapshots.LabelSnapshotRef], parent: labels[snapshot.LabelParentChainID]}
+	var verified bool
+	if l.verifier != nil {
+		st := l.verifier.load(src.Digest, target.chain)
+		if st != nil && st.Result == "failed" {
+			return fmt.Errorf("layer %s failed verification on %s and is not served lazily again: %s: %w",
+				src.Digest, st.At.Format(time.RFC3339), st.Error, errdefs.ErrDataLoss)
+		}
+		if st != nil && st.Result == "verified" {
+			// The saved DiffID must give this chain on this parent too.
+			if target.chain != "" && ChainID(target.parent, st.DiffID).String() != target.chain {
+				return fmt.Errorf("layer %s unpacks to DiffID %s, which does not give chain %s on parent %q: %w",
+					src.Digest, st.DiffID, target.chain, target.parent, errdefs.ErrDataLoss)
+			}
+			verified = true
+		}
+	}
 	// A layer without a TOC digest is refused (unless allow_unverified):
 	// its image is most likely not eStargz at all, and reading its
 	// neighbours' footers would be wasted requests.
@@ -70,10 +91,14 @@ func (l *LayerFS) Mount(ctx context.Context, mountpoint string, labels map[strin
 		l.preloadNeighbours(ctx, src, labels[snapshot.LabelCRIImageLayers])
 	}
 	start := time.Now()
-	if _, err := l.mgr.Mount(ctx, mountpoint, src); err != nil {
+	m, err := l.mgr.Mount(ctx, mountpoint, src)
+	if err != nil {
 		return err
 	}
 	log.G(ctx).WithField("layer", src.Digest).WithField("took", time.Since(start)).Info("layer mounted lazily")
+	if l.verifier != nil && !verified {
+		l.verifier.start(m, target)
+	}
 	return nil
 }
 
@@ -121,5 +146,8 @@ func (l *LayerFS) Check(ctx context.Context, mountpoint string, labels map[strin
 
 // Unmount implements snapshot.LayerFS.
 func (l *LayerFS) Unmount(ctx context.Context, mountpoint string) error {
+	if l.verifier != nil {
+		l.verifier.stop(mountpoint)
+	}
 	return l.mgr.Unmount(ctx, mountpoint)
 }

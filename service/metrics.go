@@ -18,6 +18,8 @@ type metrics struct {
 	cacheLookups  *prometheus.CounterVec
 	verifyFailed  prometheus.Counter
 	fuseOps       *prometheus.HistogramVec
+	verifications *prometheus.CounterVec
+	verifyLatency prometheus.Histogram
 	mounts        func() int
 }
 
@@ -50,7 +52,16 @@ func newMetrics(reg prometheus.Registerer, store *cache.Store) *metrics {
 		Help:    "Duration of FUSE operations served, by operation (lookup, getattr, open, read, ...).",
 		Buckets: prometheus.ExponentialBuckets(0.00001, 4, 10),
 	}, []string{"op"})
-	reg.MustRegister(m.fetchBytes, m.fetchRequests, m.fetchLatency, m.cacheLookups, m.verifyFailed, m.fuseOps)
+	m.verifications = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "lazypull", Name: "layer_verifications_total",
+		Help: "Whole-layer verifications finished, by result (ok; failed: the layer was failed closed).",
+	}, []string{"result"})
+	m.verifyLatency = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: "lazypull", Name: "layer_verification_seconds",
+		Help:    "Time from a layer's mount to the end of its verification: how long it was served unverified.",
+		Buckets: prometheus.ExponentialBuckets(0.25, 2, 14),
+	})
+	reg.MustRegister(m.fetchBytes, m.fetchRequests, m.fetchLatency, m.cacheLookups, m.verifyFailed, m.fuseOps, m.verifications, m.verifyLatency)
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Namespace: "lazypull", Name: "mounted_layers",
 		Help: "Layers currently mounted lazily.",
@@ -108,4 +119,13 @@ func (m *metrics) VerifyFailed(digest.Digest) { m.verifyFailed.Inc() }
 // FuseOp records one FUSE operation (fs.MountOptions.OnOp).
 func (m *metrics) FuseOp(op string, d time.Duration) {
 	m.fuseOps.WithLabelValues(op).Observe(d.Seconds())
+}
+
+// verified records a finished layer verification; m may be nil.
+func (m *metrics) verified(result string, sinceMount time.Duration) {
+	if m == nil {
+		return
+	}
+	m.verifications.WithLabelValues(result).Inc()
+	m.verifyLatency.Observe(sinceMount.Seconds())
 }

@@ -52,7 +52,9 @@ type Service struct {
 	// Manager mounts and tracks layers.
 	Manager *lfs.Manager
 
-	readLog *lfs.ReadLog
+	readLog  *lfs.ReadLog
+	verifier *verifier // nil when verify.policy is off
+	layerFS  *LayerFS
 }
 
 // New opens the chunk cache, builds the registry client (unless given) and
@@ -121,6 +123,16 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		layerOpts.Observer = m
 		mountOpts.OnOp = m.FuseOp
 	}
+	fetch := lfs.FetchOptions{Prefetch: cfg.Fetch.Prefetch, Background: cfg.Fetch.BackgroundFetch}
+	if cfg.Verify.Policy == VerifyBackground {
+		s.verifier, err = newVerifier(filepath.Join(o.Root, "verify"), s.Registry, store, m)
+		if err != nil {
+			return fail(err)
+		}
+		// The verification stream brings every chunk into the cache:
+		// a chunk-by-chunk background fetch would fetch them twice.
+		fetch.Background = false
+	}
 	s.Manager, err = lfs.NewManager(lfs.ManagerOptions{
 		Recorder:        recorder,
 		Root:            o.Root,
@@ -129,7 +141,7 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		AllowUnverified: cfg.AllowUnverified,
 		Layer:           layerOpts,
 		Mount:           mountOpts,
-		Fetch:           lfs.FetchOptions{Prefetch: cfg.Fetch.Prefetch, Background: cfg.Fetch.BackgroundFetch},
+		Fetch:           fetch,
 	})
 	if err != nil {
 		return fail(err)
@@ -142,12 +154,27 @@ func New(ctx context.Context, o Options) (*Service, error) {
 
 // LayerFS returns the adapter the snapshotter mounts remote snapshots with.
 func (s *Service) LayerFS() *LayerFS {
-	return NewLayerFS(s.Manager, s.Config.AllowUnverified)
+	if s.layerFS == nil {
+		s.layerFS = NewLayerFS(s.Manager, s.Config.AllowUnverified)
+		s.layerFS.verifier = s.verifier
+	}
+	return s.layerFS
+}
+
+// OnLayerFailed sets what is told about a layer that failed verification
+// (the snapshotter, which stops offering its snapshot for reuse).
+func (s *Service) OnLayerFailed(fn func(ctx context.Context, mountpoint string, err error)) {
+	if s.verifier != nil {
+		s.verifier.onFail.Store(&fn)
+	}
 }
 
 // Close unmounts every layer and closes the cache and the read log.
 func (s *Service) Close() error {
 	var errs []error
+	if s.verifier != nil {
+		s.verifier.close()
+	}
 	if s.Manager != nil {
 		if err := s.Manager.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("closing the layer manager: %w", err))

@@ -36,6 +36,12 @@ type LayerFS interface {
 const (
 	// LabelRemote marks a committed snapshot served by the LayerFS ("true").
 	LabelRemote = "containerd.io/snapshot/lazypull.remote"
+	// LabelParentChainID is the chain ID of the layers below a remote
+	// layer (the parent snapshot's name; empty for a base layer). The
+	// snapshotter sets it itself on every remote snapshot, over anything
+	// an image annotation says, so that the LayerFS can check the layer's
+	// DiffID against the chain ID it is committed under.
+	LabelParentChainID = "containerd.io/snapshot/lazypull.parent-chain-id"
 	// LabelUncompressedSize is the layer's uncompressed size in bytes,
 	// reported as the Usage of a remote snapshot. Optional.
 	LabelUncompressedSize = "containerd.io/snapshot/lazypull.uncompressed-size"
@@ -211,6 +217,8 @@ func (s *Snapshotter) prepareTarget(ctx context.Context, key, parent, target str
 		return nil, err
 	}
 	mp := s.fsPath(id)
+	labels = maps.Clone(labels)
+	labels[LabelParentChainID] = parent
 	if err := s.layers.Mount(ctx, mp, labels); err != nil {
 		l.WithError(err).Warn("cannot serve layer lazily; falling back to a normal snapshot")
 		if mounted, _ := isMounted(mp); mounted {
@@ -323,4 +331,31 @@ func (s *Snapshotter) dropRemote(ctx context.Context, id string) {
 	if rl.mounted {
 		s.unmountLayer(ctx, rl)
 	}
+}
+
+// LayerFailed is told by the LayerFS that the remote layer mounted at
+// mountpoint failed verification: it is not the layer its chain ID names.
+// The committed snapshot is removed so that no other image's chain reuses
+// it and the next pull of that chain unpacks the real layer; when
+// snapshots on top of it are still in use it stays (its reads fail) until
+// they are removed.
+func (s *Snapshotter) LayerFailed(ctx context.Context, mountpoint string, cause error) {
+	s.mu.Lock()
+	var rl *remoteLayer
+	for _, r := range s.remotes {
+		if r.mountpoint == mountpoint {
+			rl = r
+			break
+		}
+	}
+	s.mu.Unlock()
+	if rl == nil {
+		return
+	}
+	l := log.G(ctx).WithField("snapshot", rl.name).WithField("layer", rl.digest)
+	if err := s.Remove(ctx, rl.name); err != nil {
+		l.WithError(err).Warn("failed layer's snapshot is still in use and stays until its children are removed; its reads fail")
+		return
+	}
+	l.WithField("cause", cause.Error()).Warn("removed the snapshot of a layer that failed verification")
 }

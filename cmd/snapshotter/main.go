@@ -184,6 +184,7 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 	if err != nil {
 		return err
 	}
+	svc.OnLayerFailed(sn.LayerFailed)
 	defer func() {
 		if err := sn.Close(); err != nil {
 			log.G(ctx).WithError(err).Error("failed to close the snapshotter")
