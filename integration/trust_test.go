@@ -1,0 +1,132 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/lazypull/lazypull/estargz"
+	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/internal/forge"
+)
+
+// poisonedImages builds the two images of issue 9's attack. B is an honest
+// plain image: busybox with /bin/x = "good". A is its forgery: one eStargz
+// layer whose tar stream is B's layer, but whose TOC serves /bin/x with
+// the bytes of /zz/y ("evil"), and whose config claims B's DiffID. Chunk
+// and TOC digests all check out; containerd commits A's layer under B's
+// chain ID, so without whole-layer verification B reuses A's snapshot.
+func poisonedImages(t *testing.T) (a, b *testenv.Image) {
+	t.Helper()
+	l, err := testenv.BusyboxLayer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.File("bin/x", "good\n").File("zz/y", "evil\n")
+	plain, err := testenv.GzipLayer(l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err = testenv.NewImage(testenv.DefaultConfig(), plain); err != nil {
+		t.Fatal(err)
+	}
+	var esgz bytes.Buffer
+	if _, err := estargz.Build(context.Background(), &esgz, bytes.NewReader(plain.Uncompressed), estargz.BuildOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	forged, toc, err := forge.ServeOtherFile(esgz.Bytes(), "bin/x", "zz/y")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lie := testenv.NewLayerBlob(ocispec.MediaTypeImageLayerGzip, forged, plain.Uncompressed,
+		map[string]string{estargz.TOCDigestAnnotation: toc.String()})
+	if lie.DiffID != plain.DiffID {
+		t.Fatal("the forged layer does not claim the honest DiffID")
+	}
+	if a, err = testenv.NewImage(testenv.DefaultConfig(), lie); err != nil {
+		t.Fatal(err)
+	}
+	return a, b
+}
+
+// TestLazypullPoisonedLayerFailsClosed: tenant A pulls and runs the forged
+// image lazily; the daemon's verification fails its layer, counts and logs
+// it, and removes its snapshot; tenant B then pulls the honest image with
+// the same chain ID and reads its own bytes, never A's; A's image no
+// longer runs. The control run with verification off shows the attack
+// working, so the test can tell the two apart.
+func TestLazypullPoisonedLayerFailsClosed(t *testing.T) {
+	imgA, imgB := poisonedImages(t)
+	for _, verify := range []bool{true, false} {
+		name := "verify=background"
+		if !verify {
+			name = "verify=off(unsafe)"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			v := testenv.Containerd2()
+			reg := testenv.NewRegistry(t)
+			refA := push(t, reg, "tenant-a/app:v1", imgA)
+			refB := push(t, reg, "tenant-b/base:v1", imgB)
+			env := newLazyEnv(t, v, reg, lazyOptions{Verify: verify})
+
+			ctxA := env.c.Namespace(t)
+			a := env.pull(t, ctxA, refA)
+			env.checkRemote(t, ctxA, a, true)
+			pulled := time.Now()
+			// Before verification ends the forged bytes may be served:
+			// that is the window the docs state.
+			if out := env.run(t, ctxA, a, "cat", "/bin/x"); out != "evil\n" && out != "good\n" {
+				t.Fatalf("A reads %q", out)
+			}
+			if verify {
+				deadline := time.Now().Add(90 * time.Second)
+				for env.metrics(t)[`lazypull_layer_verifications_total{result="failed"}`] < 1 {
+					if time.Now().After(deadline) {
+						t.Fatal("the forged layer was not failed within 90 s of its pull")
+					}
+					time.Sleep(100 * time.Millisecond)
+				}
+				t.Logf("forged layer failed %v after the pull", time.Since(pulled).Round(time.Millisecond))
+				if log, err := os.ReadFile(env.sn.LogPath()); err != nil || !bytes.Contains(log, []byte("LAYER FAILED VERIFICATION")) || !bytes.Contains(log, []byte(imgA.Manifest.Layers[0].Digest.String())) {
+					t.Errorf("the daemon's log does not name the failed layer (%v):\n%s", err, log)
+				}
+				// Its snapshot is gone from the daemon once unused.
+				deadline = time.Now().Add(30 * time.Second)
+				for {
+					if _, ok := env.backendSnapshots(t, ctxA)[imgA.ChainID().String()]; !ok {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatal("the failed layer's snapshot was not removed")
+					}
+					time.Sleep(100 * time.Millisecond)
+				}
+				// A no longer runs, with an error rather than wrong bytes.
+				res, err := env.c.Run(ctxA, a, testenv.RunOptions{Snapshotter: lazypullName, Args: []string{"cat", "/bin/x"}})
+				if err == nil && res.ExitCode == 0 {
+					t.Errorf("A still runs after its layer failed verification: %s", res)
+				} else if err == nil && strings.Contains(res.Stdout, "evil") {
+					t.Errorf("A served the forged bytes after the failure: %s", res)
+				}
+			} else {
+				time.Sleep(2 * time.Second) // what verification would have had
+			}
+
+			ctxB := env.c.Namespace(t)
+			b := env.pull(t, ctxB, refB)
+			out := env.run(t, ctxB, b, "cat", "/bin/x")
+			switch {
+			case verify && out != "good\n":
+				t.Fatalf("tenant B reads %q from its honest image, want \"good\\n\"", out)
+			case !verify && out != "evil\n":
+				t.Fatalf("with verification off B read %q: the attack fixture no longer works, so the test proves nothing", out)
+			}
+		})
+	}
+}
