@@ -9,6 +9,7 @@ import (
 
 	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -68,10 +69,13 @@ func MountLayer(dir string, l *Layer, o MountOptions) (*Mount, error) {
 		RootStableAttr:  &gofs.StableAttr{Ino: l.index.Root().ID},
 		NullPermissions: true,
 		MountOptions: fuse.MountOptions{
-			AllowOther:   true,
-			FsName:       o.FsName,
-			Name:         "lazypull",
-			Options:      []string{"ro", "default_permissions"},
+			AllowOther: true,
+			FsName:     o.FsName,
+			Name:       "lazypull",
+			// nosuid, nodev: an image's setuid files and device nodes
+			// take effect in containers through the overlay stacked on
+			// the layer, never on the host through this mount.
+			Options:      []string{"ro", "default_permissions", "nosuid", "nodev"},
 			DirectMount:  true,
 			MaxWrite:     o.MaxRead,
 			MaxReadAhead: o.MaxRead,
@@ -115,6 +119,10 @@ func (m *Mount) Wait() { m.server.Wait() }
 func (m *Mount) Check(ctx context.Context) error {
 	if err := m.layer.Err(); err != nil {
 		return fmt.Errorf("layer mount %s: %w", m.dir, err)
+	}
+	// Unmounted from outside (umount -l): the directory still stats.
+	if mounted, err := mountinfo.Mounted(m.dir); err == nil && !mounted {
+		return fmt.Errorf("layer mount %s is not mounted any more", m.dir)
 	}
 	done := make(chan error, 1)
 	go func() {

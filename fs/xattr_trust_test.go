@@ -51,33 +51,7 @@ func TestOverlayXattrsFromTheImageAreHidden(t *testing.T) {
 	if err := tw.Close(); err != nil {
 		t.Fatal(err)
 	}
-	blob := filepath.Join(t.TempDir(), "layer.tar.gz")
-	f, err := os.Create(blob)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := estargz.Build(context.Background(), f, &tb, estargz.BuildOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Close(); err != nil {
-		t.Fatal(err)
-	}
-	store, err := cache.Open(cache.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	l, closeBlob, err := lfs.OpenLocalLayer(blob, store, lfs.LayerOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer closeBlob()
-	dir := t.TempDir()
-	m, err := lfs.MountLayer(dir, l, lfs.MountOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Unmount()
+	dir, _ := mountLocalTar(t, tb.Bytes())
 
 	get := func(p, name string) (string, error) {
 		buf := make([]byte, 256)
@@ -112,5 +86,73 @@ func TestOverlayXattrsFromTheImageAreHidden(t *testing.T) {
 	}
 	if got := string(buf[:n]); got != "user.kept\x00" {
 		t.Errorf("listxattr redirected = %q, want only user.kept", got)
+	}
+}
+
+// mountLocalTar converts a tar to an eStargz blob file and mounts it
+// through FUSE from the file, with a memory-only cache; the mount goes
+// away with the test.
+func mountLocalTar(t *testing.T, tarball []byte) (string, *lfs.Mount) {
+	t.Helper()
+	blob := filepath.Join(t.TempDir(), "layer.tar.gz")
+	f, err := os.Create(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := estargz.Build(context.Background(), f, bytes.NewReader(tarball), estargz.BuildOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	store, err := cache.Open(cache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	l, closeBlob, err := lfs.OpenLocalLayer(blob, store, lfs.LayerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { closeBlob() })
+	dir := t.TempDir()
+	m, err := lfs.MountLayer(dir, l, lfs.MountOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Unmount() })
+	return dir, m
+}
+
+// A layer unmounted from outside (umount -l) fails Check, so that the
+// snapshotter mounts it again; a failed layer fails Check and every read.
+func TestCheckSeesExternalUnmountAndFailure(t *testing.T) {
+	var tb bytes.Buffer
+	tw := tar.NewWriter(&tb)
+	tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "f", Mode: 0o644, Size: 2})
+	tw.Write([]byte("ok"))
+	tw.Close()
+
+	dir, m := mountLocalTar(t, tb.Bytes())
+	if err := m.Check(context.Background()); err != nil {
+		t.Fatalf("Check of a healthy mount: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "f")); err != nil || string(b) != "ok" {
+		t.Fatalf("read %q, %v", b, err)
+	}
+	m.Fail(errors.New("test says so"))
+	if _, err := os.ReadFile(filepath.Join(dir, "f")); err == nil {
+		t.Error("a failed layer still reads (page cache not dropped, or reads not failed)")
+	}
+	if err := m.Check(context.Background()); !errors.Is(err, lfs.ErrLayerFailed) {
+		t.Errorf("Check of a failed layer: %v", err)
+	}
+
+	dir2, m2 := mountLocalTar(t, tb.Bytes())
+	if err := unix.Unmount(dir2, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	if err := m2.Check(context.Background()); err == nil {
+		t.Error("Check does not see a layer unmounted from outside")
 	}
 }

@@ -30,13 +30,19 @@ type LayerFS struct {
 
 	mu        sync.Mutex
 	preloaded map[digest.Digest]bool
+	// preloads bounds the neighbour-TOC preloads in flight: an image's
+	// layer list is its own, and may be long.
+	preloads chan struct{}
 }
+
+// maxPreloads is how many neighbour TOCs are preloaded at a time.
+const maxPreloads = 4
 
 var _ snapshot.LayerFS = (*LayerFS)(nil)
 
 // NewLayerFS returns a LayerFS mounting layers with mgr.
 func NewLayerFS(mgr *lfs.Manager, allowUnverified bool) *LayerFS {
-	return &LayerFS{mgr: mgr, allowUnverified: allowUnverified, preloaded: map[digest.Digest]bool{}}
+	return &LayerFS{mgr: mgr, allowUnverified: allowUnverified, preloaded: map[digest.Digest]bool{}, preloads: make(chan struct{}, maxPreloads)}
 }
 
 // SourceFromLabels turns a remote snapshot's labels into the layer to
@@ -126,6 +132,12 @@ func (l *LayerFS) preloadNeighbours(ctx context.Context, src lfs.LayerSource, la
 		go func() {
 			pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
 			defer cancel()
+			select {
+			case l.preloads <- struct{}{}:
+				defer func() { <-l.preloads }()
+			case <-pctx.Done():
+				return
+			}
 			if err := l.mgr.Preload(pctx, n); err != nil {
 				log.G(pctx).WithError(err).WithField("layer", d).Debug("preloading neighbour layer failed")
 			}

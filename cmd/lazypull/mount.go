@@ -221,14 +221,14 @@ func platformOf(img *remote.Image) ocispec.Platform {
 	return ocispec.Platform{OS: img.Config.OS, Architecture: img.Config.Architecture, Variant: img.Config.Variant}
 }
 
-// stack mounts lowers (bottom first) read-only at dir: an overlay, or a
-// bind mount when there is one layer.
+// stack mounts lowers (bottom first) read-only, nosuid and nodev at dir:
+// an overlay, or a bind mount when there is one layer.
 func stack(lowers []string, dir string) error {
 	if len(lowers) == 1 {
 		if err := unix.Mount(lowers[0], dir, "", unix.MS_BIND, ""); err != nil {
 			return fmt.Errorf("bind-mounting the layer at %s: %w", dir, err)
 		}
-		if err := unix.Mount("", dir, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+		if err := unix.Mount("", dir, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
 			_ = unix.Unmount(dir, unix.MNT_DETACH)
 			return fmt.Errorf("making %s read-only: %w", dir, err)
 		}
@@ -238,7 +238,9 @@ func stack(lowers []string, dir string) error {
 	for i, l := range lowers {
 		top[len(lowers)-1-i] = l
 	}
-	m := mount.Mount{Type: "overlay", Source: "overlay", Options: []string{"ro", "lowerdir=" + strings.Join(top, ":")}}
+	// nosuid, nodev: the image's setuid files and device nodes must not
+	// take effect on the host through the mount.
+	m := mount.Mount{Type: "overlay", Source: "overlay", Options: []string{"ro", "nosuid", "nodev", "lowerdir=" + strings.Join(top, ":")}}
 	if err := m.Mount(dir); err != nil {
 		return fmt.Errorf("mounting overlay at %s: %w", dir, err)
 	}

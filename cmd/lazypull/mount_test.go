@@ -118,6 +118,15 @@ func TestMountCommand(t *testing.T) {
 		t.Fatalf("lazypull mount not ready after 30s\n%s", stderr.String())
 	}
 
+	// The image's setuid bits and device nodes do not work through it.
+	var st unix.Statfs_t
+	if err := unix.Statfs(mnt, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Flags&unix.ST_NOSUID == 0 || st.Flags&unix.ST_NODEV == 0 || st.Flags&unix.ST_RDONLY == 0 {
+		t.Errorf("mount flags %#x: want read-only, nosuid and nodev", st.Flags)
+	}
+
 	// The upper layer's file wins; both layers' files are there.
 	for name, want := range map[string]string{
 		"etc/os-release":       "ID=upper\n",
