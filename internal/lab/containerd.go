@@ -1,4 +1,4 @@
-package testenv
+package lab
 
 import (
 	"context"

@@ -1,22 +1,21 @@
-package testenv
+package lab
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -34,7 +33,7 @@ func startProcess(cmd *exec.Cmd, logPath string) (*process, error) {
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(f, "==== testenv %s: exec %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(cmd.Args, " "))
+	fmt.Fprintf(f, "==== lab %s: exec %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(cmd.Args, " "))
 	cmd.Stdout, cmd.Stderr = f, f
 	// If the test binary dies, so does the daemon.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -45,7 +44,7 @@ func startProcess(cmd *exec.Cmd, logPath string) (*process, error) {
 	p := &process{cmd: cmd, done: make(chan struct{})}
 	go func() {
 		p.waitErr = cmd.Wait()
-		fmt.Fprintf(f, "==== testenv %s: pid %d exited: %v\n", time.Now().Format(time.RFC3339Nano), cmd.Process.Pid, p.waitErr)
+		fmt.Fprintf(f, "==== lab %s: pid %d exited: %v\n", time.Now().Format(time.RFC3339Nano), cmd.Process.Pid, p.waitErr)
 		f.Close()
 		close(p.done)
 	}()
@@ -126,70 +125,13 @@ func envWithPath(dir string) []string {
 	return env
 }
 
-// unmountUnder lazily unmounts every mount at or below dir, deepest first.
+// unmountUnder lazily unmounts every mount at or below dir, deepest
+// first, FUSE mounts of dead daemons included.
 func unmountUnder(dir string) error {
-	dir = filepath.Clean(dir)
-	mps, err := mountPoints()
-	if err != nil {
-		return err
+	if err := mount.UnmountRecursive(dir, unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("unmount under %s: %w", dir, err)
 	}
-	var under []string
-	for _, mp := range mps {
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			under = append(under, mp)
-		}
-	}
-	sort.Slice(under, func(i, j int) bool { return len(under[i]) > len(under[j]) })
-	var errs []error
-	for _, mp := range under {
-		if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("unmount %s: %w", mp, err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// mountPoints lists the mount points of this mount namespace.
-func mountPoints() ([]string, error) {
-	ms, err := mounts()
-	if err != nil {
-		return nil, err
-	}
-	mps := make([]string, len(ms))
-	for i, m := range ms {
-		mps[i] = m.point
-	}
-	return mps, nil
-}
-
-type mountInfo struct{ point, fstype string }
-
-// mounts lists the mounts of this mount namespace.
-func mounts() ([]mountInfo, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var ms []mountInfo
-	s := bufio.NewScanner(f)
-	s.Buffer(make([]byte, 64<<10), 1<<20)
-	for s.Scan() {
-		// ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
-		fields := strings.Fields(s.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		m := mountInfo{point: unescapeMountinfo(fields[4])}
-		for i, f := range fields {
-			if f == "-" && i+1 < len(fields) {
-				m.fstype = fields[i+1]
-				break
-			}
-		}
-		ms = append(ms, m)
-	}
-	return ms, s.Err()
+	return nil
 }
 
 // removeCgroups removes the cgroup directory parent (relative to the
@@ -200,16 +142,13 @@ func removeCgroups(parent string) {
 	if parent == "" {
 		return
 	}
-	ms, err := mounts()
+	ms, err := mountinfo.GetMounts(mountinfo.FSTypeFilter("cgroup", "cgroup2"))
 	if err != nil {
 		return
 	}
 	for _, m := range ms {
-		if m.fstype != "cgroup" && m.fstype != "cgroup2" {
-			continue
-		}
 		var dirs []string
-		filepath.WalkDir(filepath.Join(m.point, parent), func(p string, d os.DirEntry, err error) error {
+		filepath.WalkDir(filepath.Join(m.Mountpoint, parent), func(p string, d os.DirEntry, err error) error {
 			if err == nil && d.IsDir() {
 				dirs = append(dirs, p)
 			}
@@ -221,38 +160,16 @@ func removeCgroups(parent string) {
 	}
 }
 
-// unescapeMountinfo decodes the \ooo escapes of /proc/self/mountinfo.
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
 // MountedUnder lists the mount points at or below dir, for tests that check
 // nothing was left mounted.
 func MountedUnder(dir string) ([]string, error) {
-	dir = filepath.Clean(dir)
-	mps, err := mountPoints()
+	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(filepath.Clean(dir)))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("mounts under %s: %w", dir, err)
 	}
-	var under []string
-	for _, mp := range mps {
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			under = append(under, mp)
-		}
+	under := make([]string, len(ms))
+	for i, m := range ms {
+		under[i] = m.Mountpoint
 	}
 	return under, nil
 }

@@ -1,7 +1,7 @@
 //go:build race
 
-package testenv
+package lab
 
-// raceEnabled: the tests run with -race, so BuildSnapshotter builds the
-// daemon with it too.
+// raceEnabled: the tests run with -race, so Build builds binaries with it
+// too.
 const raceEnabled = true

@@ -1,4 +1,4 @@
-package testenv
+package lab
 
 import (
 	"context"
@@ -21,7 +21,7 @@ const SnapshotterBinEnv = "LAZYPULL_SNAPSHOTTER_BIN"
 
 // BuildSnapshotter returns the lazypull-snapshotter binary to test: the
 // one SnapshotterBinEnv names, or else a fresh build of ./cmd/snapshotter
-// (with -race when the tests have it) into dir.
+// into dir (see Build).
 func BuildSnapshotter(dir string) (string, error) {
 	if p := os.Getenv(SnapshotterBinEnv); p != "" {
 		if fi, err := os.Stat(p); err != nil || fi.IsDir() || fi.Mode().Perm()&0o111 == 0 {
@@ -29,20 +29,28 @@ func BuildSnapshotter(dir string) (string, error) {
 		}
 		return p, nil
 	}
+	return Build(dir, "./cmd/snapshotter", "lazypull-snapshotter")
+}
+
+// Build builds the command pkg (a package path relative to the module
+// root, "./cmd/lazypull") into dir/name, with -race when the tests have
+// it, and returns the binary's path. It is the one way tests build
+// lazypull's binaries.
+func Build(dir, pkg, name string) (string, error) {
 	root, err := ModuleRoot()
 	if err != nil {
 		return "", err
 	}
-	out := filepath.Join(dir, "lazypull-snapshotter")
+	out := filepath.Join(dir, name)
 	args := []string{"build", "-o", out}
 	if raceEnabled {
 		args = append(args, "-race")
 	}
-	args = append(args, "./cmd/snapshotter")
+	args = append(args, pkg)
 	cmd := exec.Command(goTool(), args...)
 	cmd.Dir = root
 	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go %s (in %s): %v\n%s", strings.Join(args, " "), root, err, b)
+		return "", fmt.Errorf("go %s (in %s): %w\n%s", strings.Join(args, " "), root, err, b)
 	}
 	return out, nil
 }
