@@ -2,6 +2,7 @@ package lab
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -98,6 +100,75 @@ func (p *process) stop(sig syscall.Signal, timeout time.Duration) error {
 	p.signal(syscall.SIGKILL)
 	p.wait(timeout)
 	return fmt.Errorf("%s (pid %d) did not exit within %v of %v", filepath.Base(p.cmd.Path), p.pid(), timeout, sig)
+}
+
+// daemon is the restartable process behind a Containerd or a Snapshotter.
+// Its output goes to logPath, across restarts.
+type daemon struct {
+	name    string // in messages
+	logPath string
+
+	mu   sync.Mutex
+	proc *process
+}
+
+// Pid is the daemon's process id, 0 if it never started.
+func (d *daemon) Pid() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.proc == nil {
+		return 0
+	}
+	return d.proc.pid()
+}
+
+// Running reports whether the daemon process is alive.
+func (d *daemon) Running() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.proc != nil && !d.proc.exited()
+}
+
+// launch starts the command newCmd makes, unless the daemon runs, and
+// polls ready every 20ms until it holds. A daemon that exits meanwhile, or
+// is not ready within timeout or before ctx ends, is reported with the tail
+// of its log (and killed); waitingFor says what it was expected to do.
+func (d *daemon) launch(ctx context.Context, newCmd func() *exec.Cmd, timeout time.Duration, waitingFor string, ready func() bool) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.proc != nil && !d.proc.exited() {
+		return fmt.Errorf("%s is already running (pid %d)", d.name, d.proc.pid())
+	}
+	p, err := startProcess(newCmd(), d.logPath)
+	if err != nil {
+		return fmt.Errorf("start %s: %w", d.name, err)
+	}
+	d.proc = p
+	deadline := time.Now().Add(timeout)
+	for {
+		if p.exited() {
+			return fmt.Errorf("%s exited during start-up: %v; log %s:\n%s", d.name, p.err(), d.logPath, tailFile(d.logPath, 40))
+		}
+		if ready() {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			p.signal(syscall.SIGKILL)
+			p.wait(5 * time.Second)
+			return fmt.Errorf("%s did not %s in time; log %s:\n%s", d.name, waitingFor, d.logPath, tailFile(d.logPath, 40))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// halt stops the daemon (see process.stop); one never started is no error.
+func (d *daemon) halt(sig syscall.Signal, timeout time.Duration) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.proc == nil {
+		return nil
+	}
+	return d.proc.stop(sig, timeout)
 }
 
 // envWithPath is the test's environment with dir first in PATH and the
