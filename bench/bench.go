@@ -32,7 +32,7 @@ import (
 	"github.com/lazypull/lazypull/convert"
 	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/internal/lab"
 	"github.com/lazypull/lazypull/remote"
 )
 
@@ -145,7 +145,7 @@ type Summary struct {
 // Runner runs the benchmark.
 type Runner struct {
 	cfg     Config
-	reg     *testenv.Registry
+	reg     *lab.Registry
 	remote  *remote.Registry
 	builder *images.Builder
 	log     io.Writer
@@ -173,7 +173,7 @@ func NewRunner(cfg Config) (*Runner, error) {
 	if cfg.Snapshotter == "" {
 		return nil, errors.New("bench: no lazypull-snapshotter binary")
 	}
-	if err := testenv.Containerd2().Check(); err != nil {
+	if err := lab.Containerd2().Check(); err != nil {
 		return nil, fmt.Errorf("bench: %w (run hack/install-deps.sh)", err)
 	}
 	return &Runner{cfg: cfg, log: cfg.Log, infos: map[string]*ImageInfo{}, reads: map[string][]string{}, readBytes: map[string]int64{},
@@ -187,9 +187,9 @@ func (r *Runner) logf(format string, args ...any) {
 // Run builds and pushes the images, records their start-up reads, measures
 // every combination and returns the result.
 func (r *Runner) Run(ctx context.Context) (*Result, error) {
-	res := &Result{Started: time.Now().UTC(), Profiles: r.cfg.Profiles, Containerd: testenv.Containerd2().Name}
+	res := &Result{Started: time.Now().UTC(), Profiles: r.cfg.Profiles, Containerd: lab.Containerd2().Name}
 	res.Host, _ = os.Hostname()
-	reg, err := testenv.StartRegistry(testenv.RegistryConfig{RootDir: filepath.Join(r.cfg.CacheDir, "registry")})
+	reg, err := lab.StartRegistry(lab.RegistryConfig{RootDir: filepath.Join(r.cfg.CacheDir, "registry")})
 	if err != nil {
 		return nil, err
 	}
@@ -334,8 +334,8 @@ func (r *Runner) manifest(ctx context.Context, ref string) (*ocispec.Manifest, e
 // fresh snapshotter with an empty cache.
 type env struct {
 	dir string
-	c   *testenv.Containerd
-	sn  *testenv.Snapshotter
+	c   *lab.Containerd
+	sn  *lab.Snapshotter
 }
 
 func (r *Runner) startEnv(ctx context.Context, lazy bool, extraConfig string) (*env, error) {
@@ -346,7 +346,7 @@ func (r *Runner) startEnv(ctx context.Context, lazy bool, extraConfig string) (*
 	e := &env{dir: dir}
 	proxies := map[string]string{}
 	if lazy {
-		e.sn, err = testenv.StartSnapshotter(ctx, testenv.SnapshotterConfig{
+		e.sn, err = lab.StartSnapshotter(ctx, lab.SnapshotterConfig{
 			Binary: r.cfg.Snapshotter, Dir: filepath.Join(dir, "s"),
 			Config: extraConfig + r.cfg.SnapshotterConfig, LogLevel: "info",
 		})
@@ -356,7 +356,7 @@ func (r *Runner) startEnv(ctx context.Context, lazy bool, extraConfig string) (*
 		}
 		proxies["lazypull"] = e.sn.Address()
 	}
-	e.c, err = testenv.StartContainerd(ctx, testenv.ContainerdConfig{Version: testenv.Containerd2(), Dir: filepath.Join(dir, "c"), ProxySnapshotters: proxies, LogLevel: "warn"})
+	e.c, err = lab.StartContainerd(ctx, lab.ContainerdConfig{Version: lab.Containerd2(), Dir: filepath.Join(dir, "c"), ProxySnapshotters: proxies, LogLevel: "warn"})
 	if err != nil {
 		e.close()
 		return nil, fmt.Errorf("starting containerd: %w", err)
@@ -505,7 +505,7 @@ func (r *Runner) limit(ctx context.Context, spec images.Spec, p wan.Profile) (Li
 
 // runUntilReady starts the workload and returns the time from task start
 // to its ready line.
-func runUntilReady(ctx context.Context, c *testenv.Containerd, img client.Image, snapshotter string, spec images.Spec) (time.Duration, string, error) {
+func runUntilReady(ctx context.Context, c *lab.Containerd, img client.Image, snapshotter string, spec images.Spec) (time.Duration, string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	id := fmt.Sprintf("bench-%d", time.Now().UnixNano())

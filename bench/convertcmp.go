@@ -16,7 +16,7 @@ import (
 
 	"github.com/lazypull/lazypull/bench/images"
 	"github.com/lazypull/lazypull/convert"
-	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/internal/lab"
 )
 
 // ConvertComparison compares converting one image with `lazypull convert`
@@ -93,7 +93,7 @@ func (r *Runner) CompareConvert(ctx context.Context, spec images.Spec) (*Convert
 
 	// ctr-remote: fetch the original into a containerd 1.6 content store,
 	// then convert there.
-	reg, err := testenv.StartRegistry(testenv.RegistryConfig{RootDir: filepath.Join(r.cfg.CacheDir, "registry")})
+	reg, err := lab.StartRegistry(lab.RegistryConfig{RootDir: filepath.Join(r.cfg.CacheDir, "registry")})
 	if err != nil {
 		return nil, err
 	}
@@ -105,7 +105,7 @@ func (r *Runner) CompareConvert(ctx context.Context, spec images.Spec) (*Convert
 	if _, err := copyImage(ctx, src, rs); err != nil {
 		return nil, err
 	}
-	c, err := testenv.StartContainerd(ctx, testenv.ContainerdConfig{Version: testenv.Containerd16(), LogLevel: "warn"})
+	c, err := lab.StartContainerd(ctx, lab.ContainerdConfig{Version: lab.Containerd16(), LogLevel: "warn"})
 	if err != nil {
 		return nil, err
 	}

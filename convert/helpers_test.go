@@ -14,7 +14,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/rand"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -32,78 +31,34 @@ import (
 
 	"github.com/lazypull/lazypull/convert"
 	"github.com/lazypull/lazypull/estargz"
+	"github.com/lazypull/lazypull/internal/fixture"
 	"github.com/lazypull/lazypull/remote"
 	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 var fixtureTime = time.Date(2024, 5, 17, 10, 20, 30, 0, time.UTC)
 
-// ent is one tar entry of a fixture layer.
-type ent struct {
-	h    tar.Header
-	data []byte
-}
-
 // layerTar returns a layer tar whose content depends on seed: directories,
 // a small and a large (multi-chunk at 64 KiB) regular file, an empty file,
 // a symlink, a hardlink and a file with an xattr.
-func layerTar(t testing.TB, seed int64, extra ...ent) []byte {
+func layerTar(t testing.TB, seed int64) []byte {
 	t.Helper()
-	rnd := rand.New(rand.NewSource(seed))
-	big := make([]byte, 200<<10+int(seed)*333)
-	rnd.Read(big)
-	ents := []ent{
-		{h: tar.Header{Typeflag: tar.TypeDir, Name: "etc/", Mode: 0o755}},
-		{h: tar.Header{Typeflag: tar.TypeReg, Name: "etc/os-release", Mode: 0o644}, data: []byte(fmt.Sprintf("ID=lazypull\nLAYER=%d\n", seed))},
-		{h: tar.Header{Typeflag: tar.TypeReg, Name: "etc/empty", Mode: 0o600}},
-		{h: tar.Header{Typeflag: tar.TypeDir, Name: "usr/", Mode: 0o755}},
-		{h: tar.Header{Typeflag: tar.TypeDir, Name: "usr/bin/", Mode: 0o755}},
-		{h: tar.Header{Typeflag: tar.TypeReg, Name: fmt.Sprintf("usr/bin/tool%d", seed), Mode: 0o755, Uid: 1000, Gid: 1000}, data: big},
-		{h: tar.Header{Typeflag: tar.TypeSymlink, Name: "usr/bin/alias", Linkname: fmt.Sprintf("tool%d", seed), Mode: 0o777}},
-		{h: tar.Header{Typeflag: tar.TypeLink, Name: "usr/bin/hard", Linkname: fmt.Sprintf("usr/bin/tool%d", seed), Mode: 0o755}},
-		{h: tar.Header{Typeflag: tar.TypeReg, Name: "etc/xattr", Mode: 0o644, PAXRecords: map[string]string{"SCHILY.xattr.user.lazypull": "v" + strconv.FormatInt(seed, 10)}}, data: []byte("x")},
+	tool := fmt.Sprintf("usr/bin/tool%d", seed)
+	ents := []fixture.Entry{
+		fixture.Dir("etc/", 0o755),
+		fixture.Reg("etc/os-release", 0o644, []byte(fmt.Sprintf("ID=lazypull\nLAYER=%d\n", seed))),
+		fixture.Reg("etc/empty", 0o600, nil),
+		fixture.Dir("usr/", 0o755),
+		fixture.Dir("usr/bin/", 0o755),
+		fixture.Reg(tool, 0o755, fixture.Random(seed, 200<<10+int(seed)*333)).Own(1000, 1000),
+		fixture.Symlink("usr/bin/alias", fmt.Sprintf("tool%d", seed)),
+		fixture.Hardlink("usr/bin/hard", tool),
+		fixture.Reg("etc/xattr", 0o644, []byte("x")).X("user.lazypull", "v"+strconv.FormatInt(seed, 10)),
 	}
-	ents = append(ents, extra...)
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, e := range ents {
-		h := e.h
-		h.ModTime = fixtureTime
-		if h.Typeflag == tar.TypeReg {
-			h.Size = int64(len(e.data))
-		}
-		if err := tw.WriteHeader(&h); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write(e.data); err != nil {
-			t.Fatal(err)
-		}
+	for i := range ents {
+		ents[i] = ents[i].At(fixtureTime)
 	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-func gzipped(t testing.TB, b []byte) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	zw := gzip.NewWriter(&buf)
-	zw.Write(b)
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-func zstded(t testing.TB, b []byte) []byte {
-	t.Helper()
-	enc, err := zstd.NewWriter(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer enc.Close()
-	return enc.EncodeAll(b, nil)
+	return fixture.Tar(t, ents)
 }
 
 // srcLayer is a source layer: its plain tar and its blob as stored.
@@ -121,9 +76,9 @@ func mkLayer(t testing.TB, mediaType string, tarb []byte) srcLayer {
 	case ocispec.MediaTypeImageLayer:
 		blob = tarb
 	case ocispec.MediaTypeImageLayerZstd:
-		blob = zstded(t, tarb)
+		blob = fixture.Zstd(t, tarb)
 	default:
-		blob = gzipped(t, tarb)
+		blob = fixture.Gzip(t, tarb)
 	}
 	return srcLayer{tar: tarb, blob: blob, desc: ocispec.Descriptor{MediaType: mediaType, Digest: digest.FromBytes(blob), Size: int64(len(blob))}}
 }
@@ -477,42 +432,27 @@ type fileEnt struct {
 // order of names.
 func readEntries(t testing.TB, r io.Reader) (map[string]fileEnt, []string) {
 	t.Helper()
+	ents, err := fixture.ReadTar(r)
+	if err != nil {
+		t.Fatal(err)
+	}
 	out := map[string]fileEnt{}
 	var order []string
-	tr := tar.NewReader(r)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return out, order
-		}
-		if err != nil {
-			t.Fatalf("reading tar: %v", err)
-		}
-		data, err := io.ReadAll(tr)
-		if err != nil {
-			t.Fatalf("reading %s: %v", h.Name, err)
-		}
+	for _, e := range ents {
+		h := &e.Header
 		name := strings.TrimSuffix(strings.TrimPrefix(h.Name, "./"), "/")
 		link := h.Linkname
 		if h.Typeflag == tar.TypeLink {
 			link = strings.TrimPrefix(link, "./")
 		}
-		var xa map[string]string
-		for k, v := range h.PAXRecords {
-			if x, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
-				if xa == nil {
-					xa = map[string]string{}
-				}
-				xa[x] = v
-			}
-		}
 		typ := h.Typeflag
 		if typ == tar.TypeRegA { //nolint:staticcheck // old archives
 			typ = tar.TypeReg
 		}
-		out[name] = fileEnt{Type: typ, Mode: h.Mode & 0o7777, UID: h.Uid, GID: h.Gid, Link: link, Data: string(data), Xattrs: xa, ModTime: h.ModTime.UTC()}
+		out[name] = fileEnt{Type: typ, Mode: h.Mode & 0o7777, UID: h.Uid, GID: h.Gid, Link: link, Data: string(e.Data), Xattrs: fixture.Xattrs(h), ModTime: h.ModTime.UTC()}
 		order = append(order, name)
 	}
+	return out, order
 }
 
 // decompress decompresses a converted blob with the standard decoders.

@@ -13,6 +13,8 @@ import (
 	"testing"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/lazypull/lazypull/internal/fixture"
 )
 
 // benchLayer is a realistic synthetic layer of about 64 MiB: files of
@@ -21,7 +23,7 @@ import (
 // plus directories and symlinks.
 var benchLayer = sync.OnceValue(func() []byte {
 	rng := rand.New(rand.NewSource(2024))
-	var ents []fx
+	var ents []fixture.Entry
 	total := 0
 	for i := 0; total < 64<<20; i++ {
 		dir := fmt.Sprintf("usr/share/pkg%03d/", i/40)
@@ -32,9 +34,9 @@ var benchLayer = sync.OnceValue(func() []byte {
 		size = min(size, 64<<20-total+1)
 		var data []byte
 		if rng.Intn(6) == 0 {
-			data = randData(rng, size)
+			data = fixture.RandomFrom(rng, size)
 		} else {
-			data = textData(rng, size)
+			data = fixture.TextFrom(rng, size)
 		}
 		name := fmt.Sprintf("%sfile-%05d", dir, i)
 		ents = append(ents, regFx(name, data))
@@ -48,11 +50,11 @@ var benchLayer = sync.OnceValue(func() []byte {
 	return b.Bytes()
 })
 
-// tarTo is tarOf without a testing.TB, for package-level fixtures.
-func tarTo(w io.Writer, ents []fx) {
-	tb := &panicTB{}
-	data := tarOf(tb, ents)
-	w.Write(data)
+// tarTo is fixture.Tar without a testing.TB, for package-level fixtures.
+func tarTo(w io.Writer, ents []fixture.Entry) {
+	if err := fixture.WriteTar(w, ents); err != nil {
+		panic(err)
+	}
 }
 
 type panicTB struct{ testing.TB }
@@ -118,7 +120,7 @@ func (c *countWriter) Write(p []byte) (int, error) { *c += countWriter(len(p)); 
 // bench50k is a built layer of 50,000 entries (files, dirs, symlinks).
 var bench50k = sync.OnceValues(func() ([]byte, *BuildResult) {
 	rng := rand.New(rand.NewSource(50))
-	var ents []fx
+	var ents []fixture.Entry
 	for len(ents) < 50000 {
 		i := len(ents)
 		switch {
@@ -127,7 +129,7 @@ var bench50k = sync.OnceValues(func() ([]byte, *BuildResult) {
 		case i%7 == 0:
 			ents = append(ents, symFx(fmt.Sprintf("usr/lib/python3/site-packages/pkg%04d/link%d", i/50, i), "module.py"))
 		default:
-			ents = append(ents, regFx(fmt.Sprintf("usr/lib/python3/site-packages/pkg%04d/module_%d.py", i/50, i), textData(rng, 50+rng.Intn(300))))
+			ents = append(ents, regFx(fmt.Sprintf("usr/lib/python3/site-packages/pkg%04d/module_%d.py", i/50, i), fixture.TextFrom(rng, 50+rng.Intn(300))))
 		}
 	}
 	var src, out bytes.Buffer
@@ -160,8 +162,8 @@ func BenchmarkOpen(b *testing.B) {
 // text-like data, reusing the buffer.
 func BenchmarkDecodeChunk(b *testing.B) {
 	rng := rand.New(rand.NewSource(1))
-	plain := textData(rng, DefaultChunkSize)
-	src := tarOf(&panicTB{}, []fx{regFx("f", plain)})
+	plain := fixture.TextFrom(rng, DefaultChunkSize)
+	src := fixture.Tar(&panicTB{}, []fixture.Entry{regFx("f", plain)})
 	for _, comp := range compressions {
 		b.Run(comp.String(), func(b *testing.B) {
 			var out bytes.Buffer

@@ -19,6 +19,8 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/lazypull/lazypull/internal/fixture"
 )
 
 const testChunk = 4096
@@ -28,7 +30,7 @@ var compressions = []Compression{Gzip, Zstd}
 // richFixture returns entries covering every entry type, attribute and
 // naming quirk that the tar format can express, with names prefixed by
 // prefix. Entries the format cannot encode are left out.
-func richFixture(format tar.Format, prefix string) []fx {
+func richFixture(format tar.Format, prefix string) []fixture.Entry {
 	rng := rand.New(rand.NewSource(int64(format) + int64(len(prefix))))
 	p := func(s string) string { return prefix + s }
 	long100 := "d-" + strings.Repeat("x", 90) + "/" + strings.Repeat("f", 30)        // 123 bytes, USTAR prefix split
@@ -37,57 +39,57 @@ func richFixture(format tar.Format, prefix string) []fx {
 	sub := time.Date(2023, 1, 2, 3, 4, 5, 123456789, time.UTC)
 
 	type ent struct {
-		fx
+		fixture.Entry
 		needsLong bool // needs PAX or GNU
 		needsPAX  bool // needs PAX (xattrs, sub-second times)
 	}
 	var es []ent
-	add := func(f fx) { es = append(es, ent{fx: f}) }
-	addL := func(f fx) { es = append(es, ent{fx: f, needsLong: true}) }
-	addP := func(f fx) { es = append(es, ent{fx: f, needsPAX: true}) }
+	add := func(f fixture.Entry) { es = append(es, ent{Entry: f}) }
+	addL := func(f fixture.Entry) { es = append(es, ent{Entry: f, needsLong: true}) }
+	addP := func(f fixture.Entry) { es = append(es, ent{Entry: f, needsPAX: true}) }
 
 	if prefix != "" {
 		root := dirFx(prefix)
-		root.H.Mode = 0o750
+		root.Header.Mode = 0o750
 		add(root)
 	}
 	add(dirFx(p("dir/")))
 	d := dirFx(p("dir/sub/"))
-	d.H.Mode = 0o2775
+	d.Header.Mode = 0o2775
 	add(d)
 	d = dirFx(p("tmp/"))
-	d.H.Mode = 0o1777
+	d.Header.Mode = 0o1777
 	add(d)
 	add(regFx(p("dir/empty"), nil))
 	small := regFx(p("dir/small"), []byte("hello, world\n"))
-	small.H.Uid, small.H.Gid, small.H.Uname, small.H.Gname = 1000, 1001, "user", "group"
+	small.Header.Uid, small.Header.Gid, small.Header.Uname, small.Header.Gname = 1000, 1001, "user", "group"
 	add(small)
 	for _, n := range []int{testChunk - 1, testChunk, testChunk + 1, 2 * testChunk, 2*testChunk + 1, 5*testChunk - 7} {
-		add(regFx(p(fmt.Sprintf("dir/sub/size-%d", n)), textData(rng, n)))
+		add(regFx(p(fmt.Sprintf("dir/sub/size-%d", n)), fixture.TextFrom(rng, n)))
 	}
-	add(regFx(p("dir/random"), randData(rng, 3*testChunk+100)))
+	add(regFx(p("dir/random"), fixture.RandomFrom(rng, 3*testChunk+100)))
 	su := regFx(p("bin/su"), []byte("#!/bin/true\n"))
-	su.H.Mode = 0o4755
+	su.Header.Mode = 0o4755
 	add(dirFx(p("bin/")))
 	add(su)
 	sg := regFx(p("bin/sg"), []byte("sg"))
-	sg.H.Mode = 0o2711
-	sg.H.Uid, sg.H.Gid, sg.H.Uname, sg.H.Gname = 3, 42, "sys", "shadow"
+	sg.Header.Mode = 0o2711
+	sg.Header.Uid, sg.Header.Gid, sg.Header.Uname, sg.Header.Gname = 3, 42, "sys", "shadow"
 	add(sg)
 	add(symFx(p("dir/link"), "small"))
 	add(symFx(p("dir/abs"), "/etc/passwd"))
 	add(linkFx(p("dir/hard"), p("dir/small")))
 	add(linkFx(p("bin/hard-chunked"), p("dir/sub/size-8192")))
 	add(dirFx(p("dev/")))
-	add(fx{H: tar.Header{Typeflag: tar.TypeChar, Name: p("dev/null"), Mode: 0o666, Devmajor: 1, Devminor: 3, ModTime: fixtureTime}})
-	add(fx{H: tar.Header{Typeflag: tar.TypeBlock, Name: p("dev/sda"), Mode: 0o660, Devmajor: 8, Devminor: 0, Gid: 6, Gname: "disk", ModTime: fixtureTime}})
-	add(fx{H: tar.Header{Typeflag: tar.TypeChar, Name: p("dev/big"), Mode: 0o600, Devmajor: 4095, Devminor: 1 << 19, ModTime: fixtureTime}})
-	add(fx{H: tar.Header{Typeflag: tar.TypeFifo, Name: p("dev/fifo"), Mode: 0o620, ModTime: fixtureTime}})
+	add(fixture.Entry{Header: tar.Header{Typeflag: tar.TypeChar, Name: p("dev/null"), Mode: 0o666, Devmajor: 1, Devminor: 3, ModTime: fixtureTime}})
+	add(fixture.Entry{Header: tar.Header{Typeflag: tar.TypeBlock, Name: p("dev/sda"), Mode: 0o660, Devmajor: 8, Devminor: 0, Gid: 6, Gname: "disk", ModTime: fixtureTime}})
+	add(fixture.Entry{Header: tar.Header{Typeflag: tar.TypeChar, Name: p("dev/big"), Mode: 0o600, Devmajor: 4095, Devminor: 1 << 19, ModTime: fixtureTime}})
+	add(fixture.Entry{Header: tar.Header{Typeflag: tar.TypeFifo, Name: p("dev/fifo"), Mode: 0o620, ModTime: fixtureTime}})
 	old := regFx(p("old"), []byte("from the eighties"))
-	old.H.ModTime = time.Date(1985, 10, 26, 1, 21, 0, 0, time.UTC)
+	old.Header.ModTime = time.Date(1985, 10, 26, 1, 21, 0, 0, time.UTC)
 	add(old)
 	future := regFx(p("future"), []byte("2100"))
-	future.H.ModTime = time.Date(2100, 1, 1, 0, 0, 0, 0, time.UTC)
+	future.Header.ModTime = time.Date(2100, 1, 1, 0, 0, 0, 0, time.UTC)
 	add(future)
 	// Whiteouts are ordinary entries to the format.
 	add(regFx(p("dir/.wh.gone"), nil))
@@ -109,26 +111,26 @@ func richFixture(format tar.Format, prefix string) []fx {
 	add(regFx(p("implicit/gone"), []byte("parent never declared")))
 	add(regFx(p("implicit"), []byte("implicit dir replaced by a file")))
 	redir := dirFx(p("dir/sub/"))
-	redir.H.Mode = 0o700
+	redir.Header.Mode = 0o700
 	add(redir) // dir replaces dir: attributes change, children stay
 	// PAX-only attributes.
 	x := regFx(p("xattr-file"), []byte("with xattrs"))
-	x.H.PAXRecords = map[string]string{
+	x.Header.PAXRecords = map[string]string{
 		"SCHILY.xattr.user.comment":        "hi",
 		"SCHILY.xattr.security.capability": "\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
 	}
 	addP(x)
 	xd := dirFx(p("xattr-dir/"))
-	xd.H.PAXRecords = map[string]string{"SCHILY.xattr.trusted.overlay.opaque": "y"}
+	xd.Header.PAXRecords = map[string]string{"SCHILY.xattr.trusted.overlay.opaque": "y"}
 	addP(xd)
 	ns := regFx(p("subsecond"), []byte("nanoseconds"))
-	ns.H.ModTime = sub
+	ns.Header.ModTime = sub
 	addP(ns)
 	bigID := regFx(p("bigid"), []byte("uid above ustar"))
-	bigID.H.Uid, bigID.H.Gid = 1<<24, 1<<22
+	bigID.Header.Uid, bigID.Header.Gid = 1<<24, 1<<22
 	addL(bigID)
 
-	var out []fx
+	var out []fixture.Entry
 	for _, e := range es {
 		if format == tar.FormatUSTAR && (e.needsLong || e.needsPAX) {
 			continue
@@ -136,8 +138,8 @@ func richFixture(format tar.Format, prefix string) []fx {
 		if format == tar.FormatGNU && e.needsPAX {
 			continue
 		}
-		e.H.Format = format
-		out = append(out, e.fx)
+		e.Header.Format = format
+		out = append(out, e.Entry)
 	}
 	return out
 }
@@ -150,7 +152,7 @@ func checkBuilt(t *testing.T, src, blob []byte, res *BuildResult, opts BuildOpti
 	if chunk <= 0 {
 		chunk = DefaultChunkSize
 	}
-	srcEnts := readTar(t, bytes.NewReader(src))
+	srcEnts := fixture.Read(t, (src))
 
 	// Blob digest, size and compression.
 	if res.Compression != comp {
@@ -193,9 +195,9 @@ func checkBuilt(t *testing.T, src, blob []byte, res *BuildResult, opts BuildOpti
 		t.Errorf("uncompressed size %d / annotation %q, decompressed blob is %d bytes",
 			res.UncompressedSize, res.Annotations[UncompressedSizeAnnotation], len(plain))
 	}
-	out := readTar(t, bytes.NewReader(plain))
+	out := fixture.Read(t, (plain))
 	if comp == Gzip {
-		if len(out) == 0 || out[len(out)-1].H.Name != TOCTarName || !bytes.Equal(out[len(out)-1].Data, tocJSON) {
+		if len(out) == 0 || out[len(out)-1].Header.Name != TOCTarName || !bytes.Equal(out[len(out)-1].Data, tocJSON) {
 			t.Fatalf("the decompressed tar does not end with the TOC entry")
 		}
 		out = out[:len(out)-1]
@@ -205,8 +207,8 @@ func checkBuilt(t *testing.T, src, blob []byte, res *BuildResult, opts BuildOpti
 		landmark = PrefetchLandmark
 	}
 	var lm int
-	out = slices.DeleteFunc(out, func(e srcEntry) bool {
-		if e.H.Name == landmark {
+	out = slices.DeleteFunc(out, func(e fixture.Entry) bool {
+		if e.Header.Name == landmark {
 			lm++
 			if !bytes.Equal(e.Data, []byte{0x0f}) {
 				t.Errorf("landmark holds %q", e.Data)
@@ -218,13 +220,13 @@ func checkBuilt(t *testing.T, src, blob []byte, res *BuildResult, opts BuildOpti
 	if lm != 1 {
 		t.Errorf("%d %s entries in the blob, want 1", lm, landmark)
 	}
-	var wantEnts []srcEntry
+	var wantEnts []fixture.Entry
 	if len(opts.Prioritized) == 0 {
 		for _, e := range srcEnts {
-			if e.H.Typeflag == tar.TypeXGlobalHeader {
+			if e.Header.Typeflag == tar.TypeXGlobalHeader {
 				continue
 			}
-			switch mustClean(t, e.H.Name) {
+			switch mustClean(t, e.Header.Name) {
 			case TOCTarName, PrefetchLandmark, NoPrefetchLandmark:
 				continue
 			}
@@ -238,8 +240,8 @@ func checkBuilt(t *testing.T, src, blob []byte, res *BuildResult, opts BuildOpti
 	// Every payload and chunk starts its own member at its offset.
 	data := map[string][]byte{}
 	for _, e := range srcEnts {
-		if e.H.Typeflag == tar.TypeReg || e.H.Typeflag == tar.TypeRegA {
-			data[mustClean(t, e.H.Name)] = e.Data
+		if e.Header.Typeflag == tar.TypeReg || e.Header.Typeflag == tar.TypeRegA {
+			data[mustClean(t, e.Header.Name)] = e.Data
 		}
 	}
 	var cur []byte
@@ -317,21 +319,21 @@ func checkBuilt(t *testing.T, src, blob []byte, res *BuildResult, opts BuildOpti
 }
 
 // compareTarEntries compares headers and payloads of two tar entry lists.
-func compareTarEntries(t *testing.T, got, want []srcEntry) {
+func compareTarEntries(t *testing.T, got, want []fixture.Entry) {
 	t.Helper()
 	if len(got) != len(want) {
 		var g, w []string
 		for _, e := range got {
-			g = append(g, e.H.Name)
+			g = append(g, e.Header.Name)
 		}
 		for _, e := range want {
-			w = append(w, e.H.Name)
+			w = append(w, e.Header.Name)
 		}
 		t.Errorf("blob tar has %d entries, want %d:\n got %q\nwant %q", len(got), len(want), g, w)
 		return
 	}
 	for i := range got {
-		g, w := got[i].H, want[i].H
+		g, w := got[i].Header, want[i].Header
 		wf := w.Typeflag
 		if wf == tar.TypeRegA {
 			wf = tar.TypeReg
@@ -339,7 +341,7 @@ func compareTarEntries(t *testing.T, got, want []srcEntry) {
 		if g.Name != w.Name || g.Typeflag != wf || g.Linkname != w.Linkname || g.Size != w.Size ||
 			g.Mode != w.Mode || g.Uid != w.Uid || g.Gid != w.Gid || g.Uname != w.Uname || g.Gname != w.Gname ||
 			!g.ModTime.Equal(w.ModTime) || g.Devmajor != w.Devmajor || g.Devminor != w.Devminor ||
-			!xattrsEqual(xattrsOf(g), xattrsOf(w)) {
+			!xattrsEqual(xattrsOf(&g), xattrsOf(&w)) {
 			t.Errorf("blob tar entry %d:\n got %+v\nwant %+v", i, g, w)
 		}
 		if !bytes.Equal(got[i].Data, want[i].Data) {
@@ -352,11 +354,11 @@ func compareTarEntries(t *testing.T, got, want []srcEntry) {
 // computed independently: each prioritized entry after its explicit parent
 // directories and (for hardlinks) its target, then the landmark, then the
 // rest in input order, all after "later wins".
-func expectedPrioritizedOrder(t *testing.T, src []srcEntry, prio []string) []srcEntry {
+func expectedPrioritizedOrder(t *testing.T, src []fixture.Entry, prio []string) []fixture.Entry {
 	t.Helper()
 	m, order := finalState(t, src)
 	picked := map[string]bool{}
-	var out []srcEntry
+	var out []fixture.Entry
 	var move func(string) bool
 	move = func(name string) bool {
 		e, ok := m[name]
@@ -372,8 +374,8 @@ func expectedPrioritizedOrder(t *testing.T, src []srcEntry, prio []string) []src
 				out = append(out, pe)
 			}
 		}
-		if e.H.Typeflag == tar.TypeLink {
-			move(mustClean(t, e.H.Linkname))
+		if e.Header.Typeflag == tar.TypeLink {
+			move(mustClean(t, e.Header.Linkname))
 		}
 		picked[name] = true
 		out = append(out, e)
@@ -395,7 +397,7 @@ func expectedPrioritizedOrder(t *testing.T, src []srcEntry, prio []string) []src
 func TestBuildFormatsAndPrefixes(t *testing.T) {
 	for _, format := range []tar.Format{tar.FormatUSTAR, tar.FormatPAX, tar.FormatGNU} {
 		for _, prefix := range []string{"", "./", "/"} {
-			src := tarOf(t, richFixture(format, prefix))
+			src := fixture.Tar(t, richFixture(format, prefix))
 			for _, comp := range compressions {
 				t.Run(fmt.Sprintf("%v/%q/%v", format, prefix, comp), func(t *testing.T) {
 					t.Parallel()
@@ -422,7 +424,7 @@ func TestBuildFormatsAndPrefixes(t *testing.T) {
 func TestBuildKeepsSpecialAttributes(t *testing.T) {
 	// Spot checks with literal expectations, so that a mistake shared by
 	// the builder and the comparison helpers would still show.
-	src := tarOf(t, richFixture(tar.FormatPAX, "./"))
+	src := fixture.Tar(t, richFixture(tar.FormatPAX, "./"))
 	for _, comp := range compressions {
 		blob, _ := build(t, src, BuildOptions{Compression: comp, ChunkSize: testChunk})
 		r := openBlob(t, blob, OpenOptions{})
@@ -489,7 +491,7 @@ func TestBuildKeepsSpecialAttributes(t *testing.T) {
 }
 
 func TestBuildInputCompression(t *testing.T) {
-	src := tarOf(t, richFixture(tar.FormatPAX, ""))
+	src := fixture.Tar(t, richFixture(tar.FormatPAX, ""))
 	var gz bytes.Buffer
 	zw := stdgzip.NewWriter(&gz)
 	zw.Write(src)
@@ -512,7 +514,7 @@ func TestBuildInputCompression(t *testing.T) {
 }
 
 func TestBuildRebuild(t *testing.T) {
-	src := tarOf(t, richFixture(tar.FormatPAX, "./"))
+	src := fixture.Tar(t, richFixture(tar.FormatPAX, "./"))
 	for _, first := range compressions {
 		for _, second := range compressions {
 			t.Run(first.String()+"->"+second.String(), func(t *testing.T) {
@@ -521,19 +523,19 @@ func TestBuildRebuild(t *testing.T) {
 				blob2, res := build(t, blob1, opts)
 				// The rebuilt blob holds what the first one held, with
 				// one new TOC and landmark (checkBuilt counts them).
-				plain1 := readTar(t, bytes.NewReader(decompressAll(t, first, blob1)))
-				var src1 []srcEntry
+				plain1 := fixture.Read(t, (decompressAll(t, first, blob1)))
+				var src1 []fixture.Entry
 				for _, e := range plain1 {
-					switch e.H.Name {
+					switch e.Header.Name {
 					case TOCTarName, PrefetchLandmark, NoPrefetchLandmark:
 						continue
 					}
 					src1 = append(src1, e)
 				}
-				plainSrc := tarOfEntries(t, src1)
+				plainSrc := fixture.Tar(t, src1)
 				checkBuilt(t, plainSrc, blob2, res, opts)
 				r := openBlob(t, blob2, OpenOptions{})
-				checkIndexAgainstTar(t, r, readTar(t, bytes.NewReader(src)), compareOpts{chunkSize: 2 * testChunk})
+				checkIndexAgainstTar(t, r, fixture.Read(t, (src)), compareOpts{chunkSize: 2 * testChunk})
 				if _, ok := r.Lookup(TOCTarName); ok {
 					t.Errorf("the old TOC is a file of the rebuilt layer")
 				}
@@ -545,21 +547,12 @@ func TestBuildRebuild(t *testing.T) {
 	}
 }
 
-// tarOfEntries re-serializes read entries (keeping their formats).
-func tarOfEntries(t testing.TB, ents []srcEntry) []byte {
-	var fxs []fx
-	for _, e := range ents {
-		fxs = append(fxs, fx{H: *e.H, Data: e.Data})
-	}
-	return tarOf(t, fxs)
-}
-
 func TestBuildChunkBoundariesDefaultSize(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds 4 MiB chunks")
 	}
 	// Cheap-to-compress content: what matters here is the sizes.
-	var ents []fx
+	var ents []fixture.Entry
 	for _, n := range []int{DefaultChunkSize - 1, DefaultChunkSize, DefaultChunkSize + 1} {
 		data := make([]byte, n)
 		for i := 0; i+4 <= n; i += 4096 {
@@ -567,7 +560,7 @@ func TestBuildChunkBoundariesDefaultSize(t *testing.T) {
 		}
 		ents = append(ents, regFx(fmt.Sprintf("f%d", n), data))
 	}
-	src := tarOf(t, ents)
+	src := fixture.Tar(t, ents)
 	for _, comp := range compressions {
 		t.Run(comp.String(), func(t *testing.T) {
 			opts := BuildOptions{Compression: comp, Level: 1}
@@ -578,7 +571,7 @@ func TestBuildChunkBoundariesDefaultSize(t *testing.T) {
 }
 
 func TestBuildPrioritized(t *testing.T) {
-	ents := []fx{
+	ents := []fixture.Entry{
 		dirFx("etc/"),
 		regFx("etc/passwd", []byte("root:x:0:0::/root:/bin/sh\n")),
 		dirFx("usr/"),
@@ -592,7 +585,7 @@ func TestBuildPrioritized(t *testing.T) {
 		regFx("late", []byte("v1")),
 		regFx("late", []byte("v2")),
 	}
-	src := tarOf(t, ents)
+	src := fixture.Tar(t, ents)
 	prio := []string{"usr/bin/app", "/missing/file", "usr/bin/app-link", "./implicit/parent/file", "late", "../escape"}
 	for _, comp := range compressions {
 		t.Run(comp.String(), func(t *testing.T) {
@@ -645,7 +638,7 @@ func TestBuildPrioritized(t *testing.T) {
 // The rich fixture through the spooling (prioritized) path: duplicates,
 // replaced directories and hardlinks are resolved there too.
 func TestBuildPrioritizedRich(t *testing.T) {
-	src := tarOf(t, richFixture(tar.FormatPAX, "./"))
+	src := fixture.Tar(t, richFixture(tar.FormatPAX, "./"))
 	prio := []string{"bin/hard-chunked", "implicit", "f2d/inside", "d2f/gone", "dup", "dir/sub/size-4095"}
 	for _, comp := range compressions {
 		t.Run(comp.String(), func(t *testing.T) {
@@ -664,7 +657,7 @@ func TestBuildPrioritizedRich(t *testing.T) {
 }
 
 func TestBuildPrioritizedNoneFound(t *testing.T) {
-	src := tarOf(t, []fx{regFx("a", []byte("a")), regFx("b", []byte("b"))})
+	src := fixture.Tar(t, []fixture.Entry{regFx("a", []byte("a")), regFx("b", []byte("b"))})
 	opts := BuildOptions{Prioritized: []string{"x", "y"}, TempDir: t.TempDir()}
 	blob, res := build(t, src, opts)
 	r := checkBuilt(t, src, blob, res, opts)
@@ -680,7 +673,7 @@ func TestBuildPrioritizedNoneFound(t *testing.T) {
 }
 
 func TestBuildEmptyLayer(t *testing.T) {
-	src := tarOf(t, nil)
+	src := fixture.Tar(t, nil)
 	for _, comp := range compressions {
 		opts := BuildOptions{Compression: comp}
 		blob, res := build(t, src, opts)
@@ -697,13 +690,13 @@ func TestBuildDeterministic(t *testing.T) {
 	for i := range 100 {
 		n := rng.Intn(3 * testChunk)
 		if i%5 == 0 {
-			ents = append(ents, regFx(fmt.Sprintf("many/r%03d", i), randData(rng, n)))
+			ents = append(ents, regFx(fmt.Sprintf("many/r%03d", i), fixture.RandomFrom(rng, n)))
 		} else {
-			ents = append(ents, regFx(fmt.Sprintf("many/t%03d", i), textData(rng, n)))
+			ents = append(ents, regFx(fmt.Sprintf("many/t%03d", i), fixture.TextFrom(rng, n)))
 		}
 		ents = append(ents, symFx(fmt.Sprintf("many/s%03d", i), "t000"))
 	}
-	src := tarOf(t, ents)
+	src := fixture.Tar(t, ents)
 	for _, comp := range compressions {
 		for _, prio := range [][]string{nil, {"many/t010", "dir/small"}} {
 			t.Run(fmt.Sprintf("%v/prio=%d", comp, len(prio)), func(t *testing.T) {
@@ -728,7 +721,7 @@ func TestBuildDeterministic(t *testing.T) {
 }
 
 func TestBuildLevels(t *testing.T) {
-	src := tarOf(t, richFixture(tar.FormatPAX, ""))
+	src := fixture.Tar(t, richFixture(tar.FormatPAX, ""))
 	for _, tc := range []struct {
 		comp  Compression
 		level int
@@ -758,7 +751,7 @@ func TestBuildLevels(t *testing.T) {
 
 func TestBuildProgress(t *testing.T) {
 	rng := rand.New(rand.NewSource(1))
-	src := tarOf(t, []fx{regFx("big", textData(rng, 9<<20))})
+	src := fixture.Tar(t, []fixture.Entry{regFx("big", fixture.TextFrom(rng, 9<<20))})
 	var calls []int64
 	_, err := Build(context.Background(), io.Discard, bytes.NewReader(src), BuildOptions{Level: 1, Progress: func(n int64) { calls = append(calls, n) }})
 	if err != nil {
@@ -770,7 +763,7 @@ func TestBuildProgress(t *testing.T) {
 }
 
 func TestBuildBadInput(t *testing.T) {
-	good := tarOf(t, []fx{regFx("a", bytes.Repeat([]byte("x"), 3000))})
+	good := fixture.Tar(t, []fixture.Entry{regFx("a", bytes.Repeat([]byte("x"), 3000))})
 	for name, tc := range map[string]struct {
 		in   []byte
 		prio []string
@@ -779,11 +772,11 @@ func TestBuildBadInput(t *testing.T) {
 		"truncated payload":         {in: good[:1024], want: "a"},
 		"truncated payload spooled": {in: good[:1024], prio: []string{"a"}, want: "a"},
 		"not gzip":                  {in: []byte{0x1f, 0x8b, 0, 0, 0, 0}, want: "gzip"},
-		"unsafe name":               {in: tarOf(t, []fx{regFx("../evil", []byte("x"))}), want: ".."},
-		"unsafe hardlink":           {in: tarOf(t, []fx{linkFx("l", "../../etc/shadow")}), want: ".."},
-		"unsafe name spooled":       {in: tarOf(t, []fx{regFx("a/../../evil", []byte("x"))}), prio: []string{"a"}, want: ".."},
-		"unsupported type":          {in: tarOf(t, []fx{{H: tar.Header{Name: "x", Typeflag: 'Z', Mode: 0o644}}}), want: "unsupported"},
-		"name over PATH_MAX":        {in: tarOf(t, []fx{regFx(strings.Repeat("abcdefg/", 513)+"f", []byte("x"))}), want: "longer than 4096"},
+		"unsafe name":               {in: fixture.Tar(t, []fixture.Entry{regFx("../evil", []byte("x"))}), want: ".."},
+		"unsafe hardlink":           {in: fixture.Tar(t, []fixture.Entry{linkFx("l", "../../etc/shadow")}), want: ".."},
+		"unsafe name spooled":       {in: fixture.Tar(t, []fixture.Entry{regFx("a/../../evil", []byte("x"))}), prio: []string{"a"}, want: ".."},
+		"unsupported type":          {in: fixture.Tar(t, []fixture.Entry{{Header: tar.Header{Name: "x", Typeflag: 'Z', Mode: 0o644}}}), want: "unsupported"},
+		"name over PATH_MAX":        {in: fixture.Tar(t, []fixture.Entry{regFx(strings.Repeat("abcdefg/", 513)+"f", []byte("x"))}), want: "longer than 4096"},
 		"garbage":                   {in: bytes.Repeat([]byte("garbage!"), 200), want: "tar"},
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -807,11 +800,11 @@ func (w *failWriter) Write(p []byte) (int, error) {
 
 func TestBuildWriteError(t *testing.T) {
 	rng := rand.New(rand.NewSource(1))
-	var ents []fx
+	var ents []fixture.Entry
 	for i := range 50 {
-		ents = append(ents, regFx(fmt.Sprint(i), randData(rng, 5000)))
+		ents = append(ents, regFx(fmt.Sprint(i), fixture.RandomFrom(rng, 5000)))
 	}
-	src := tarOf(t, ents)
+	src := fixture.Tar(t, ents)
 	for _, limit := range []int{0, 10000, 200000} {
 		_, err := Build(context.Background(), &failWriter{limit: limit}, bytes.NewReader(src), BuildOptions{ChunkSize: testChunk})
 		if err == nil || !strings.Contains(err.Error(), "disk full") {
@@ -880,7 +873,7 @@ func TestBuildCancel(t *testing.T) {
 	// A context cancelled up front stops Build at once.
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	src := tarOf(t, richFixture(tar.FormatPAX, ""))
+	src := fixture.Tar(t, richFixture(tar.FormatPAX, ""))
 	if _, err := Build(ctx, io.Discard, bytes.NewReader(src), BuildOptions{}); !errors.Is(err, context.Canceled) {
 		t.Errorf("pre-cancelled Build returned %v", err)
 	}
@@ -891,7 +884,7 @@ func TestBuildTOCJSONFields(t *testing.T) {
 	h := tar.Header{Typeflag: tar.TypeChar, Name: "dev/c", Mode: 0o600, Devmajor: 5, Devminor: 1, Uid: 3, Gid: 4,
 		Uname: "u", Gname: "g", ModTime: fixtureTime, Format: tar.FormatPAX,
 		PAXRecords: map[string]string{"SCHILY.xattr.user.a": "b"}}
-	src := tarOf(t, []fx{{H: h}, regFx("f", []byte("data")), symFx("s", "f"), linkFx("h", "f")})
+	src := fixture.Tar(t, []fixture.Entry{{Header: h}, regFx("f", []byte("data")), symFx("s", "f"), linkFx("h", "f")})
 	blob, _ := build(t, src, BuildOptions{})
 	tocJSON, _, _ := rawTOC(t, Gzip, blob)
 	var raw struct {

@@ -14,8 +14,10 @@ import (
 
 	upstream "github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
-	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/lazypull/lazypull/internal/fixture"
+	fupstream "github.com/lazypull/lazypull/internal/fixture/upstream"
 )
 
 // compatFixture is a layer without duplicate names (the two builders
@@ -24,74 +26,48 @@ import (
 func compatFixture(t testing.TB) []byte {
 	rng := rand.New(rand.NewSource(11))
 	sub := time.Date(2022, 3, 4, 5, 6, 7, 500000000, time.UTC)
-	own := func(f fx, uid int, uname string) fx {
-		f.H.Uid, f.H.Gid, f.H.Uname, f.H.Gname = uid, uid, uname, uname
+	own := func(f fixture.Entry, uid int, uname string) fixture.Entry {
+		f.Header.Uid, f.Header.Gid, f.Header.Uname, f.Header.Gname = uid, uid, uname, uname
 		return f
 	}
-	ents := []fx{
+	ents := []fixture.Entry{
 		dirFx("./"),
 		dirFx("./etc/"),
 		own(regFx("./etc/hostname", []byte("box\n")), 2, "daemon"),
-		own(regFx("./etc/passwd", textData(rng, 700)), 2, "daemon"),
+		own(regFx("./etc/passwd", fixture.TextFrom(rng, 700)), 2, "daemon"),
 		own(regFx("./etc/empty", nil), 2, "daemon"),
 		dirFx("./home/"),
 		own(dirFx("./home/user/"), 1000, "user"),
-		own(regFx("./home/user/notes.txt", textData(rng, 10000)), 1000, "user"),
-		own(regFx("./home/user/blob.bin", randData(rng, 9000)), 1000, "user"),
-		own(regFx("./home/user/other", textData(rng, 300)), 1000, "user"),
+		own(regFx("./home/user/notes.txt", fixture.TextFrom(rng, 10000)), 1000, "user"),
+		own(regFx("./home/user/blob.bin", fixture.RandomFrom(rng, 9000)), 1000, "user"),
+		own(regFx("./home/user/other", fixture.TextFrom(rng, 300)), 1000, "user"),
 		own(symFx("./home/user/link", "notes.txt"), 1000, "user"),
 		linkFx("./home/user/hard", "./home/user/notes.txt"),
 		dirFx("./usr/"),
 		dirFx("./usr/bin/"),
-		regFx("./usr/bin/app", textData(rng, 3*4096+17)),
-		regFx("./usr/bin/tool", randData(rng, 4096)),
+		regFx("./usr/bin/app", fixture.TextFrom(rng, 3*4096+17)),
+		regFx("./usr/bin/tool", fixture.RandomFrom(rng, 4096)),
 		regFx("./usr/bin/tiny1", []byte("1")),
 		regFx("./usr/bin/tiny2", []byte("22")),
-		regFx("./usr/bin/tiny3", textData(rng, 100)),
+		regFx("./usr/bin/tiny3", fixture.TextFrom(rng, 100)),
 		dirFx("./dev/"),
-		{H: tar.Header{Typeflag: tar.TypeChar, Name: "./dev/tty", Mode: 0o666, Devmajor: 5, Devminor: 0, ModTime: fixtureTime}},
-		{H: tar.Header{Typeflag: tar.TypeBlock, Name: "./dev/loop0", Mode: 0o660, Devmajor: 7, Devminor: 0, ModTime: fixtureTime}},
-		{H: tar.Header{Typeflag: tar.TypeFifo, Name: "./dev/initctl", Mode: 0o600, ModTime: fixtureTime}},
-		{H: tar.Header{Typeflag: tar.TypeReg, Name: "./xattr", Mode: 0o4755, ModTime: sub, Format: tar.FormatPAX,
+		{Header: tar.Header{Typeflag: tar.TypeChar, Name: "./dev/tty", Mode: 0o666, Devmajor: 5, Devminor: 0, ModTime: fixtureTime}},
+		{Header: tar.Header{Typeflag: tar.TypeBlock, Name: "./dev/loop0", Mode: 0o660, Devmajor: 7, Devminor: 0, ModTime: fixtureTime}},
+		{Header: tar.Header{Typeflag: tar.TypeFifo, Name: "./dev/initctl", Mode: 0o600, ModTime: fixtureTime}},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./xattr", Mode: 0o4755, ModTime: sub, Format: tar.FormatPAX,
 			PAXRecords: map[string]string{"SCHILY.xattr.user.k": "v", "SCHILY.xattr.security.selinux": "system_u:object_r:bin_t:s0\x00"}},
 			Data: []byte("xattr file")},
 		regFx("./.wh.removed", nil),
-		regFx("./large", textData(rng, 40000)),
+		regFx("./large", fixture.TextFrom(rng, 40000)),
 	}
-	return tarOf(t, ents)
-}
-
-func upstreamBuild(t testing.TB, src []byte, opts ...upstream.Option) ([]byte, digest.Digest, digest.Digest) {
-	t.Helper()
-	b, err := upstream.Build(io.NewSectionReader(bytes.NewReader(src), 0, int64(len(src))), opts...)
-	if err != nil {
-		t.Fatalf("upstream Build: %v", err)
-	}
-	defer b.Close()
-	blob, err := io.ReadAll(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return blob, b.TOCDigest(), b.DiffID()
-}
-
-// zstdCompression pairs upstream's zstd:chunked compressor and
-// decompressor into the upstream Compression interface.
-type zstdCompression struct {
-	*zstdchunked.Compressor
-	*zstdchunked.Decompressor
-}
-
-func upstreamZstd() upstream.Option {
-	return upstream.WithCompression(&zstdCompression{
-		&zstdchunked.Compressor{CompressionLevel: zstd.SpeedDefault}, &zstdchunked.Decompressor{}})
+	return fixture.Tar(t, ents)
 }
 
 // Blobs built by upstream open, verify and read back identically with our
 // reader.
 func TestUpstreamBlobsWithOurReader(t *testing.T) {
 	src := compatFixture(t)
-	srcEnts := readTar(t, bytes.NewReader(src))
+	srcEnts := fixture.Read(t, (src))
 	type cfg struct {
 		chunk, minChunk int
 		prio            []string
@@ -109,21 +85,11 @@ func TestUpstreamBlobsWithOurReader(t *testing.T) {
 		for _, c := range cfgs {
 			t.Run(fmt.Sprintf("%v/chunk=%d/min=%d/prio=%d", comp, c.chunk, c.minChunk, len(c.prio)), func(t *testing.T) {
 				t.Parallel()
-				var opts []upstream.Option
-				if comp == Zstd {
-					opts = append(opts, upstreamZstd())
-				}
-				if c.chunk > 0 {
-					opts = append(opts, upstream.WithChunkSize(c.chunk))
-				}
-				if c.minChunk > 0 {
-					opts = append(opts, upstream.WithMinChunkSize(c.minChunk))
-				}
 				var missed []string
-				if c.prio != nil {
-					opts = append(opts, upstream.WithPrioritizedFiles(c.prio), upstream.WithAllowPrioritizeNotFound(&missed))
-				}
-				blob, tocDigest, diffID := upstreamBuild(t, src, opts...)
+				ub := fupstream.Build(t, src, fupstream.Options{
+					Zstd: comp == Zstd, ChunkSize: c.chunk, MinChunkSize: c.minChunk, Prioritized: c.prio, Missing: &missed,
+				})
+				blob, tocDigest, diffID := ub.Data, ub.TOCDigest, ub.DiffID
 				if got := digest.FromBytes(decompressAll(t, comp, blob)); got != diffID {
 					t.Fatalf("upstream DiffID %s, blob decompresses to %s", diffID, got)
 				}
@@ -182,10 +148,10 @@ func TestUpstreamBlobsWithOurReader(t *testing.T) {
 func TestOurBlobsWithUpstreamReader(t *testing.T) {
 	srcs := map[string][]byte{
 		"compat": compatFixture(t),
-		"rich":   tarOf(t, richFixture(tar.FormatPAX, "./")),
+		"rich":   fixture.Tar(t, richFixture(tar.FormatPAX, "./")),
 	}
 	for name, src := range srcs {
-		srcEnts := readTar(t, bytes.NewReader(src))
+		srcEnts := fixture.Read(t, (src))
 		for _, comp := range compressions {
 			for _, chunk := range []int64{1000, 4096, 0} {
 				for _, prio := range [][]string{nil, {"etc/passwd", "usr/bin/app", "dir/hard"}} {
@@ -200,7 +166,7 @@ func TestOurBlobsWithUpstreamReader(t *testing.T) {
 	}
 }
 
-func checkUpstreamReads(t *testing.T, comp Compression, blob []byte, res *BuildResult, srcEnts []srcEntry) {
+func checkUpstreamReads(t *testing.T, comp Compression, blob []byte, res *BuildResult, srcEnts []fixture.Entry) {
 	t.Helper()
 	sr := io.NewSectionReader(bytes.NewReader(blob), 0, int64(len(blob)))
 	ur, err := upstream.Open(sr, upstream.WithDecompressors(new(zstdchunked.Decompressor)))
@@ -237,7 +203,7 @@ func checkUpstreamReads(t *testing.T, comp Compression, blob []byte, res *BuildR
 	if comp == Zstd && digest.FromBytes(unpacked) != res.DiffID {
 		t.Errorf("upstream unpacks a stream of digest %s, DiffID is %s", digest.FromBytes(unpacked), res.DiffID)
 	}
-	if !bytes.HasPrefix(plain, unpacked) || len(readTar(t, bytes.NewReader(unpacked))) == 0 {
+	if !bytes.HasPrefix(plain, unpacked) || len(fixture.Read(t, (unpacked))) == 0 {
 		t.Errorf("upstream unpacks %d bytes that are not a tar prefix of the %d-byte stream", len(unpacked), len(plain))
 	}
 
@@ -250,7 +216,7 @@ func checkUpstreamReads(t *testing.T, comp Compression, blob []byte, res *BuildR
 			t.Errorf("%q: upstream cannot find it", name)
 			continue
 		}
-		hh := e.H
+		hh := &e.Header
 		if hh.Typeflag == tar.TypeLink {
 			te, _ := ur.Lookup(mustClean(t, hh.Linkname))
 			if te != ue {

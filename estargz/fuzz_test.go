@@ -15,6 +15,8 @@ import (
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/lazypull/lazypull/internal/fixture"
 )
 
 // Fuzz targets. Each must never panic and must report bad input as an
@@ -243,7 +245,7 @@ func tocSeeds(tb testing.TB) []tocSeed {
 	overlap := baseTOC()
 	overlap.Entries[4].ChunkOffset = 5
 	overlapJ, _ := json.Marshal(overlap)
-	src := tarOf(tb, richFixture(tar.FormatPAX, "./"))
+	src := fixture.Tar(tb, richFixture(tar.FormatPAX, "./"))
 	blob, _ := build(tb, src, BuildOptions{ChunkSize: testChunk})
 	tocJ, _, off := rawTOC(tb, Gzip, blob)
 	return []tocSeed{
@@ -262,7 +264,7 @@ func tocSeeds(tb testing.TB) []tocSeed {
 // blobSeeds are small blobs: valid gzip, zstd and legacy ones and a few
 // with problems.
 func blobSeeds(tb testing.TB) [][]byte {
-	src := tarOf(tb, []fx{
+	src := fixture.Tar(tb, []fixture.Entry{
 		dirFx("d/"),
 		regFx("d/a", []byte("hello, fuzzer")),
 		regFx("d/big", bytes.Repeat([]byte("0123456789abcdef"), 40)),

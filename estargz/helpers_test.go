@@ -16,7 +16,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand"
 	"path"
 	"slices"
 	"strconv"
@@ -26,81 +25,32 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
-)
 
-// fx is one tar entry of a fixture. For regular files Size is set from
-// Data.
-type fx struct {
-	H    tar.Header
-	Data []byte
-}
+	"github.com/lazypull/lazypull/internal/fixture"
+)
 
 var fixtureTime = time.Date(2024, 5, 17, 10, 20, 30, 0, time.UTC)
 
-func dirFx(name string) fx {
-	return fx{H: tar.Header{Typeflag: tar.TypeDir, Name: name, Mode: 0o755, ModTime: fixtureTime}}
+// plainFx is e at fixtureTime, without owner names and without a tar
+// format: the tar writer picks the simplest that fits, unless a fixture
+// sets Header.Format (USTAR, PAX or GNU per entry).
+func plainFx(e fixture.Entry) fixture.Entry {
+	e.Header.Format, e.Header.Uname, e.Header.Gname = tar.FormatUnknown, "", ""
+	return e.At(fixtureTime)
 }
 
-func regFx(name string, data []byte) fx {
-	return fx{H: tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, ModTime: fixtureTime}, Data: data}
+func dirFx(name string) fixture.Entry { return plainFx(fixture.Dir(name, 0o755)) }
+
+func regFx(name string, data []byte) fixture.Entry {
+	return plainFx(fixture.Reg(name, 0o644, data))
 }
 
-func symFx(name, target string) fx {
-	return fx{H: tar.Header{Typeflag: tar.TypeSymlink, Name: name, Linkname: target, Mode: 0o777, ModTime: fixtureTime}}
-}
+func symFx(name, target string) fixture.Entry { return plainFx(fixture.Symlink(name, target)) }
 
-func linkFx(name, target string) fx {
-	return fx{H: tar.Header{Typeflag: tar.TypeLink, Name: name, Linkname: target, Mode: 0o644, ModTime: fixtureTime}}
-}
-
-// tarOf writes entries as a tar archive. A Format set on the headers is
-// kept, so fixtures can pick USTAR, PAX or GNU per entry.
-func tarOf(t testing.TB, ents []fx) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, e := range ents {
-		h := e.H
-		if h.Typeflag == tar.TypeReg || h.Typeflag == tar.TypeRegA {
-			h.Size = int64(len(e.Data))
-		}
-		if err := tw.WriteHeader(&h); err != nil {
-			t.Fatalf("fixture %q: %v", h.Name, err)
-		}
-		if _, err := tw.Write(e.Data); err != nil {
-			t.Fatalf("fixture %q: %v", h.Name, err)
-		}
-	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-// srcEntry is an entry as read back from a tar stream.
-type srcEntry struct {
-	H    *tar.Header
-	Data []byte
-}
-
-func readTar(t testing.TB, r io.Reader) []srcEntry {
-	t.Helper()
-	var out []srcEntry
-	tr := tar.NewReader(r)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return out
-		}
-		if err != nil {
-			t.Fatalf("reading tar: %v", err)
-		}
-		data, err := io.ReadAll(tr)
-		if err != nil {
-			t.Fatalf("reading tar entry %q: %v", h.Name, err)
-		}
-		out = append(out, srcEntry{H: h, Data: data})
-	}
+func linkFx(name, target string) fixture.Entry {
+	e := plainFx(fixture.Hardlink(name, target))
+	e.Header.Mode = 0o644
+	return e
 }
 
 func mustClean(t testing.TB, name string) string {
@@ -117,20 +67,20 @@ func mustClean(t testing.TB, name string) string {
 // and a non-directory replacing a directory (explicit or implicit) removes
 // everything below it. Global headers are ignored. The result is keyed by
 // cleaned name, in first-kept order.
-func finalState(t testing.TB, ents []srcEntry) (map[string]srcEntry, []string) {
+func finalState(t testing.TB, ents []fixture.Entry) (map[string]fixture.Entry, []string) {
 	t.Helper()
-	m := map[string]srcEntry{}
+	m := map[string]fixture.Entry{}
 	var order []string
 	for _, e := range ents {
-		if e.H.Typeflag == tar.TypeXGlobalHeader {
+		if e.Header.Typeflag == tar.TypeXGlobalHeader {
 			continue
 		}
-		name := mustClean(t, e.H.Name)
+		name := mustClean(t, e.Header.Name)
 		switch name {
 		case TOCTarName, PrefetchLandmark, NoPrefetchLandmark:
 			continue
 		}
-		if e.H.Typeflag != tar.TypeDir {
+		if e.Header.Typeflag != tar.TypeDir {
 			for k := range m {
 				if strings.HasPrefix(k, name+"/") {
 					delete(m, k)
@@ -149,15 +99,14 @@ func finalState(t testing.TB, ents []srcEntry) (map[string]srcEntry, []string) {
 	return m, order
 }
 
+// xattrsOf is fixture.Xattrs with the values as bytes, as a TOC has them.
 func xattrsOf(h *tar.Header) map[string][]byte {
 	var m map[string][]byte
-	for k, v := range h.PAXRecords {
-		if x, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
-			if m == nil {
-				m = map[string][]byte{}
-			}
-			m[x] = []byte(v)
+	for k, v := range fixture.Xattrs(h) {
+		if m == nil {
+			m = map[string][]byte{}
 		}
+		m[k] = []byte(v)
 	}
 	return m
 }
@@ -195,12 +144,12 @@ type compareOpts struct {
 // tar against the opened blob: node attributes and, via OpenFile, content.
 // It also checks that the Index holds nothing else (besides implicit
 // parent directories and the landmark).
-func checkIndexAgainstTar(t *testing.T, r *Reader, src []srcEntry, co compareOpts) {
+func checkIndexAgainstTar(t *testing.T, r *Reader, src []fixture.Entry, co compareOpts) {
 	t.Helper()
 	want, order := finalState(t, src)
 	for _, name := range order {
 		e := want[name]
-		h := e.H
+		h := &e.Header
 		n, ok := r.Lookup(name)
 		if !ok {
 			t.Errorf("%q: missing from the index", name)
@@ -467,18 +416,6 @@ func decodeMemberAt(t testing.TB, comp Compression, blob []byte, off, inner, n i
 
 // --- assembling blobs with arbitrary TOCs ---
 
-// gzipMemberOf compresses p into one stdlib gzip member.
-func gzipMemberOf(t testing.TB, p []byte) []byte {
-	t.Helper()
-	var b bytes.Buffer
-	zw := stdgzip.NewWriter(&b)
-	zw.Write(p)
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return b.Bytes()
-}
-
 // handGzipFooter builds the 51-byte (or 47-byte legacy) footer by hand.
 func handGzipFooter(off int64, legacy bool) []byte {
 	b := []byte{0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff}
@@ -512,7 +449,7 @@ func assemble(t testing.TB, comp Compression, payload, tocJSON []byte, legacy bo
 		tw.WriteHeader(&tar.Header{Name: TOCTarName, Typeflag: tar.TypeReg, Size: int64(len(tocJSON)), Mode: 0o644})
 		tw.Write(tocJSON)
 		tw.Close()
-		blob = append(blob, gzipMemberOf(t, tb.Bytes())...)
+		blob = append(blob, fixture.Gzip(t, tb.Bytes())...)
 		blob = append(blob, handGzipFooter(off, legacy)...)
 	case Zstd:
 		enc, _ := zstd.NewWriter(nil)
@@ -590,35 +527,6 @@ func wantErr(t testing.TB, err error, kind error, subs ...string) {
 			t.Errorf("error %q does not mention %q", err, s)
 		}
 	}
-}
-
-// --- synthetic content ---
-
-var words = strings.Fields(`the quick brown fox jumps over lazy dog layer
-snapshot container image registry chunk digest verify mount overlay lower
-upper work fuse kernel inode dentry page cache prefetch landmark table
-contents offset member frame compressed plain bytes reader writer build
-open close lookup getattr xattr symlink hardlink device fifo socket func
-return error nil package import struct interface string int64 uint32`)
-
-// textData returns n bytes of compressible, text-like data.
-func textData(rng *rand.Rand, n int) []byte {
-	var b bytes.Buffer
-	for b.Len() < n {
-		b.WriteString(words[rng.Intn(len(words))])
-		if rng.Intn(12) == 0 {
-			b.WriteByte('\n')
-		} else {
-			b.WriteByte(' ')
-		}
-	}
-	return b.Bytes()[:n]
-}
-
-func randData(rng *rand.Rand, n int) []byte {
-	b := make([]byte, n)
-	rng.Read(b)
-	return b
 }
 
 func hexSum(p []byte) string {

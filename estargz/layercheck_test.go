@@ -1,7 +1,6 @@
 package estargz
 
 import (
-	"archive/tar"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -9,21 +8,21 @@ import (
 	"io"
 	"testing"
 
-	upstream "github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/lazypull/lazypull/internal/fixture"
+	"github.com/lazypull/lazypull/internal/fixture/upstream"
 )
 
 // checkFixture is a layer with every kind of entry the check compares.
-func checkFixture() []fx {
+func checkFixture() []fixture.Entry {
 	big := bytes.Repeat([]byte("0123456789abcdef"), 3000) // several chunks
-	x := regFx("etc/x.conf", []byte("x=1\n"))
-	x.H.Format = tar.FormatPAX
-	x.H.PAXRecords = map[string]string{"SCHILY.xattr.user.tag": "v"}
-	dev := fx{H: tar.Header{Typeflag: tar.TypeChar, Name: "dev/null", Mode: 0o666, Devmajor: 1, Devminor: 3, ModTime: fixtureTime}}
-	fifo := fx{H: tar.Header{Typeflag: tar.TypeFifo, Name: "run/fifo", Mode: 0o600, Uid: 7, Gid: 8, ModTime: fixtureTime}}
-	return []fx{
+	x := regFx("etc/x.conf", []byte("x=1\n")).X("user.tag", "v")
+	dev := fixture.Char("dev/null", 0o666, 1, 3).At(fixtureTime)
+	fifo := fixture.Fifo("run/fifo", 0o600).Own(7, 8).At(fixtureTime)
+	return []fixture.Entry{
 		dirFx("bin/"), regFx("bin/sh", []byte("#!shell\n")), regFx("bin/big", big),
 		linkFx("bin/big2", "bin/big"), symFx("bin/ls", "sh"),
 		dirFx("etc/"), x, dirFx("dev/"), dev, dirFx("run/"), fifo,
@@ -35,7 +34,7 @@ func checkFixture() []fx {
 func sha(p []byte) digest.Digest { return digest.FromBytes(p) }
 
 func TestCheckLayerHonest(t *testing.T) {
-	src := tarOf(t, checkFixture())
+	src := fixture.Tar(t, checkFixture())
 	for _, comp := range []Compression{Gzip, Zstd} {
 		for _, builder := range []string{"ours", "upstream"} {
 			t.Run(fmt.Sprintf("%s/%s", comp, builder), func(t *testing.T) {
@@ -44,12 +43,7 @@ func TestCheckLayerHonest(t *testing.T) {
 				case "ours":
 					blob, _ = build(t, src, BuildOptions{Compression: comp, ChunkSize: 4096})
 				default:
-					opts := upstreamChunkSize(4096)
-					if comp == Zstd {
-						blob, _, _ = upstreamBuild(t, src, opts, upstreamZstd())
-					} else {
-						blob, _, _ = upstreamBuild(t, src, opts)
-					}
+					blob = upstream.Build(t, src, upstream.Options{Zstd: comp == Zstd, ChunkSize: 4096}).Data
 				}
 				r := openBlob(t, blob, OpenOptions{})
 				diffID := sha(decompressAll(t, comp, blob))
@@ -89,7 +83,7 @@ func TestCheckLayerHonest(t *testing.T) {
 func TestCheckLayerTOCServesOtherContent(t *testing.T) {
 	for _, comp := range []Compression{Gzip, Zstd} {
 		t.Run(comp.String(), func(t *testing.T) {
-			src := tarOf(t, []fx{regFx("bin/x", []byte("good")), regFx("zz/y", []byte("evil"))})
+			src := fixture.Tar(t, []fixture.Entry{regFx("bin/x", []byte("good")), regFx("zz/y", []byte("evil"))})
 			blob, _ := build(t, src, BuildOptions{Compression: comp})
 			j, _, _ := rawTOC(t, comp, blob)
 			toc := parseTOCJSON(t, j)
@@ -121,7 +115,7 @@ func TestCheckLayerTOCServesOtherContent(t *testing.T) {
 }
 
 func TestCheckLayerDigests(t *testing.T) {
-	src := tarOf(t, checkFixture())
+	src := fixture.Tar(t, checkFixture())
 	blob, res := build(t, src, BuildOptions{})
 	r := openBlob(t, blob, OpenOptions{})
 	other := digest.FromString("other")
@@ -139,7 +133,7 @@ func TestCheckLayerDigests(t *testing.T) {
 // Every attribute the TOC serves is compared with the tar: change one at
 // a time in the TOC and the check names the entry and the attribute.
 func TestCheckLayerAttributes(t *testing.T) {
-	src := tarOf(t, checkFixture())
+	src := fixture.Tar(t, checkFixture())
 	for _, tc := range []struct {
 		name   string
 		entry  string
@@ -182,7 +176,7 @@ func TestCheckLayerAttributes(t *testing.T) {
 // a name repeated in the tar is compared by its last entry.
 func TestCheckLayerCoverage(t *testing.T) {
 	t.Run("tar has more", func(t *testing.T) {
-		src := tarOf(t, []fx{regFx("a", []byte("a")), regFx("hidden", []byte("payload"))})
+		src := fixture.Tar(t, []fixture.Entry{regFx("a", []byte("a")), regFx("hidden", []byte("payload"))})
 		blob, _ := build(t, src, BuildOptions{})
 		j, _, _ := rawTOC(t, Gzip, blob)
 		toc := parseTOCJSON(t, j)
@@ -199,7 +193,7 @@ func TestCheckLayerCoverage(t *testing.T) {
 		wantErr(t, err, ErrLayerMismatch, `"hidden"`, "the TOC does not")
 	})
 	t.Run("TOC has more", func(t *testing.T) {
-		src := tarOf(t, []fx{regFx("a", []byte("a"))})
+		src := fixture.Tar(t, []fixture.Entry{regFx("a", []byte("a"))})
 		blob, _ := build(t, src, BuildOptions{})
 		j, _, _ := rawTOC(t, Gzip, blob)
 		toc := parseTOCJSON(t, j)
@@ -210,7 +204,7 @@ func TestCheckLayerCoverage(t *testing.T) {
 		wantErr(t, err, ErrLayerMismatch, `"extra"`, "the tar does not")
 	})
 	t.Run("duplicates", func(t *testing.T) {
-		src := tarOf(t, []fx{regFx("a", []byte("first")), regFx("a", []byte("second"))})
+		src := fixture.Tar(t, []fixture.Entry{regFx("a", []byte("first")), regFx("a", []byte("second"))})
 		blob, _ := build(t, src, BuildOptions{})
 		r := openBlob(t, blob, OpenOptions{})
 		if _, err := CheckLayer(context.Background(), bytes.NewReader(blob), Gzip, r.Index, LayerDigests{Blob: sha(blob)}, CheckOptions{}); err != nil {
@@ -220,7 +214,7 @@ func TestCheckLayerCoverage(t *testing.T) {
 }
 
 func TestCheckLayerCancel(t *testing.T) {
-	blob, _ := build(t, tarOf(t, checkFixture()), BuildOptions{})
+	blob, _ := build(t, fixture.Tar(t, checkFixture()), BuildOptions{})
 	r := openBlob(t, blob, OpenOptions{})
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -232,7 +226,7 @@ func TestCheckLayerCancel(t *testing.T) {
 // FuzzCheckLayer feeds arbitrary bytes as the blob checked against a valid
 // index: no panic, no hang, and nothing passes unless it is the blob.
 func FuzzCheckLayer(f *testing.F) {
-	blob, _ := build(f, tarOf(f, checkFixture()), BuildOptions{ChunkSize: 4096})
+	blob, _ := build(f, fixture.Tar(f, checkFixture()), BuildOptions{ChunkSize: 4096})
 	r := openBlob(f, blob, OpenOptions{})
 	f.Add(blob)
 	f.Add(blob[:len(blob)/3])
@@ -249,8 +243,6 @@ func FuzzCheckLayer(f *testing.F) {
 		}
 	})
 }
-
-func upstreamChunkSize(n int) upstream.Option { return upstream.WithChunkSize(n) }
 
 // decompressAllOrNil returns the gzip-decompressed bytes of p, or nil if p
 // does not decompress.

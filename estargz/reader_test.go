@@ -3,6 +3,7 @@ package estargz
 import (
 	"archive/tar"
 	"bytes"
+	_ "crypto/sha512" // for digest.SHA512
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -13,14 +14,14 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
-
-	_ "crypto/sha512" // for digest.SHA512
 	"testing"
 	"time"
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/lazypull/lazypull/internal/fixture"
 )
 
 // --- ParseTOC validation ---
@@ -378,7 +379,7 @@ func TestParseFooterInvalid(t *testing.T) {
 	}
 	rng := rand.New(rand.NewSource(5))
 	for range 1000 {
-		tail := randData(rng, 51+rng.Intn(100))
+		tail := fixture.RandomFrom(rng, 51+rng.Intn(100))
 		_, err := ParseFooter(tail, 1<<20)
 		wantErr(t, err, ErrNotEStargz)
 	}
@@ -401,13 +402,13 @@ func (c *countingReaderAt) ReadAt(p []byte, off int64) (int, error) {
 
 func TestOpenReadCount(t *testing.T) {
 	rng := rand.New(rand.NewSource(9))
-	var ents []fx
+	var ents []fixture.Entry
 	for i := range 800 {
-		ents = append(ents, regFx(fmt.Sprintf("dir%d/file-with-a-longish-name-%d", i%50, i), textData(rng, 10+rng.Intn(200))))
+		ents = append(ents, regFx(fmt.Sprintf("dir%d/file-with-a-longish-name-%d", i%50, i), fixture.TextFrom(rng, 10+rng.Intn(200))))
 	}
-	ents = append(ents, regFx("big", randData(rng, 400<<10)))
-	src := tarOf(t, ents)
-	smallSrc := tarOf(t, richFixture(tar.FormatPAX, ""))
+	ents = append(ents, regFx("big", fixture.RandomFrom(rng, 400<<10)))
+	src := fixture.Tar(t, ents)
+	smallSrc := fixture.Tar(t, richFixture(tar.FormatPAX, ""))
 	for _, comp := range compressions {
 		blob, _ := build(t, src, BuildOptions{Compression: comp, ChunkSize: 64 << 10, Level: 1})
 		small, _ := build(t, smallSrc, BuildOptions{Compression: comp, Level: 1})
@@ -446,7 +447,7 @@ func TestOpenReadCount(t *testing.T) {
 }
 
 func TestOpenLegacyFooter(t *testing.T) {
-	src := tarOf(t, richFixture(tar.FormatPAX, ""))
+	src := fixture.Tar(t, richFixture(tar.FormatPAX, ""))
 	blob, _ := build(t, src, BuildOptions{ChunkSize: testChunk})
 	tocJ, _, off := rawTOC(t, Gzip, blob)
 	legacy := assemble(t, Gzip, blob[:off], tocJ, true)
@@ -460,7 +461,7 @@ func TestOpenLegacyFooter(t *testing.T) {
 	if err := r.Verify(); err != nil {
 		t.Fatal(err)
 	}
-	checkIndexAgainstTar(t, r, readTar(t, bytes.NewReader(src)), compareOpts{chunkSize: testChunk})
+	checkIndexAgainstTar(t, r, fixture.Read(t, (src)), compareOpts{chunkSize: testChunk})
 	// The legacy blob is still a valid tar.gz.
 	if got := decompressAll(t, Gzip, legacy); !bytes.Equal(got, decompressAll(t, Gzip, assemble(t, Gzip, blob[:off], tocJ, false))) {
 		t.Errorf("legacy blob decompresses differently")
@@ -468,7 +469,7 @@ func TestOpenLegacyFooter(t *testing.T) {
 }
 
 func TestOpenInvalid(t *testing.T) {
-	src := tarOf(t, []fx{regFx("a", []byte("hello")), regFx("b", bytes.Repeat([]byte("b"), 5000))})
+	src := fixture.Tar(t, []fixture.Entry{regFx("a", []byte("hello")), regFx("b", bytes.Repeat([]byte("b"), 5000))})
 	for _, comp := range compressions {
 		blob, res := build(t, src, BuildOptions{Compression: comp})
 		tocJ, compressed, off := rawTOC(t, comp, blob)
@@ -526,27 +527,27 @@ func TestOpenInvalid(t *testing.T) {
 		return err
 	}
 	wantErr(t, open(withMember([]byte("not a gzip member at all")), Limits{}), ErrFormat, "not gzip")
-	wantErr(t, open(withMember(gzipMemberOf(t, []byte("short"))), Limits{}), ErrFormat, "TOC tar header")
-	wantErr(t, open(withMember(gzipMemberOf(t, tarWith(&tar.Header{Name: "other.json", Typeflag: tar.TypeReg, Size: 2}, []byte("{}")))), Limits{}),
+	wantErr(t, open(withMember(fixture.Gzip(t, []byte("short"))), Limits{}), ErrFormat, "TOC tar header")
+	wantErr(t, open(withMember(fixture.Gzip(t, tarWith(&tar.Header{Name: "other.json", Typeflag: tar.TypeReg, Size: 2}, []byte("{}")))), Limits{}),
 		ErrFormat, `"other.json"`, TOCTarName)
-	wantErr(t, open(withMember(gzipMemberOf(t, tarWith(&tar.Header{Name: TOCTarName, Typeflag: tar.TypeDir}, nil))), Limits{}),
+	wantErr(t, open(withMember(fixture.Gzip(t, tarWith(&tar.Header{Name: TOCTarName, Typeflag: tar.TypeDir}, nil))), Limits{}),
 		ErrFormat, "regular file")
 	// The header claims more than the limit: rejected before reading.
 	big := tarWith(&tar.Header{Name: TOCTarName, Typeflag: tar.TypeReg, Size: 1 << 32}, nil)
-	wantErr(t, open(withMember(gzipMemberOf(t, big[:512])), Limits{}), ErrTOCTooLarge, "limit")
+	wantErr(t, open(withMember(fixture.Gzip(t, big[:512])), Limits{}), ErrTOCTooLarge, "limit")
 	// The header claims more than the member holds (but within the
 	// limit): an error, without allocating the claimed size.
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
 	hdr := tarWith(&tar.Header{Name: TOCTarName, Typeflag: tar.TypeReg, Size: 100 << 20}, nil)[:512]
-	wantErr(t, open(withMember(gzipMemberOf(t, append(hdr, tocJ...))), Limits{}), ErrFormat, "reading the TOC")
+	wantErr(t, open(withMember(fixture.Gzip(t, append(hdr, tocJ...))), Limits{}), ErrFormat, "reading the TOC")
 	runtime.ReadMemStats(&after)
 	if a := after.TotalAlloc - before.TotalAlloc; a > 20<<20 {
 		t.Errorf("a TOC header claiming 100 MiB made Open allocate %d bytes", a)
 	}
 	// Trailing garbage after the TOC entry inside its member is ignored,
 	// a corrupt member is not.
-	m := gzipMemberOf(t, tarWith(&tar.Header{Name: TOCTarName, Typeflag: tar.TypeReg, Size: int64(len(tocJ))}, tocJ))
+	m := fixture.Gzip(t, tarWith(&tar.Header{Name: TOCTarName, Typeflag: tar.TypeReg, Size: int64(len(tocJ))}, tocJ))
 	m[len(m)/2] ^= 0xff
 	if err := open(withMember(m), Limits{}); !errors.Is(err, ErrFormat) {
 		t.Errorf("corrupt TOC member: %v", err)
@@ -554,7 +555,7 @@ func TestOpenInvalid(t *testing.T) {
 }
 
 func TestOpenZstdTOCLimits(t *testing.T) {
-	src := tarOf(t, []fx{regFx("a", []byte("hello"))})
+	src := fixture.Tar(t, []fixture.Entry{regFx("a", []byte("hello"))})
 	blob, _ := build(t, src, BuildOptions{Compression: Zstd})
 	tocJ, _, off := rawTOC(t, Zstd, blob)
 	payload := blob[:off-8]
@@ -715,7 +716,7 @@ func TestDecodeChunkBomb(t *testing.T) {
 }
 
 func TestReadChunkOutsideBlob(t *testing.T) {
-	blob, _ := build(t, tarOf(t, []fx{regFx("a", []byte("abc"))}), BuildOptions{})
+	blob, _ := build(t, fixture.Tar(t, []fixture.Entry{regFx("a", []byte("abc"))}), BuildOptions{})
 	r := openBlob(t, blob, OpenOptions{})
 	n, _ := r.Lookup("a")
 	for _, c := range []Chunk{
@@ -741,10 +742,10 @@ func TestReadChunkOutsideBlob(t *testing.T) {
 
 func TestVerifyDetectsCorruption(t *testing.T) {
 	rng := rand.New(rand.NewSource(4))
-	src := tarOf(t, []fx{
-		regFx("a", textData(rng, 3000)),
-		regFx("b", textData(rng, 3*testChunk+5)),
-		regFx("c", textData(rng, 3000)),
+	src := fixture.Tar(t, []fixture.Entry{
+		regFx("a", fixture.TextFrom(rng, 3000)),
+		regFx("b", fixture.TextFrom(rng, 3*testChunk+5)),
+		regFx("c", fixture.TextFrom(rng, 3000)),
 		linkFx("h", "b"),
 	})
 	for _, comp := range compressions {

@@ -32,7 +32,7 @@ import (
 	"github.com/lazypull/lazypull/cache"
 	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/fs/fstest"
+	"github.com/lazypull/lazypull/internal/fixture"
 )
 
 const (
@@ -78,33 +78,33 @@ func buildBench(b *testing.B) (*benchTree, error) {
 	bt := &benchTree{work: work, local: filepath.Join(work, "local")}
 	benchState = bt // for the teardown, also when building fails
 	rng := rand.New(rand.NewSource(1))
-	entries := []fstest.Entry{fstest.Dir("./", 0o755)}
+	entries := []fixture.Entry{fixture.Dir("./", 0o755)}
 	for d := range benchDirs {
 		dir := fmt.Sprintf("d%02d", d)
-		entries = append(entries, fstest.Dir(dir+"/", 0o755))
+		entries = append(entries, fixture.Dir(dir+"/", 0o755))
 		bt.dirs = append(bt.dirs, dir)
 	}
 	for i := range benchSmallFiles {
 		// 512 B to 64 KiB, log-uniform: ~12 KiB on average.
 		size := int(512 * pow2(rng.Float64()*7))
 		p := fmt.Sprintf("d%02d/file-%04d.txt", i%benchDirs, i)
-		data := fstest.Text(int64(i), size)
-		entries = append(entries, fstest.Reg(p, 0o644, data))
+		data := fixture.Text(int64(i), size)
+		entries = append(entries, fixture.Reg(p, 0o644, data))
 		bt.small = append(bt.small, p)
 		bt.bytes += int64(size)
 	}
-	entries = append(entries, fstest.Dir("large/", 0o755))
+	entries = append(entries, fixture.Dir("large/", 0o755))
 	bt.dirs = append(bt.dirs, "large", ".")
 	for i := range benchLargeFiles {
 		p := fmt.Sprintf("large/blob-%d", i)
 		// Half random, half text: compresses like a typical binary.
-		data := append(fstest.Random(int64(1000+i), benchLargeSize/2), fstest.Text(int64(2000+i), benchLargeSize/2)...)
-		entries = append(entries, fstest.Reg(p, 0o755, data))
+		data := append(fixture.Random(int64(1000+i), benchLargeSize/2), fixture.Text(int64(2000+i), benchLargeSize/2)...)
+		entries = append(entries, fixture.Reg(p, 0o755, data))
 		bt.large = append(bt.large, p)
 		bt.bytes += benchLargeSize
 	}
 	for _, e := range entries {
-		p := fstest.Clean(e.Header.Name)
+		p := fixture.Clean(e.Header.Name)
 		bt.all = append(bt.all, p)
 		full := filepath.Join(bt.local, p)
 		if e.Header.Typeflag == '5' {
@@ -117,7 +117,7 @@ func buildBench(b *testing.B) (*benchTree, error) {
 			return nil, err
 		}
 	}
-	tarBytes := fstest.Tar(b, entries)
+	tarBytes := fixture.Tar(b, entries)
 	blobPath := filepath.Join(work, "layer.esgz")
 	f, err := os.Create(blobPath)
 	if err != nil {

@@ -13,7 +13,7 @@ import (
 	"time"
 
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/fs/fstest"
+	"github.com/lazypull/lazypull/internal/fixture"
 	"github.com/lazypull/lazypull/remote"
 	"github.com/lazypull/lazypull/remote/remotetest"
 )
@@ -22,10 +22,10 @@ const faultFetchTimeout = 3 * time.Second
 
 // faultLayer has files each fetched by a request of its own (read-ahead is
 // off in faultEnv).
-func faultLayer() []fstest.Entry {
-	e := []fstest.Entry{fstest.Dir("f/", 0o755)}
+func faultLayer() []fixture.Entry {
+	e := []fixture.Entry{fixture.Dir("f/", 0o755)}
 	for i := range 8 {
-		e = append(e, fstest.Reg(fmt.Sprintf("f/%d", i), 0o644, fstest.Random(int64(30+i), 40000)))
+		e = append(e, fixture.Reg(fmt.Sprintf("f/%d", i), 0o644, fixture.Random(int64(30+i), 40000)))
 	}
 	return e
 }
@@ -217,7 +217,7 @@ func TestExpiredRedirect(t *testing.T) {
 // all get the right bytes.
 func TestConcurrentReaders(t *testing.T) {
 	e := newEnv(t, envOptions{})
-	fx := newFixture(t, fstest.RichLayer(4096))
+	fx := newFixture(t, fixture.RichLayer(4096))
 	dir, m := e.mount(t, e.push(t, "concurrent", oursZstd.build(t, fx.tar, 4096, nil)))
 	files := fx.want.Files()
 	var wg sync.WaitGroup
@@ -228,7 +228,7 @@ func TestConcurrentReaders(t *testing.T) {
 				// Half the readers hammer the big files, the rest spread out.
 				p := files[(g*7+i*13)%len(files)]
 				if g%2 == 0 {
-					p = []string{fstest.RichLarge, fstest.RichText, fstest.RichMulti}[(g+i)%3]
+					p = []string{fixture.RichLarge, fixture.RichText, fixture.RichMulti}[(g+i)%3]
 				}
 				want := fx.want[p].Data
 				f, err := os.OpenFile(filepath.Join(dir, p), os.O_RDONLY|syscall.O_DIRECT, 0)
@@ -255,7 +255,7 @@ func TestConcurrentReaders(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	compareTree(t, dir, fx.want, fstest.CompareOptions{Extra: fstest.Landmarks})
+	compareTree(t, dir, fx.want, &fixture.DiffOptions{AllowExtra: fixture.Landmarks})
 	if st := m.Layer().Stats(); st.VerifyFailures != 0 {
 		t.Errorf("stats %+v", st)
 	}
@@ -267,9 +267,9 @@ func TestConcurrentMissesShareFetch(t *testing.T) {
 	const readers = 16
 	e := newEnv(t, envOptions{manager: lfs.ManagerOptions{Layer: lfs.LayerOptions{ReadAhead: -1}}})
 	chunk := 64 << 10
-	fx := newFixture(t, []fstest.Entry{
-		fstest.Reg("one", 0o644, fstest.Random(40, 4*chunk)),
-		fstest.Reg("two", 0o644, fstest.Random(41, 4*chunk)),
+	fx := newFixture(t, []fixture.Entry{
+		fixture.Reg("one", 0o644, fixture.Random(40, 4*chunk)),
+		fixture.Reg("two", 0o644, fixture.Random(41, 4*chunk)),
 	})
 	src := e.push(t, "shared", oursGzip.build(t, fx.tar, chunk, nil))
 	ctx := context.Background()

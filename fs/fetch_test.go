@@ -13,24 +13,24 @@ import (
 	"github.com/lazypull/lazypull/estargz"
 
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/fs/fstest"
+	"github.com/lazypull/lazypull/internal/fixture"
 	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 const fetchChunk = 16 << 10
 
 // fetchLayer has start-up files (fetchPrioritized) among others.
-func fetchLayer() []fstest.Entry {
-	e := []fstest.Entry{
-		fstest.Dir("app/", 0o755), fstest.Dir("app/lib/", 0o755), fstest.Dir("etc/", 0o755), fstest.Dir("rest/", 0o755),
-		fstest.Reg("app/start", 0o755, fstest.Random(50, 60000)),
-		fstest.Reg("app/lib/big", 0o644, fstest.Random(51, 5*fetchChunk+3)),
-		fstest.Reg("app/other", 0o644, fstest.Random(52, 300000)),
-		fstest.Reg("etc/conf", 0o644, fstest.Text(53, 500)),
-		fstest.Hardlink("app/lib/big.1", "app/lib/big"),
+func fetchLayer() []fixture.Entry {
+	e := []fixture.Entry{
+		fixture.Dir("app/", 0o755), fixture.Dir("app/lib/", 0o755), fixture.Dir("etc/", 0o755), fixture.Dir("rest/", 0o755),
+		fixture.Reg("app/start", 0o755, fixture.Random(50, 60000)),
+		fixture.Reg("app/lib/big", 0o644, fixture.Random(51, 5*fetchChunk+3)),
+		fixture.Reg("app/other", 0o644, fixture.Random(52, 300000)),
+		fixture.Reg("etc/conf", 0o644, fixture.Text(53, 500)),
+		fixture.Hardlink("app/lib/big.1", "app/lib/big"),
 	}
 	for i := range 40 {
-		e = append(e, fstest.Reg(fmt.Sprintf("rest/%02d", i), 0o644, fstest.Random(int64(60+i), 20000)))
+		e = append(e, fixture.Reg(fmt.Sprintf("rest/%02d", i), 0o644, fixture.Random(int64(60+i), 20000)))
 	}
 	return e
 }
@@ -119,7 +119,7 @@ func TestBackgroundFetch(t *testing.T) {
 		t.Errorf("stats %+v", st)
 	}
 	before := rangeGETs(e.reg, src.Digest)
-	compareTree(t, dir, fx.want, fstest.CompareOptions{Extra: fstest.Landmarks})
+	compareTree(t, dir, fx.want, &fixture.DiffOptions{AllowExtra: fixture.Landmarks})
 	if n := rangeGETs(e.reg, src.Digest) - before; n != 0 {
 		t.Errorf("reading everything after the background fetch made %d requests", n)
 	}
@@ -155,7 +155,7 @@ func TestBackgroundFetchSkipsBadChunk(t *testing.T) {
 	if st := l.Stats(); st.VerifyFailures != 1 {
 		t.Errorf("stats %+v, want 1 verify failure", st)
 	}
-	compareTree(t, dir, fx.want, fstest.CompareOptions{Extra: fstest.Landmarks})
+	compareTree(t, dir, fx.want, &fixture.DiffOptions{AllowExtra: fixture.Landmarks})
 	if cached, total := l.Cached(); cached != total {
 		t.Errorf("after reading everything: %d of %d chunks cached", cached, total)
 	}

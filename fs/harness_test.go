@@ -17,16 +17,14 @@ import (
 	"testing"
 	"time"
 
-	upstream "github.com/containerd/stargz-snapshotter/estargz"
-	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
-	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
 	"github.com/lazypull/lazypull/cache"
 	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/fs/fstest"
+	"github.com/lazypull/lazypull/internal/fixture"
+	"github.com/lazypull/lazypull/internal/fixture/upstream"
 	"github.com/lazypull/lazypull/remote"
 	"github.com/lazypull/lazypull/remote/remotetest"
 )
@@ -71,34 +69,11 @@ func oursBuild(comp estargz.Compression) func(testing.TB, []byte, int, []string)
 	}
 }
 
-// upstreamZstdCompression pairs upstream's zstd:chunked compressor and
-// decompressor.
-type upstreamZstdCompression struct {
-	*zstdchunked.Compressor
-	*zstdchunked.Decompressor
-}
-
 func upstreamBuild(comp estargz.Compression) func(testing.TB, []byte, int, []string) blob {
 	return func(t testing.TB, tarBytes []byte, chunkSize int, prio []string) blob {
 		t.Helper()
-		opts := []upstream.Option{upstream.WithChunkSize(chunkSize), upstream.WithCompressionLevel(1)}
-		if comp == estargz.Zstd {
-			opts = append(opts, upstream.WithCompression(&upstreamZstdCompression{
-				&zstdchunked.Compressor{CompressionLevel: zstd.SpeedFastest}, &zstdchunked.Decompressor{}}))
-		}
-		if len(prio) > 0 {
-			opts = append(opts, upstream.WithPrioritizedFiles(prio))
-		}
-		b, err := upstream.Build(io.NewSectionReader(bytes.NewReader(tarBytes), 0, int64(len(tarBytes))), opts...)
-		if err != nil {
-			t.Fatalf("upstream Build: %v", err)
-		}
-		defer b.Close()
-		data, err := io.ReadAll(b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return blob{data: data, tocDigest: b.TOCDigest(), comp: comp}
+		b := upstream.Build(t, tarBytes, upstream.Options{Zstd: comp == estargz.Zstd, Fast: true, ChunkSize: chunkSize, Prioritized: prio})
+		return blob{data: b.Data, tocDigest: b.TOCDigest, comp: comp}
 	}
 }
 
@@ -242,25 +217,25 @@ func closeLeaked(t testing.TB, dir string) {
 // layerFixture is a layer tar, its entries and the tree a mount must show.
 type layerFixture struct {
 	tar     []byte
-	entries []fstest.Entry
-	want    fstest.Tree
+	entries []fixture.Entry
+	want    fixture.Tree
 }
 
-func newFixture(t testing.TB, entries []fstest.Entry) layerFixture {
+func newFixture(t testing.TB, entries []fixture.Entry) layerFixture {
 	t.Helper()
-	tb := fstest.Tar(t, entries)
-	read := fstest.Read(t, tb)
-	return layerFixture{tar: tb, entries: read, want: fstest.LayerView(read)}
+	tb := fixture.Tar(t, entries)
+	read := fixture.Read(t, tb)
+	return layerFixture{tar: tb, entries: read, want: fixture.LayerView(read)}
 }
 
 // compareTree walks dir and compares it with want.
-func compareTree(t testing.TB, dir string, want fstest.Tree, o fstest.CompareOptions) {
+func compareTree(t testing.TB, dir string, want fixture.Tree, o *fixture.DiffOptions) {
 	t.Helper()
-	got, err := fstest.Walk(dir, fstest.WalkOptions{})
+	got, err := fixture.Walk(dir, fixture.WalkOptions{})
 	if err != nil {
 		t.Fatalf("walking %s: %v", dir, err)
 	}
-	diffs := fstest.Compare(want, got, o)
+	diffs := fixture.Diff(want, got, o)
 	for i, d := range diffs {
 		if i == 40 {
 			t.Errorf("... and %d more differences", len(diffs)-i)

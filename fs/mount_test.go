@@ -13,7 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/lazypull/lazypull/fs/fstest"
+	"github.com/lazypull/lazypull/internal/fixture"
 	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
@@ -36,11 +36,11 @@ func TestMountMatchesTar(t *testing.T) {
 			t.Parallel()
 			// A store per case: the chunks are the same in every case.
 			e := newEnv(t, envOptions{reg: reg})
-			fx := newFixture(t, fstest.RichLayer(c.chunkSize))
+			fx := newFixture(t, fixture.RichLayer(c.chunkSize))
 			b := c.conv.build(t, fx.tar, c.chunkSize, nil)
 			src := e.push(t, "rich", b)
 			dir, m := e.mount(t, src)
-			compareTree(t, dir, fx.want, fstest.CompareOptions{MtimeRound: c.conv.mtime, Extra: fstest.Landmarks})
+			compareTree(t, dir, fx.want, &fixture.DiffOptions{MtimeRound: c.conv.mtime, AllowExtra: fixture.Landmarks})
 			checkReads(t, dir, fx.want, c.chunkSize)
 			checkReadOnly(t, dir)
 			if st := m.Layer().Stats(); st.VerifyFailures != 0 || st.Requests == 0 {
@@ -53,7 +53,7 @@ func TestMountMatchesTar(t *testing.T) {
 // checkReads reads multi-chunk files at and across chunk boundaries with
 // O_DIRECT (so each read reaches the file system with its own offset and
 // size), and through mmap.
-func checkReads(t *testing.T, dir string, want fstest.Tree, cs int) {
+func checkReads(t *testing.T, dir string, want fixture.Tree, cs int) {
 	t.Helper()
 	rng := rand.New(rand.NewSource(1))
 	for _, p := range want.Files() {
@@ -112,7 +112,7 @@ func checkFileReads(t *testing.T, path string, data []byte, cs int, rng *rand.Ra
 // checkReadOnly checks that nothing can be changed.
 func checkReadOnly(t *testing.T, dir string) {
 	t.Helper()
-	p := filepath.Join(dir, fstest.RichSmall)
+	p := filepath.Join(dir, fixture.RichSmall)
 	for _, flag := range []int{os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND} {
 		if f, err := os.OpenFile(p, flag, 0); !errors.Is(err, syscall.EROFS) {
 			if f != nil {

@@ -17,11 +17,12 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lazypull/lazypull/estargz"
+	"github.com/lazypull/lazypull/internal/whiteout"
 )
 
 const (
-	whiteoutPrefix = ".wh."
-	opaqueWhiteout = ".wh..wh..opq"
+	whiteoutPrefix = whiteout.Prefix
+	opaqueWhiteout = whiteout.Opaque
 	// whiteoutInoBase keeps whiteout devices' inode numbers apart from
 	// TOC nodes' (which count up from 1).
 	whiteoutInoBase = 1 << 62
@@ -34,8 +35,8 @@ const (
 // trusted.overlay.* from containers but not user.overlay.* when it does not
 // use it.
 const (
-	opaqueXattr     = "trusted.overlay.opaque"
-	userOpaqueXattr = "user.overlay.opaque"
+	opaqueXattr     = whiteout.OpaqueXattr
+	userOpaqueXattr = whiteout.UserOpaqueXattr
 )
 
 // node is a FUSE inode backed by a TOC node, or a whiteout device when

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/fs/fstest"
+	"github.com/lazypull/lazypull/internal/fixture"
 	"github.com/lazypull/lazypull/remote"
 	"github.com/lazypull/lazypull/remote/remotetest"
 )
@@ -20,9 +20,9 @@ import (
 func TestOfflineRemount(t *testing.T) {
 	reg := remotetest.NewRegistry(t)
 	cacheDir, root := t.TempDir(), t.TempDir()
-	fx := newFixture(t, fstest.RichLayer(4096))
-	read := []string{fstest.RichSmall, fstest.RichMulti, "xattrs/file", "many/file-007-" + strings.Repeat("x", 40)}
-	uncached := []string{fstest.RichText, fstest.RichLarge}
+	fx := newFixture(t, fixture.RichLayer(4096))
+	read := []string{fixture.RichSmall, fixture.RichMulti, "xattrs/file", "many/file-007-" + strings.Repeat("x", 40)}
+	uncached := []string{fixture.RichText, fixture.RichLarge}
 
 	first := newEnv(t, envOptions{reg: reg, cacheDir: cacheDir, root: root,
 		manager: lfs.ManagerOptions{Layer: lfs.LayerOptions{ReadAhead: -1}}})
@@ -32,7 +32,7 @@ func TestOfflineRemount(t *testing.T) {
 		mustRead(t, filepath.Join(dir, p), fx.want[p].Data)
 	}
 	// Part of a file: its first chunk only.
-	f, err := os.OpenFile(filepath.Join(dir, fstest.RichLarge), os.O_RDONLY|syscall.O_DIRECT, 0)
+	f, err := os.OpenFile(filepath.Join(dir, fixture.RichLarge), os.O_RDONLY|syscall.O_DIRECT, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,23 +76,23 @@ func TestOfflineRemount(t *testing.T) {
 				}
 			}()
 			// Metadata is all there.
-			got, err := fstest.Walk(dir, fstest.WalkOptions{NoContent: true})
+			got, err := fixture.Walk(dir, fixture.WalkOptions{NoContent: true})
 			if err != nil {
 				t.Fatal(err)
 			}
-			for _, d := range fstest.Compare(fx.want, got, fstest.CompareOptions{Extra: fstest.Landmarks}) {
+			for _, d := range fixture.Diff(fx.want, got, &fixture.DiffOptions{AllowExtra: fixture.Landmarks}) {
 				t.Error(d)
 			}
-			for _, p := range append(read, fstest.RichMultiLinks...) {
+			for _, p := range append(read, fixture.RichMultiLinks...) {
 				mustRead(t, filepath.Join(dir, p), fx.want[p].Data)
 			}
-			f, err := os.OpenFile(filepath.Join(dir, fstest.RichLarge), os.O_RDONLY|syscall.O_DIRECT, 0)
+			f, err := os.OpenFile(filepath.Join(dir, fixture.RichLarge), os.O_RDONLY|syscall.O_DIRECT, 0)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer f.Close()
 			if _, err := f.ReadAt(make([]byte, 4096), 0); err != nil {
-				t.Errorf("reading the cached first chunk of %s: %v", fstest.RichLarge, err)
+				t.Errorf("reading the cached first chunk of %s: %v", fixture.RichLarge, err)
 			}
 			for _, p := range uncached {
 				t0 := time.Now()

@@ -13,7 +13,7 @@ import (
 	"github.com/lazypull/lazypull/convert"
 	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/fs/fstest"
+	"github.com/lazypull/lazypull/internal/fixture"
 	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
@@ -21,9 +21,9 @@ import (
 // replacement, whiteouts of files, directories and one of several
 // hardlinks, opaque directories, a file coming back after a whiteout, a
 // directory replacing a file and the other way round.
-func stackedLayers() [][]fstest.Entry {
-	R, D := fstest.Reg, fstest.Dir
-	l0 := []fstest.Entry{
+func stackedLayers() [][]fixture.Entry {
+	R, D := fixture.Reg, fixture.Dir
+	l0 := []fixture.Entry{
 		D("./", 0o755),
 		D("etc/", 0o755),
 		R("etc/passwd", 0o644, []byte("root:x:0:0::/root:/bin/sh\n")),
@@ -32,9 +32,9 @@ func stackedLayers() [][]fstest.Entry {
 		R("etc/conf.d/a.conf", 0o644, []byte("a=1\n")),
 		R("etc/conf.d/b.conf", 0o644, []byte("b=1\n")),
 		D("usr/", 0o755), D("usr/bin/", 0o755), D("usr/lib/", 0o755),
-		R("usr/bin/tool", 0o755, fstest.Random(1, 50000)),
-		R("usr/lib/libx.so", 0o644, fstest.Random(2, 9000)).X("user.origin", "l0"),
-		fstest.Hardlink("usr/lib/libx.so.1", "usr/lib/libx.so"),
+		R("usr/bin/tool", 0o755, fixture.Random(1, 50000)),
+		R("usr/lib/libx.so", 0o644, fixture.Random(2, 9000)).X("user.origin", "l0"),
+		fixture.Hardlink("usr/lib/libx.so.1", "usr/lib/libx.so"),
 		D("var/", 0o755), D("var/cache/", 0o700).Own(33, 33),
 		R("var/cache/stale1", 0o644, []byte("stale")),
 		R("var/cache/stale2", 0o644, []byte("stale")),
@@ -47,38 +47,38 @@ func stackedLayers() [][]fstest.Entry {
 		D("replaced/", 0o755),
 		R("replaced/child", 0o644, []byte("child")),
 		R("filetodir", 0o644, []byte("file")),
-		fstest.Symlink("sym", "etc/passwd"),
+		fixture.Symlink("sym", "etc/passwd"),
 		D("dev/", 0o755),
-		fstest.Char("dev/null", 0o666, 1, 3),
+		fixture.Char("dev/null", 0o666, 1, 3),
 	}
-	l1 := []fstest.Entry{
-		D("etc/", 0o750).At(fstest.Old),
+	l1 := []fixture.Entry{
+		D("etc/", 0o750).At(fixture.Old),
 		R("etc/hostname", 0o644, []byte("middle\n")),
-		fstest.Whiteout("etc/conf.d", "b.conf"),
+		fixture.Whiteout("etc/conf.d", "b.conf"),
 		D("var/", 0o755), D("var/cache/", 0o755),
-		fstest.Opaque("var/cache"),
+		fixture.Opaque("var/cache"),
 		R("var/cache/fresh", 0o644, []byte("fresh")),
-		fstest.Whiteout("data", "old.txt"),
+		fixture.Whiteout("data", "old.txt"),
 		R("replaced", 0o644, []byte("now a file")),
 		D("filetodir/", 0o711),
 		R("filetodir/inside", 0o644, []byte("inside")),
 		D("usr/bin/", 0o755),
-		R("usr/bin/newtool", 0o755, fstest.Random(3, 20000)).X("trusted.cap", "x").X("user.note", "new"),
-		fstest.Whiteout("", "never-existed"),
+		R("usr/bin/newtool", 0o755, fixture.Random(3, 20000)).X("trusted.cap", "x").X("user.note", "new"),
+		fixture.Whiteout("", "never-existed"),
 		D("home/user/", 0o750).Own(1000, 1000),
-		fstest.Opaque("home/user"),
+		fixture.Opaque("home/user"),
 		R("home/user/.profile", 0o644, []byte("profile")).Own(1000, 1000),
 	}
-	l2 := []fstest.Entry{
+	l2 := []fixture.Entry{
 		R("etc/passwd", 0o644, []byte("root:x:0:0::/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/sh\n")),
-		fstest.Whiteout("", "opt"),
+		fixture.Whiteout("", "opt"),
 		R("data/old.txt", 0o644, []byte("back again")),
-		fstest.Whiteout("usr/lib", "libx.so"),
+		fixture.Whiteout("usr/lib", "libx.so"),
 		R("sym", 0o644, []byte("a file now")),
-		fstest.Whiteout("dev", "null"),
-		fstest.Fifo("dev/fifo", 0o600),
+		fixture.Whiteout("dev", "null"),
+		fixture.Fifo("dev/fifo", 0o600),
 	}
-	return [][]fstest.Entry{l0, l1, l2}
+	return [][]fixture.Entry{l0, l1, l2}
 }
 
 // A multi-layer image mounted the way `lazypull mount` does it (each
@@ -89,7 +89,7 @@ func TestStackedImage(t *testing.T) {
 	layers := stackedLayers()
 	convs := []converter{oursGzip, oursZstd, upstreamGzip}
 	var pushed []remotetest.Layer
-	var entries [][]fstest.Entry
+	var entries [][]fixture.Entry
 	for i, l := range layers {
 		fx := newFixture(t, l)
 		entries = append(entries, fx.entries)
@@ -101,15 +101,15 @@ func TestStackedImage(t *testing.T) {
 		})
 		// Each layer on its own is what its tar says.
 		dir, _ := e.mount(t, e.push(t, "stacked", b))
-		compareTree(t, dir, fx.want, fstest.CompareOptions{Extra: fstest.Landmarks})
+		compareTree(t, dir, fx.want, &fixture.DiffOptions{AllowExtra: fixture.Landmarks})
 		if t.Failed() {
 			t.FailNow()
 		}
 	}
 	img := e.reg.PushImage(t, "stacked", "v1", pushed...)
 	merged := mountImage(t, e, img.Ref)
-	compareTree(t, merged, fstest.Merged(entries...), fstest.CompareOptions{IgnoreDirNlink: true, Extra: fstest.Landmarks})
-	mustRead(t, filepath.Join(merged, "usr/lib/libx.so.1"), fstest.Random(2, 9000))
+	compareTree(t, merged, fixture.Merged(entries...), &fixture.DiffOptions{IgnoreDirNlink: true, AllowExtra: fixture.Landmarks})
+	mustRead(t, filepath.Join(merged, "usr/lib/libx.so.1"), fixture.Random(2, 9000))
 }
 
 // An image converted by package convert (from an ordinary gzip image on
@@ -118,11 +118,11 @@ func TestConvertedImage(t *testing.T) {
 	e := newEnv(t, envOptions{})
 	layers := stackedLayers()[:2]
 	var src []remotetest.Layer
-	var entries [][]fstest.Entry
+	var entries [][]fixture.Entry
 	for _, l := range layers {
-		tb := fstest.Tar(t, l)
-		entries = append(entries, fstest.Read(t, tb))
-		src = append(src, remotetest.Layer{Data: fstest.Gzip(t, tb), DiffID: digest.FromBytes(tb)})
+		tb := fixture.Tar(t, l)
+		entries = append(entries, fixture.Read(t, tb))
+		src = append(src, remotetest.Layer{Data: fixture.Gzip(t, tb), DiffID: digest.FromBytes(tb)})
 	}
 	img := e.reg.PushImage(t, "plain", "v1", src...)
 	ctx := context.Background()
@@ -145,7 +145,7 @@ func TestConvertedImage(t *testing.T) {
 		t.Fatalf("converted %d layers", len(res.Layers))
 	}
 	merged := mountImage(t, e, dstRef)
-	compareTree(t, merged, fstest.Merged(entries...), fstest.CompareOptions{IgnoreDirNlink: true, Extra: fstest.Landmarks})
+	compareTree(t, merged, fixture.Merged(entries...), &fixture.DiffOptions{IgnoreDirNlink: true, AllowExtra: fixture.Landmarks})
 }
 
 // mountImage resolves ref, mounts its layers through e's Manager and

@@ -17,7 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/fs/fstest"
+	"github.com/lazypull/lazypull/internal/fixture"
 )
 
 // syncBuffer is a goroutine-safe log sink.
@@ -75,11 +75,11 @@ func TestPassthrough(t *testing.T) {
 	log.SetOutput(&logs)
 	t.Cleanup(func() { log.SetOutput(os.Stderr) })
 
-	fx := newFixture(t, []fstest.Entry{
-		fstest.Reg("single", 0o644, fstest.Random(70, 10000)),
-		fstest.Reg("other", 0o644, fstest.Random(71, 3000)),
-		fstest.Reg("multi", 0o644, fstest.Random(72, 200000)),
-		fstest.Hardlink("single-link", "single"),
+	fx := newFixture(t, []fixture.Entry{
+		fixture.Reg("single", 0o644, fixture.Random(70, 10000)),
+		fixture.Reg("other", 0o644, fixture.Random(71, 3000)),
+		fixture.Reg("multi", 0o644, fixture.Random(72, 200000)),
+		fixture.Hardlink("single-link", "single"),
 	})
 	b := oursGzip.build(t, fx.tar, 64<<10, nil)
 	opts := lfs.ManagerOptions{Mount: lfs.MountOptions{Passthrough: true, Debug: true}}
@@ -189,8 +189,8 @@ func TestPassthroughFollowsOpenMode(t *testing.T) {
 	var logs syncBuffer
 	log.SetOutput(&logs)
 	t.Cleanup(func() { log.SetOutput(os.Stderr) })
-	fx := newFixture(t, []fstest.Entry{
-		fstest.Reg("bin", 0o755, fstest.Random(80, 20000)),
+	fx := newFixture(t, []fixture.Entry{
+		fixture.Reg("bin", 0o755, fixture.Random(80, 20000)),
 	})
 	b := oursGzip.build(t, fx.tar, 64<<10, nil)
 	e := newEnv(t, envOptions{manager: lfs.ManagerOptions{Mount: lfs.MountOptions{Passthrough: true, Debug: true}}})

@@ -16,7 +16,7 @@ import (
 
 	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
-	"github.com/lazypull/lazypull/fs/fstest"
+	"github.com/lazypull/lazypull/internal/fixture"
 	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
@@ -25,12 +25,12 @@ const verifyChunk = 16 << 10
 // verifyLayer has a 1 MiB victim file of 64 chunks of random data (stored
 // uncompressed by both compressors, so a flipped byte decompresses fine
 // and only the digest catches it) and two bystanders.
-func verifyLayer() []fstest.Entry {
-	return []fstest.Entry{
-		fstest.Dir("a/", 0o755),
-		fstest.Reg("a/victim", 0o644, fstest.Random(21, 64*verifyChunk)),
-		fstest.Reg("a/other", 0o644, fstest.Random(22, 50000)),
-		fstest.Reg("a/small", 0o644, fstest.Text(23, 900)),
+func verifyLayer() []fixture.Entry {
+	return []fixture.Entry{
+		fixture.Dir("a/", 0o755),
+		fixture.Reg("a/victim", 0o644, fixture.Random(21, 64*verifyChunk)),
+		fixture.Reg("a/other", 0o644, fixture.Random(22, 50000)),
+		fixture.Reg("a/small", 0o644, fixture.Text(23, 900)),
 	}
 }
 
@@ -234,5 +234,5 @@ func TestTOCDigest(t *testing.T) {
 	// AllowUnverified mounts a layer without a TOC digest.
 	u := newEnv(t, envOptions{reg: reg, manager: lfs.ManagerOptions{AllowUnverified: true}})
 	dir, _ = u.mount(t, missing)
-	compareTree(t, dir, fx.want, fstest.CompareOptions{Extra: fstest.Landmarks})
+	compareTree(t, dir, fx.want, &fixture.DiffOptions{AllowExtra: fixture.Landmarks})
 }

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -12,7 +11,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 
 	"github.com/lazypull/lazypull/estargz"
-	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/internal/lab"
 )
 
 var lazypullCLI struct {
@@ -26,26 +25,15 @@ func lazypullBinary(t *testing.T) string {
 	t.Helper()
 	b := &lazypullCLI
 	b.once.Do(func() {
-		root, err := testenv.ModuleRoot()
-		if err != nil {
-			b.err = err
-			return
-		}
 		dir, err := os.MkdirTemp("", "lazypull-cli-")
 		if err != nil {
 			b.err = err
 			return
 		}
-		b.bin = filepath.Join(dir, "lazypull")
-		cmd := exec.Command("go", "build", "-o", b.bin, "./cmd/lazypull")
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			b.err = err
-			b.bin = string(out)
-		}
+		b.bin, b.err = lab.Build(dir, "./cmd/lazypull", "lazypull")
 	})
 	if b.err != nil {
-		t.Fatalf("building cmd/lazypull: %v\n%s", b.err, b.bin)
+		t.Fatalf("building cmd/lazypull: %v", b.err)
 	}
 	return b.bin
 }
@@ -56,8 +44,8 @@ func lazypullBinary(t *testing.T) string {
 func TestLazypullPullCommand(t *testing.T) {
 	bin := lazypullBinary(t)
 	cv := convertImage(t, threeLayerImage(t), estargz.Gzip)
-	forEachVersion(t, func(t *testing.T, v testenv.Version) {
-		reg := testenv.NewRegistry(t)
+	forEachVersion(t, func(t *testing.T, v lab.Version) {
+		reg := lab.NewRegistry(t)
 		ref := push(t, reg, "cli/converted:v1", cv.image)
 		env := newLazyEnv(t, v, reg, lazyOptions{})
 		ctx := env.c.Namespace(t)

@@ -13,21 +13,22 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/internal/fixture"
+	"github.com/lazypull/lazypull/internal/lab"
 )
 
 // TestRegistryStopStart checks that a stopped registry refuses connections
 // and that a restarted one serves the same content on the same port.
 func TestRegistryStopStart(t *testing.T) {
-	base, err := testenv.BusyboxLayer()
+	base, err := fixture.BusyboxLayer()
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := testenv.BuildImage(testenv.DefaultConfig(), base)
+	img, err := fixture.BuildImage(fixture.DefaultConfig(), base)
 	if err != nil {
 		t.Fatal(err)
 	}
-	reg := testenv.NewRegistry(t)
+	reg := lab.NewRegistry(t)
 	if _, err := reg.Push(context.Background(), "stopstart:v1", img); err != nil {
 		t.Fatal(err)
 	}
@@ -94,16 +95,16 @@ func TestProxySnapshotter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reg := testenv.NewRegistry(t)
+	reg := lab.NewRegistry(t)
 
-	forEachVersion(t, func(t *testing.T, v testenv.Version) {
-		sn := testenv.NewSnapshotter(t, testenv.SnapshotterConfig{
+	forEachVersion(t, func(t *testing.T, v lab.Version) {
+		sn := lab.NewSnapshotter(t, lab.SnapshotterConfig{
 			Binary:   self,
 			Env:      []string{fakeSnapshotterEnv + "=1"},
 			Config:   "# lazypull-snapshotter config\n",
 			LogLevel: "debug",
 		})
-		c := testenv.NewContainerd(t, testenv.ContainerdConfig{
+		c := lab.NewContainerd(t, lab.ContainerdConfig{
 			Version:           v,
 			ProxySnapshotters: map[string]string{"lazypull": sn.Address()},
 		})
@@ -118,7 +119,7 @@ func TestProxySnapshotter(t *testing.T) {
 		}
 		run := func(stage string) {
 			t.Helper()
-			res, err := c.Run(ctx, image, testenv.RunOptions{Snapshotter: "lazypull", Args: []string{"cat", "/etc/motd"}})
+			res, err := c.Run(ctx, image, lab.RunOptions{Snapshotter: "lazypull", Args: []string{"cat", "/etc/motd"}})
 			if err != nil {
 				t.Fatalf("%s: %v", stage, err)
 			}
@@ -131,8 +132,8 @@ func TestProxySnapshotter(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if d := testenv.Diff(want, got, nil); len(d) > 0 {
-			t.Fatalf("rootfs differs (- want, + got):\n%s", testenv.FormatDiff(d, 50))
+		if d := fixture.Diff(want, got, nil); len(d) > 0 {
+			t.Fatalf("rootfs differs (- want, + got):\n%s", fixture.FormatDiff(d, 50))
 		}
 		if !strings.HasPrefix(c.Version(), v.ServerVersion) {
 			t.Errorf("daemon version %q", c.Version())
@@ -146,7 +147,7 @@ func TestProxySnapshotter(t *testing.T) {
 		if sn.Running() {
 			t.Fatal("snapshotter still running after Kill")
 		}
-		if _, err := c.Run(ctx, image, testenv.RunOptions{Snapshotter: "lazypull", Args: []string{"true"}, Timeout: 20 * time.Second}); err == nil {
+		if _, err := c.Run(ctx, image, lab.RunOptions{Snapshotter: "lazypull", Args: []string{"true"}, Timeout: 20 * time.Second}); err == nil {
 			t.Fatal("run succeeded with the snapshotter down")
 		}
 		if err := sn.Start(ctx); err != nil {

@@ -32,7 +32,8 @@ import (
 
 	"github.com/lazypull/lazypull/convert"
 	"github.com/lazypull/lazypull/estargz"
-	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/internal/fixture"
+	"github.com/lazypull/lazypull/internal/lab"
 	"github.com/lazypull/lazypull/remote"
 	"github.com/lazypull/lazypull/snapshot"
 )
@@ -43,7 +44,7 @@ const lazypullName = "lazypull"
 // landmark is the file every converted layer carries (no prioritized files
 // given to the converter), so the converted image's rootfs has it and the
 // original's does not.
-const landmark = "/" + estargz.NoPrefetchLandmark
+const landmark = estargz.NoPrefetchLandmark
 
 // lazyOptions are the daemon settings a test needs; the rest of the config
 // is the same for every test.
@@ -64,8 +65,8 @@ type lazyOptions struct {
 // lazyEnv is a lazypull-snapshotter daemon and a containerd of the test's
 // version that reaches it as the proxy snapshotter "lazypull".
 type lazyEnv struct {
-	sn *testenv.Snapshotter
-	c  *testenv.Containerd
+	sn *lab.Snapshotter
+	c  *lab.Containerd
 	// backend talks to the daemon's socket directly, bypassing
 	// containerd's metadata: it sees the daemon's own snapshot names
 	// (chain IDs for layers) and labels.
@@ -75,7 +76,7 @@ type lazyEnv struct {
 // newLazyEnv starts the daemon with a config naming reg's hosts.toml
 // directory and a metrics endpoint on a free port, and a containerd for v
 // with the daemon as proxy plugin.
-func newLazyEnv(t *testing.T, v testenv.Version, reg *testenv.Registry, o lazyOptions) *lazyEnv {
+func newLazyEnv(t *testing.T, v lab.Version, reg *lab.Registry, o lazyOptions) *lazyEnv {
 	t.Helper()
 	if err := v.Check(); err != nil {
 		t.Fatal(err)
@@ -114,12 +115,12 @@ policy = %q
 [metrics]
 address = "127.0.0.1:0"
 `, t.Name(), o.BackgroundFetch, o.Timeout, o.Retries, o.ReadTimeout, hostsDir, verifyPolicy(o.Verify))
-	sn := testenv.NewSnapshotter(t, testenv.SnapshotterConfig{
+	sn := lab.NewSnapshotter(t, lab.SnapshotterConfig{
 		Binary:   lazypullSnapshotter(t),
 		Config:   cfg,
 		LogLevel: "debug",
 	})
-	c := testenv.NewContainerd(t, testenv.ContainerdConfig{
+	c := lab.NewContainerd(t, lab.ContainerdConfig{
 		Version:           v,
 		ProxySnapshotters: map[string]string{lazypullName: sn.Address()},
 	})
@@ -145,7 +146,7 @@ func (e *lazyEnv) pull(t *testing.T, ctx context.Context, ref string) client.Ima
 // returns its output, failing the test unless it exits 0.
 func (e *lazyEnv) run(t *testing.T, ctx context.Context, img client.Image, args ...string) string {
 	t.Helper()
-	res, err := e.c.Run(ctx, img, testenv.RunOptions{Snapshotter: lazypullName, Args: args})
+	res, err := e.c.Run(ctx, img, lab.RunOptions{Snapshotter: lazypullName, Args: args})
 	if err != nil {
 		t.Fatalf("run %q: %v", args, err)
 	}
@@ -331,7 +332,7 @@ func (e *lazyEnv) metrics(t *testing.T) map[string]float64 {
 
 // blobBytes sums the body bytes the registry served per blob digest for
 // the recorded GET requests.
-func blobBytes(reg *testenv.Registry) map[digest.Digest]int64 {
+func blobBytes(reg *lab.Registry) map[digest.Digest]int64 {
 	out := map[digest.Digest]int64{}
 	for _, r := range reg.BlobRequests() {
 		i := strings.LastIndex(r.Path, "/blobs/")
@@ -345,7 +346,7 @@ type converted struct {
 	// image is the converted image, byte for byte as the converter
 	// pushed it (manifest, config, layer blobs), ready to push to a
 	// test's registry.
-	image    *testenv.Image
+	image    *fixture.Image
 	manifest ocispec.Manifest
 	config   ocispec.Image
 	// tars are the layers' decompressed streams, bottom first.
@@ -363,9 +364,9 @@ func (cv *converted) layerSizes() int64 {
 
 // expectedTree is the converted image's rootfs computed from its layer
 // tars, as an unpacking snapshotter produces it.
-func (cv *converted) expectedTree(t *testing.T) testenv.Tree {
+func (cv *converted) expectedTree(t *testing.T) fixture.Tree {
 	t.Helper()
-	tree, err := testenv.ExpectedTree(cv.tars...)
+	tree, err := fixture.ExpectedTree(cv.tars...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -373,7 +374,7 @@ func (cv *converted) expectedTree(t *testing.T) testenv.Tree {
 }
 
 // push pushes the image to reg as nameTag and returns its reference.
-func push(t *testing.T, reg *testenv.Registry, nameTag string, img *testenv.Image) string {
+func push(t *testing.T, reg *lab.Registry, nameTag string, img *fixture.Image) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -408,7 +409,7 @@ type conversion struct {
 // compression; the result is memoized. It checks that every converted
 // layer carries the annotations lazypull needs and decompresses to the
 // diff ID the new config lists.
-func convertImage(t *testing.T, img *testenv.Image, comp estargz.Compression) *converted {
+func convertImage(t *testing.T, img *fixture.Image, comp estargz.Compression) *converted {
 	t.Helper()
 	key := img.Descriptor().Digest.String() + " " + comp.String()
 	conversions.mu.Lock()
@@ -428,7 +429,7 @@ func convertImage(t *testing.T, img *testenv.Image, comp estargz.Compression) *c
 	return c.cv
 }
 
-func doConvert(img *testenv.Image, comp estargz.Compression) (*converted, error) {
+func doConvert(img *fixture.Image, comp estargz.Compression) (*converted, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	dir, err := os.MkdirTemp("", "lazypull-convert-")
@@ -436,7 +437,7 @@ func doConvert(img *testenv.Image, comp estargz.Compression) (*converted, error)
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
-	reg, err := testenv.StartRegistry(testenv.RegistryConfig{})
+	reg, err := lab.StartRegistry(lab.RegistryConfig{})
 	if err != nil {
 		return nil, err
 	}
@@ -465,7 +466,7 @@ func doConvert(img *testenv.Image, comp estargz.Compression) (*converted, error)
 	if err != nil {
 		return nil, fmt.Errorf("convert %s -> %s: %w", srcRef, dstRef, err)
 	}
-	cv := &converted{image: &testenv.Image{}}
+	cv := &converted{image: &fixture.Image{}}
 	out := cv.image
 	if out.ManifestBytes, err = fetchAll(ctx, rc, dstRef, res.Desc); err != nil {
 		return nil, err
@@ -496,7 +497,7 @@ func doConvert(img *testenv.Image, comp estargz.Compression) (*converted, error)
 		if err != nil {
 			return nil, fmt.Errorf("converted layer %d: %w", i, err)
 		}
-		lb := testenv.NewLayerBlob(l.MediaType, blob, plain, l.Annotations)
+		lb := fixture.NewLayerBlob(l.MediaType, blob, plain, l.Annotations)
 		if lb.DiffID != cv.config.RootFS.DiffIDs[i] {
 			return nil, fmt.Errorf("converted layer %d: diff ID %s, config says %s", i, lb.DiffID, cv.config.RootFS.DiffIDs[i])
 		}

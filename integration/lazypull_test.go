@@ -22,7 +22,8 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazypull/lazypull/estargz"
-	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/internal/fixture"
+	"github.com/lazypull/lazypull/internal/lab"
 	"github.com/lazypull/lazypull/snapshot"
 )
 
@@ -60,8 +61,8 @@ func testLazypullPullRun(t *testing.T, comp estargz.Compression) {
 	checkExpectedTree(t, want)
 	cv := convertImage(t, img, comp)
 
-	forEachVersion(t, func(t *testing.T, v testenv.Version) {
-		reg := testenv.NewRegistry(t)
+	forEachVersion(t, func(t *testing.T, v lab.Version) {
+		reg := lab.NewRegistry(t)
 		origRef := push(t, reg, "lazy/orig:v1", img)
 		ref := push(t, reg, "lazy/converted:v1", cv.image)
 		env := newLazyEnv(t, v, reg, lazyOptions{})
@@ -85,7 +86,7 @@ func testLazypullPullRun(t *testing.T, comp estargz.Compression) {
 			t.Errorf("base layer: %d of %d bytes fetched before /data/blob (1 MiB, incompressible) was read", got, base.Size)
 		}
 		out := env.run(t, ctx, image, "sh", "-c", "sha256sum /data/blob; ls /opq; test ! -e /data/gone && test ! -e /opq/a && echo gone")
-		wantOut := fmt.Sprintf("%s  /data/blob\nnew\ngone\n", want["/data/blob"].Digest.Encoded())
+		wantOut := fmt.Sprintf("%s  /data/blob\nnew\ngone\n", want["data/blob"].Digest.Encoded())
 		if out != wantOut {
 			t.Fatalf("want output %q, got %q", wantOut, out)
 		}
@@ -120,46 +121,46 @@ func testLazypullPullRun(t *testing.T, comp estargz.Compression) {
 		// justified difference: a gzip eStargz stream holds its TOC as
 		// the tar entry stargz.index.json, which unpacking writes out
 		// and lazypull (like stargz-snapshotter) does not show.
-		overlayImage, err := env.c.Pull(ctx, ref, testenv.DefaultSnapshotter)
+		overlayImage, err := env.c.Pull(ctx, ref, lab.DefaultSnapshotter)
 		if err != nil {
 			t.Fatal(err)
 		}
-		overlayTree, err := env.c.ImageTree(ctx, overlayImage, testenv.DefaultSnapshotter)
+		overlayTree, err := env.c.ImageTree(ctx, overlayImage, lab.DefaultSnapshotter)
 		if err != nil {
 			t.Fatal(err)
 		}
 		var tocOnly []string
 		if comp == estargz.Gzip {
-			const toc = "/" + estargz.TOCTarName
+			const toc = estargz.TOCTarName
 			if overlayTree[toc] == nil {
 				t.Errorf("overlayfs unpacked the gzip eStargz image without %s", toc)
 			}
 			tocOnly = append(tocOnly, toc)
 		}
-		if d := testenv.Diff(overlayTree, lazyTree, &testenv.DiffOptions{IgnorePaths: tocOnly}); len(d) > 0 {
-			t.Errorf("lazypull rootfs differs from the converted image on overlayfs (- overlayfs, + lazypull):\n%s", testenv.FormatDiff(d, 50))
+		if d := fixture.Diff(overlayTree, lazyTree, &fixture.DiffOptions{IgnorePaths: tocOnly}); len(d) > 0 {
+			t.Errorf("lazypull rootfs differs from the converted image on overlayfs (- overlayfs, + lazypull):\n%s", fixture.FormatDiff(d, 50))
 		}
-		if d := testenv.Diff(cv.expectedTree(t), lazyTree, &testenv.DiffOptions{IgnorePaths: tocOnly}); len(d) > 0 {
-			t.Errorf("lazypull rootfs differs from the converted layer tars (- tars, + lazypull):\n%s", testenv.FormatDiff(d, 50))
+		if d := fixture.Diff(cv.expectedTree(t), lazyTree, &fixture.DiffOptions{IgnorePaths: tocOnly}); len(d) > 0 {
+			t.Errorf("lazypull rootfs differs from the converted layer tars (- tars, + lazypull):\n%s", fixture.FormatDiff(d, 50))
 		}
 		// Against the original image, apart from the landmark file the
 		// converter adds to every layer.
 		if lazyTree[landmark] == nil {
 			t.Errorf("lazypull rootfs has no %s", landmark)
 		}
-		if d := testenv.Diff(want, lazyTree, &testenv.DiffOptions{IgnorePaths: []string{landmark}}); len(d) > 0 {
-			t.Errorf("lazypull rootfs differs from the original image (- original, + lazypull):\n%s", testenv.FormatDiff(d, 50))
+		if d := fixture.Diff(want, lazyTree, &fixture.DiffOptions{IgnorePaths: []string{landmark}}); len(d) > 0 {
+			t.Errorf("lazypull rootfs differs from the original image (- original, + lazypull):\n%s", fixture.FormatDiff(d, 50))
 		}
-		origImage, err := env.c.Pull(ctx, origRef, testenv.DefaultSnapshotter)
+		origImage, err := env.c.Pull(ctx, origRef, lab.DefaultSnapshotter)
 		if err != nil {
 			t.Fatal(err)
 		}
-		origTree, err := env.c.ImageTree(ctx, origImage, testenv.DefaultSnapshotter)
+		origTree, err := env.c.ImageTree(ctx, origImage, lab.DefaultSnapshotter)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if d := testenv.Diff(origTree, lazyTree, &testenv.DiffOptions{IgnorePaths: []string{landmark}}); len(d) > 0 {
-			t.Errorf("lazypull rootfs differs from the original image on overlayfs (- original, + lazypull):\n%s", testenv.FormatDiff(d, 50))
+		if d := fixture.Diff(origTree, lazyTree, &fixture.DiffOptions{IgnorePaths: []string{landmark}}); len(d) > 0 {
+			t.Errorf("lazypull rootfs differs from the original image on overlayfs (- original, + lazypull):\n%s", fixture.FormatDiff(d, 50))
 		}
 
 		checkNoOverlayXattrs(t, env, ctx, image, "/opq")
@@ -169,7 +170,7 @@ func testLazypullPullRun(t *testing.T, comp estargz.Compression) {
 // checkFetchedFraction fails unless the registry served at most frac of
 // the converted image's layer bytes (summed), and at most frac of any
 // layer bigger than 1 MiB.
-func checkFetchedFraction(t *testing.T, reg *testenv.Registry, cv *converted, frac float64) {
+func checkFetchedFraction(t *testing.T, reg *lab.Registry, cv *converted, frac float64) {
 	t.Helper()
 	got := blobBytes(reg)
 	var sum int64
@@ -223,8 +224,8 @@ func TestLazypullFallback(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	forEachVersion(t, func(t *testing.T, v testenv.Version) {
-		reg := testenv.NewRegistry(t)
+	forEachVersion(t, func(t *testing.T, v lab.Version) {
+		reg := lab.NewRegistry(t)
 		env := newLazyEnv(t, v, reg, lazyOptions{})
 		ctx := env.c.Namespace(t)
 		ref, err := reg.Push(ctx, "lazy/plain:v1", img)
@@ -257,26 +258,26 @@ func TestLazypullFallback(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if d := testenv.Diff(want, tree, nil); len(d) > 0 {
-			t.Fatalf("rootfs differs (- want, + got):\n%s", testenv.FormatDiff(d, 50))
+		if d := fixture.Diff(want, tree, nil); len(d) > 0 {
+			t.Fatalf("rootfs differs (- want, + got):\n%s", fixture.FormatDiff(d, 50))
 		}
 	})
 }
 
 // coldImage is busybox plus a layer with a small file and a 2 MiB file
 // of incompressible bytes that tests leave unread.
-func coldImage(t *testing.T) (*testenv.Image, digest.Digest) {
+func coldImage(t *testing.T) (*fixture.Image, digest.Digest) {
 	t.Helper()
-	base, err := testenv.BusyboxLayer()
+	base, err := fixture.BusyboxLayer()
 	if err != nil {
 		t.Fatal(err)
 	}
 	cold := make([]byte, 2<<20)
 	rand.New(rand.NewSource(7)).Read(cold)
-	top := testenv.NewLayer().
+	top := fixture.NewLayer().
 		File("etc/motd", "warm\n").
 		FileBytes("data/cold", cold)
-	img, err := testenv.BuildImage(testenv.DefaultConfig(), base, top)
+	img, err := fixture.BuildImage(fixture.DefaultConfig(), base, top)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -292,8 +293,8 @@ func TestLazypullRegistryDown(t *testing.T) {
 	img, coldDigest := coldImage(t)
 	cv := convertImage(t, img, estargz.Gzip)
 	const readTimeout = 3 * time.Second
-	forEachVersion(t, func(t *testing.T, v testenv.Version) {
-		reg := testenv.NewRegistry(t)
+	forEachVersion(t, func(t *testing.T, v lab.Version) {
+		reg := lab.NewRegistry(t)
 		ref := push(t, reg, "down/converted:v1", cv.image)
 		// A request timeout far above read_timeout: only the latter can
 		// end a read from the hanging registry in time. The bounds below
@@ -315,7 +316,7 @@ func TestLazypullRegistryDown(t *testing.T) {
 		readCold := func(stage string, maxTime time.Duration) {
 			t.Helper()
 			start := time.Now()
-			res, err := env.c.Run(ctx, image, testenv.RunOptions{
+			res, err := env.c.Run(ctx, image, lab.RunOptions{
 				Snapshotter: lazypullName, Args: []string{"sha256sum", "/data/cold"}, Timeout: 60 * time.Second,
 			})
 			took := time.Since(start)
@@ -355,9 +356,9 @@ func TestLazypullRegistryDown(t *testing.T) {
 		if err := reg.Start(); err != nil {
 			t.Fatal(err)
 		}
-		var res *testenv.RunResult
+		var res *lab.RunResult
 		for i := 0; i < 5; i++ {
-			if res, err = env.c.Run(ctx, image, testenv.RunOptions{Snapshotter: lazypullName, Args: []string{"sha256sum", "/data/cold"}}); err != nil {
+			if res, err = env.c.Run(ctx, image, lab.RunOptions{Snapshotter: lazypullName, Args: []string{"sha256sum", "/data/cold"}}); err != nil {
 				t.Fatal(err)
 			}
 			if res.ExitCode == 0 {
@@ -378,9 +379,9 @@ func TestLazypullBackgroundFetch(t *testing.T) {
 	img, coldDigest := coldImage(t)
 	cv := convertImage(t, img, estargz.Gzip)
 	want := cv.expectedTree(t)
-	delete(want, "/"+estargz.TOCTarName) // see testLazypullPullRun
-	forEachVersion(t, func(t *testing.T, v testenv.Version) {
-		reg := testenv.NewRegistry(t)
+	delete(want, estargz.TOCTarName) // see testLazypullPullRun
+	forEachVersion(t, func(t *testing.T, v lab.Version) {
+		reg := lab.NewRegistry(t)
 		ref := push(t, reg, "background/converted:v1", cv.image)
 		env := newLazyEnv(t, v, reg, lazyOptions{BackgroundFetch: true})
 		ctx := env.c.Namespace(t)
@@ -410,8 +411,8 @@ func TestLazypullBackgroundFetch(t *testing.T) {
 		if err != nil {
 			t.Fatalf("reading the rootfs with the registry down: %v", err)
 		}
-		if d := testenv.Diff(want, got, nil); len(d) > 0 {
-			t.Fatalf("rootfs differs (- converted layer tars, + lazypull):\n%s", testenv.FormatDiff(d, 50))
+		if d := fixture.Diff(want, got, nil); len(d) > 0 {
+			t.Fatalf("rootfs differs (- converted layer tars, + lazypull):\n%s", fixture.FormatDiff(d, 50))
 		}
 	})
 }
@@ -497,16 +498,16 @@ var sharedContent = func() []byte {
 // appImage is busybox plus one layer with /etc/motd ("image NAME\n") and
 // /opt/shared.bin (sharedContent). App images of different names share
 // their base layer, converted or not, and a file in their top layers.
-func appImage(t *testing.T, name string) *testenv.Image {
+func appImage(t *testing.T, name string) *fixture.Image {
 	t.Helper()
-	base, err := testenv.BusyboxLayer()
+	base, err := fixture.BusyboxLayer()
 	if err != nil {
 		t.Fatal(err)
 	}
-	top := testenv.NewLayer().
+	top := fixture.NewLayer().
 		File("etc/motd", "image "+name+"\n").
 		FileBytes("opt/shared.bin", sharedContent)
-	img, err := testenv.BuildImage(testenv.DefaultConfig(), base, top)
+	img, err := fixture.BuildImage(fixture.DefaultConfig(), base, top)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -522,8 +523,8 @@ func appImage(t *testing.T, name string) *testenv.Image {
 func TestLazypullRestart(t *testing.T) {
 	cvA := convertImage(t, threeLayerImage(t), estargz.Gzip)
 	cvB := convertImage(t, appImage(t, "B"), estargz.Gzip)
-	forEachVersion(t, func(t *testing.T, v testenv.Version) {
-		reg := testenv.NewRegistry(t)
+	forEachVersion(t, func(t *testing.T, v lab.Version) {
+		reg := lab.NewRegistry(t)
 		refA := push(t, reg, "restart/a:v1", cvA.image)
 		refB := push(t, reg, "restart/b:v1", cvB.image)
 		// A long request timeout: whatever needs the registry while it
@@ -558,8 +559,8 @@ func TestLazypullRestart(t *testing.T) {
 			if err != nil {
 				t.Fatalf("%s: %v", stage, err)
 			}
-			if d := testenv.Diff(treeA, got, nil); len(d) > 0 {
-				t.Fatalf("%s: rootfs differs from before (- before, + after):\n%s", stage, testenv.FormatDiff(d, 50))
+			if d := fixture.Diff(treeA, got, nil); len(d) > 0 {
+				t.Fatalf("%s: rootfs differs from before (- before, + after):\n%s", stage, fixture.FormatDiff(d, 50))
 			}
 			for mp := range mounts {
 				if _, err := os.Stat(mp); err != nil {
@@ -700,8 +701,8 @@ func TestLazypullSharedLayer(t *testing.T) {
 	sharedDigest := digest.FromBytes(sharedContent)
 	cvA := convertImage(t, appImage(t, "A"), estargz.Gzip)
 	cvB := convertImage(t, appImage(t, "B"), estargz.Gzip)
-	forEachVersion(t, func(t *testing.T, v testenv.Version) {
-		reg := testenv.NewRegistry(t)
+	forEachVersion(t, func(t *testing.T, v lab.Version) {
+		reg := lab.NewRegistry(t)
 		refA := push(t, reg, "shared/a:v1", cvA.image)
 		refB := push(t, reg, "shared/b:v1", cvB.image)
 		baseDesc := cvA.manifest.Layers[0]
@@ -784,8 +785,8 @@ func TestLazypullSharedLayer(t *testing.T) {
 func TestLazypullImageRemoval(t *testing.T) {
 	cv := convertImage(t, appImage(t, "A"), estargz.Gzip)
 	cvKeep := convertImage(t, appImage(t, "B"), estargz.Gzip)
-	forEachVersion(t, func(t *testing.T, v testenv.Version) {
-		reg := testenv.NewRegistry(t)
+	forEachVersion(t, func(t *testing.T, v lab.Version) {
+		reg := lab.NewRegistry(t)
 		ref := push(t, reg, "gc/remove:v1", cv.image)
 		refKeep := push(t, reg, "gc/keep:v1", cvKeep.image)
 		env := newLazyEnv(t, v, reg, lazyOptions{})

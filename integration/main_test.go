@@ -1,7 +1,8 @@
 // Package integration holds lazypull's end-to-end tests: real containerd
 // daemons (1.6 and 2.x), runc, an in-process registry and real mounts, all
-// driven through integration/testenv. They need root; they fail, never
-// skip, when something they need is missing (run hack/install-deps.sh).
+// driven through internal/lab with images from internal/fixture. They need
+// root; they fail, never skip, when something they need is missing (run
+// hack/install-deps.sh).
 package integration
 
 import (
@@ -16,7 +17,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
-	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/internal/lab"
 )
 
 func TestMain(m *testing.M) {
@@ -55,13 +56,13 @@ var shared struct {
 
 type sharedDaemon struct {
 	once sync.Once
-	c    *testenv.Containerd
+	c    *lab.Containerd
 	err  error
 }
 
 // sharedContainerd returns the test binary's daemon of version v, starting
 // it on first use. A missing binary fails the test.
-func sharedContainerd(t *testing.T, v testenv.Version) *testenv.Containerd {
+func sharedContainerd(t *testing.T, v lab.Version) *lab.Containerd {
 	t.Helper()
 	if err := v.Check(); err != nil {
 		t.Fatal(err)
@@ -79,7 +80,7 @@ func sharedContainerd(t *testing.T, v testenv.Version) *testenv.Containerd {
 	d.once.Do(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
-		d.c, d.err = testenv.StartContainerd(ctx, testenv.ContainerdConfig{Version: v})
+		d.c, d.err = lab.StartContainerd(ctx, lab.ContainerdConfig{Version: v})
 	})
 	if d.err != nil {
 		t.Fatalf("start shared %s: %v", v.Name, d.err)
@@ -96,11 +97,11 @@ func lazypullSnapshotter(t *testing.T) string {
 	b.once.Do(func() {
 		b.dir, b.err = os.MkdirTemp("", "lazypull-snapshotter-build-")
 		if b.err == nil {
-			b.bin, b.err = testenv.BuildSnapshotter(b.dir)
+			b.bin, b.err = lab.BuildSnapshotter(b.dir)
 		}
 	})
 	if b.err != nil {
-		t.Fatalf("lazypull-snapshotter is not available (set %s or fix ./cmd/snapshotter): %v", testenv.SnapshotterBinEnv, b.err)
+		t.Fatalf("lazypull-snapshotter is not available (set %s or fix ./cmd/snapshotter): %v", lab.SnapshotterBinEnv, b.err)
 	}
 	return b.bin
 }
@@ -127,8 +128,8 @@ func closeShared() error {
 }
 
 // forEachVersion runs f as a parallel subtest per containerd version.
-func forEachVersion(t *testing.T, f func(t *testing.T, v testenv.Version)) {
-	for _, v := range testenv.Versions() {
+func forEachVersion(t *testing.T, f func(t *testing.T, v lab.Version)) {
+	for _, v := range lab.Versions() {
 		t.Run(v.Name, func(t *testing.T) {
 			t.Parallel()
 			f(t, v)

@@ -8,7 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/internal/fixture"
+	"github.com/lazypull/lazypull/internal/lab"
 )
 
 // blobContent is a 1 MiB deterministic pseudo-random payload.
@@ -24,55 +25,55 @@ func blobContent() []byte {
 // group cut by a whiteout), symlinks (relative, absolute, replaced by a
 // file), xattrs, devices, fifos, setuid, owners and mtimes, and type changes
 // (dir -> file, file -> dir).
-func threeLayerImage(t *testing.T) *testenv.Image {
+func threeLayerImage(t *testing.T) *fixture.Image {
 	t.Helper()
 	t1 := time.Date(2020, 5, 6, 7, 8, 9, 0, time.UTC)
 	t2 := time.Date(2019, 1, 1, 0, 0, 0, 0, time.UTC)
 
-	base, err := testenv.BusyboxLayer()
+	base, err := fixture.BusyboxLayer()
 	if err != nil {
 		t.Fatal(err)
 	}
 	base.
 		File("etc/greeting", "hello from layer 1\n").
 		Symlink("etc/greeting.link", "greeting").
-		Dir("data", testenv.Mode(0o750), testenv.Owner(1000, 1000), testenv.ModTime(t1)).
-		FileBytes("data/blob", blobContent(), testenv.Mode(0o640), testenv.Owner(1000, 1000),
-			testenv.ModTime(t1), testenv.Xattr("user.foo", "bar")).
-		File("data/hard1", "shared by two names\n", testenv.Xattr("user.links", "2")).
+		Dir("data", fixture.Mode(0o750), fixture.Owner(1000, 1000), fixture.ModTime(t1)).
+		FileBytes("data/blob", blobContent(), fixture.Mode(0o640), fixture.Owner(1000, 1000),
+			fixture.ModTime(t1), fixture.Xattr("user.foo", "bar")).
+		File("data/hard1", "shared by two names\n", fixture.Xattr("user.links", "2")).
 		Hardlink("data/hard2", "data/hard1").
 		File("data/keep", "a file that becomes a directory\n").
 		File("data/gone", "deleted in layer 2\n").
 		File("data/dir/sub/file", "a subtree deleted in layer 2\n").
 		File("opq/a", "hidden by the opaque dir\n").
 		File("opq/sub/b", "hidden too\n").
-		Dir("xdir", testenv.Xattr("user.dirattr", "1"), testenv.ModTime(t2)).
+		Dir("xdir", fixture.Xattr("user.dirattr", "1"), fixture.ModTime(t2)).
 		File("xdir/child", "a dir that becomes a file\n").
 		CharDevice("misc/char", 1, 3).
 		BlockDevice("misc/block", 7, 0).
-		Fifo("misc/fifo", testenv.Mode(0o600)).
+		Fifo("misc/fifo", fixture.Mode(0o600)).
 		Symlink("misc/abs", "/etc/greeting").
-		File("misc/suid", "#!/bin/sh\necho suid\n", testenv.Mode(0o4755), testenv.Owner(0, 42))
+		File("misc/suid", "#!/bin/sh\necho suid\n", fixture.Mode(0o4755), fixture.Owner(0, 42))
 
-	l2 := testenv.NewLayer().
+	l2 := fixture.NewLayer().
 		File("etc/greeting", "hello from layer 2\n").
 		Whiteout("data/gone").
 		Whiteout("data/dir").
 		Opaque("opq").
 		File("opq/new", "added with the opaque marker\n").
-		File("data/hard3", "a second link group\n", testenv.Owner(7, 8)).
+		File("data/hard3", "a second link group\n", fixture.Owner(7, 8)).
 		Hardlink("data/hard4", "data/hard3").
 		File("misc/abs", "a symlink replaced by a file\n").
 		File("newdir/file", "new in layer 2\n")
 
-	l3 := testenv.NewLayer().
+	l3 := fixture.NewLayer().
 		Whiteout("data/hard2").
 		File("xdir", "was a directory\n").
-		Dir("data/keep", testenv.Mode(0o700)).
+		Dir("data/keep", fixture.Mode(0o700)).
 		File("data/keep/inner", "was a file\n").
-		File("etc/motd", "layer 3\n", testenv.Xattr("user.motd", "yes"), testenv.ModTime(t1))
+		File("etc/motd", "layer 3\n", fixture.Xattr("user.motd", "yes"), fixture.ModTime(t1))
 
-	img, err := testenv.BuildImage(testenv.DefaultConfig(), base, l2, l3)
+	img, err := fixture.BuildImage(fixture.DefaultConfig(), base, l2, l3)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,27 +82,27 @@ func threeLayerImage(t *testing.T) *testenv.Image {
 
 // checkExpectedTree guards against a vacuous comparison: the fixture's
 // expected tree must itself show the effects the layers were built for.
-func checkExpectedTree(t *testing.T, want testenv.Tree) {
+func checkExpectedTree(t *testing.T, want fixture.Tree) {
 	t.Helper()
-	for _, p := range []string{"/data/gone", "/data/dir", "/data/dir/sub/file", "/opq/a", "/opq/sub", "/data/hard2", "/xdir/child"} {
+	for _, p := range []string{"data/gone", "data/dir", "data/dir/sub/file", "opq/a", "opq/sub", "data/hard2", "xdir/child"} {
 		if want[p] != nil {
 			t.Errorf("expected tree has %s, which a whiteout removes", p)
 		}
 	}
-	checks := map[string]func(n *testenv.Node) bool{
-		"/etc/greeting": func(n *testenv.Node) bool { return n.Size == int64(len("hello from layer 2\n")) },
-		"/opq/new":      func(n *testenv.Node) bool { return n.Type == "reg" },
-		"/data/hard1":   func(n *testenv.Node) bool { return n.Hardlink == "" && n.Xattrs["user.links"] == "2" },
-		"/data/hard4":   func(n *testenv.Node) bool { return n.Hardlink == "/data/hard3" && n.UID == 7 },
-		"/data/keep":    func(n *testenv.Node) bool { return n.Type == "dir" && n.Mode == 0o700 },
-		"/xdir":         func(n *testenv.Node) bool { return n.Type == "reg" },
-		"/misc/abs":     func(n *testenv.Node) bool { return n.Type == "reg" },
-		"/misc/char":    func(n *testenv.Node) bool { return n.Type == "char" && n.DevMajor == 1 && n.DevMinor == 3 },
-		"/misc/suid":    func(n *testenv.Node) bool { return n.Mode == 0o4755 && n.GID == 42 },
-		"/data/blob":    func(n *testenv.Node) bool { return n.Xattrs["user.foo"] == "bar" && n.UID == 1000 },
-		"/bin/sh":       func(n *testenv.Node) bool { return n.Type == "symlink" && n.Link == "busybox" },
-		"/etc/greeting.link": func(n *testenv.Node) bool {
-			return n.Type == "symlink" && n.Link == "greeting"
+	checks := map[string]func(n *fixture.Node) bool{
+		"etc/greeting": func(n *fixture.Node) bool { return n.Size == int64(len("hello from layer 2\n")) },
+		"opq/new":      func(n *fixture.Node) bool { return n.Kind == "reg" },
+		"data/hard1":   func(n *fixture.Node) bool { return n.Hardlink == "" && n.Xattrs["user.links"] == "2" },
+		"data/hard4":   func(n *fixture.Node) bool { return n.Hardlink == "data/hard3" && n.UID == 7 },
+		"data/keep":    func(n *fixture.Node) bool { return n.Kind == "dir" && n.Mode == 0o700 },
+		"xdir":         func(n *fixture.Node) bool { return n.Kind == "reg" },
+		"misc/abs":     func(n *fixture.Node) bool { return n.Kind == "reg" },
+		"misc/char":    func(n *fixture.Node) bool { return n.Kind == "char" && n.Major == 1 && n.Minor == 3 },
+		"misc/suid":    func(n *fixture.Node) bool { return n.Mode == 0o4755 && n.GID == 42 },
+		"data/blob":    func(n *fixture.Node) bool { return n.Xattrs["user.foo"] == "bar" && n.UID == 1000 },
+		"bin/sh":       func(n *fixture.Node) bool { return n.Kind == "symlink" && n.Target == "busybox" },
+		"etc/greeting.link": func(n *fixture.Node) bool {
+			return n.Kind == "symlink" && n.Target == "greeting"
 		},
 	}
 	for p, ok := range checks {
@@ -121,16 +122,16 @@ func TestOverlayfsPullRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkExpectedTree(t, want)
-	reg := testenv.NewRegistry(t)
+	reg := lab.NewRegistry(t)
 
-	forEachVersion(t, func(t *testing.T, v testenv.Version) {
+	forEachVersion(t, func(t *testing.T, v lab.Version) {
 		c := sharedContainerd(t, v)
 		ctx := c.Namespace(t)
 		ref, err := reg.Push(ctx, "overlay/three-layers:"+v.Name, img)
 		if err != nil {
 			t.Fatal(err)
 		}
-		image, err := c.Pull(ctx, ref, testenv.DefaultSnapshotter)
+		image, err := c.Pull(ctx, ref, lab.DefaultSnapshotter)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -139,7 +140,7 @@ func TestOverlayfsPullRun(t *testing.T) {
 		}
 
 		t.Run("cat", func(t *testing.T) {
-			res, err := c.Run(ctx, image, testenv.RunOptions{Args: []string{"cat", "/etc/greeting", "/etc/greeting.link"}})
+			res, err := c.Run(ctx, image, lab.RunOptions{Args: []string{"cat", "/etc/greeting", "/etc/greeting.link"}})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -150,7 +151,7 @@ func TestOverlayfsPullRun(t *testing.T) {
 
 		t.Run("sha256sum", func(t *testing.T) {
 			sum := sha256.Sum256(blobContent())
-			res, err := c.Run(ctx, image, testenv.RunOptions{Args: []string{"sha256sum", "/data/blob"}})
+			res, err := c.Run(ctx, image, lab.RunOptions{Args: []string{"sha256sum", "/data/blob"}})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -171,7 +172,7 @@ cat /data/keep/inner /misc/abs
 stat -c '%a %u:%g %F' /misc/suid /data/blob /misc/fifo /misc/char
 echo "$GREETING"
 exit 3`
-			res, err := c.Run(ctx, image, testenv.RunOptions{
+			res, err := c.Run(ctx, image, lab.RunOptions{
 				Args: []string{"sh", "-c", script},
 				Env:  []string{"GREETING=hi from env"},
 			})
@@ -196,12 +197,12 @@ exit 3`
 		})
 
 		t.Run("rootfs", func(t *testing.T) {
-			got, err := c.ImageTree(ctx, image, testenv.DefaultSnapshotter)
+			got, err := c.ImageTree(ctx, image, lab.DefaultSnapshotter)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if d := testenv.Diff(want, got, nil); len(d) > 0 {
-				t.Fatalf("rootfs differs from the layers' merged tree (- want, + got):\n%s", testenv.FormatDiff(d, 50))
+			if d := fixture.Diff(want, got, nil); len(d) > 0 {
+				t.Fatalf("rootfs differs from the layers' merged tree (- want, + got):\n%s", fixture.FormatDiff(d, 50))
 			}
 		})
 	})

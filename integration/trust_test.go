@@ -11,7 +11,8 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazypull/lazypull/estargz"
-	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/internal/fixture"
+	"github.com/lazypull/lazypull/internal/lab"
 	"github.com/lazypull/lazypull/internal/forge"
 )
 
@@ -21,18 +22,18 @@ import (
 // the bytes of /zz/y ("evil"), and whose config claims B's DiffID. Chunk
 // and TOC digests all check out; containerd commits A's layer under B's
 // chain ID, so without whole-layer verification B reuses A's snapshot.
-func poisonedImages(t *testing.T) (a, b *testenv.Image) {
+func poisonedImages(t *testing.T) (a, b *fixture.Image) {
 	t.Helper()
-	l, err := testenv.BusyboxLayer()
+	l, err := fixture.BusyboxLayer()
 	if err != nil {
 		t.Fatal(err)
 	}
 	l.File("bin/x", "good\n").File("zz/y", "evil\n")
-	plain, err := testenv.GzipLayer(l)
+	plain, err := fixture.GzipLayer(l)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if b, err = testenv.NewImage(testenv.DefaultConfig(), plain); err != nil {
+	if b, err = fixture.NewImage(fixture.DefaultConfig(), plain); err != nil {
 		t.Fatal(err)
 	}
 	var esgz bytes.Buffer
@@ -43,12 +44,12 @@ func poisonedImages(t *testing.T) (a, b *testenv.Image) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lie := testenv.NewLayerBlob(ocispec.MediaTypeImageLayerGzip, forged, plain.Uncompressed,
+	lie := fixture.NewLayerBlob(ocispec.MediaTypeImageLayerGzip, forged, plain.Uncompressed,
 		map[string]string{estargz.TOCDigestAnnotation: toc.String()})
 	if lie.DiffID != plain.DiffID {
 		t.Fatal("the forged layer does not claim the honest DiffID")
 	}
-	if a, err = testenv.NewImage(testenv.DefaultConfig(), lie); err != nil {
+	if a, err = fixture.NewImage(fixture.DefaultConfig(), lie); err != nil {
 		t.Fatal(err)
 	}
 	return a, b
@@ -69,8 +70,8 @@ func TestLazypullPoisonedLayerFailsClosed(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			v := testenv.Containerd2()
-			reg := testenv.NewRegistry(t)
+			v := lab.Containerd2()
+			reg := lab.NewRegistry(t)
 			refA := push(t, reg, "tenant-a/app:v1", imgA)
 			refB := push(t, reg, "tenant-b/base:v1", imgB)
 			env := newLazyEnv(t, v, reg, lazyOptions{Verify: verify})
@@ -108,7 +109,7 @@ func TestLazypullPoisonedLayerFailsClosed(t *testing.T) {
 					time.Sleep(100 * time.Millisecond)
 				}
 				// A no longer runs, with an error rather than wrong bytes.
-				res, err := env.c.Run(ctxA, a, testenv.RunOptions{Snapshotter: lazypullName, Args: []string{"cat", "/bin/x"}})
+				res, err := env.c.Run(ctxA, a, lab.RunOptions{Snapshotter: lazypullName, Args: []string{"cat", "/bin/x"}})
 				if err == nil && res.ExitCode == 0 {
 					t.Errorf("A still runs after its layer failed verification: %s", res)
 				} else if err == nil && strings.Contains(res.Stdout, "evil") {

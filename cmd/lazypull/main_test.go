@@ -6,9 +6,7 @@ package main
 // lazypull: TestMain calls main() when LAZYPULL_TEST_MAIN is set.
 
 import (
-	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"errors"
 	"os"
@@ -18,8 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/opencontainers/go-digest"
-
+	"github.com/lazypull/lazypull/internal/fixture"
 	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
@@ -98,39 +95,15 @@ type file struct {
 // returns it with its diff_id.
 func tarGz(t *testing.T, files ...file) remotetest.Layer {
 	t.Helper()
-	var plain bytes.Buffer
-	tw := tar.NewWriter(&plain)
-	mtime := time.Date(2024, 5, 17, 0, 0, 0, 0, time.UTC)
-	written := map[string]bool{}
+	l := fixture.NewLayer()
 	for _, f := range files {
-		var parents []string
-		for d := filepath.Dir(f.name); d != "."; d = filepath.Dir(d) {
-			parents = append([]string{d}, parents...)
-		}
-		for _, d := range parents {
-			if written[d] {
-				continue
-			}
-			written[d] = true
-			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: mtime}); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: f.name, Mode: 0o644, Size: int64(len(f.data)), ModTime: mtime}); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write([]byte(f.data)); err != nil {
-			t.Fatal(err)
-		}
+		l.File(f.name, f.data, fixture.ModTime(time.Date(2024, 5, 17, 0, 0, 0, 0, time.UTC)))
 	}
-	if err := tw.Close(); err != nil {
+	b, err := fixture.GzipLayer(l)
+	if err != nil {
 		t.Fatal(err)
 	}
-	var gz bytes.Buffer
-	zw := gzip.NewWriter(&gz)
-	zw.Write(plain.Bytes())
-	zw.Close()
-	return remotetest.Layer{Data: gz.Bytes(), DiffID: digest.FromBytes(plain.Bytes())}
+	return remotetest.Layer{Data: b.Data, DiffID: b.DiffID}
 }
 
 // testLayers are a base layer and an upper one that replaces a file.

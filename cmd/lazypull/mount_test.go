@@ -12,24 +12,22 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
+	"github.com/lazypull/lazypull/internal/lab"
 	"github.com/lazypull/lazypull/remote/remotetest"
 )
 
 // mountsUnder lists the mount points at or below dir.
 func mountsUnder(t *testing.T, dir string) []string {
 	t.Helper()
-	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	ms, err := lab.MountedUnder(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out []string
-	for _, m := range ms {
-		out = append(out, m.Mountpoint)
-	}
-	return out
+	return ms
 }
 
 // canMount reports why FUSE and overlay mounts cannot be tested here, or
@@ -93,8 +91,8 @@ func TestMountCommand(t *testing.T) {
 			cmd.Process.Kill()
 			<-exited
 		}
-		for _, m := range slices.Backward(mountsUnder(t, base)) {
-			unix.Unmount(m, unix.MNT_DETACH)
+		if err := mount.UnmountRecursive(base, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmounting what is left under %s: %v", base, err)
 		}
 	})
 
@@ -201,8 +199,8 @@ func TestMountCommandFailure(t *testing.T) {
 	os.Mkdir(mnt, 0o755)
 	os.Mkdir(tmp, 0o755)
 	t.Cleanup(func() {
-		for _, m := range slices.Backward(mountsUnder(t, base)) {
-			unix.Unmount(m, unix.MNT_DETACH)
+		if err := mount.UnmountRecursive(base, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmounting what is left under %s: %v", base, err)
 		}
 	})
 	out, errOut, code := runProcess(t, []string{"TMPDIR=" + tmp, "DOCKER_CONFIG=" + t.TempDir()},

@@ -23,9 +23,12 @@ import (
 	"github.com/containerd/log"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/lazypull/lazypull/internal/lab"
 )
 
-// daemonBin is the lazypull-snapshotter binary under test, built by TestMain.
+// daemonBin is the lazypull-snapshotter binary under test, built by TestMain
+// (or the one lab.SnapshotterBinEnv names).
 var daemonBin string
 
 func TestMain(m *testing.M) {
@@ -34,14 +37,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	daemonBin = filepath.Join(dir, "lazypull-snapshotter")
-	args := []string{"build", "-o", daemonBin}
-	if raceEnabled {
-		args = append(args, "-race")
-	}
-	cmd := exec.Command("go", append(args, ".")...)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
+	daemonBin, err = lab.BuildSnapshotter(dir)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "building lazypull-snapshotter:", err)
 		os.RemoveAll(dir)
 		os.Exit(1)

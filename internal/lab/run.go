@@ -1,4 +1,4 @@
-package testenv
+package lab
 
 import (
 	"bytes"
@@ -21,6 +21,8 @@ import (
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/image-spec/identity"
+
+	"github.com/lazypull/lazypull/internal/fixture"
 )
 
 // DefaultSnapshotter is containerd's built-in overlayfs snapshotter.
@@ -199,7 +201,7 @@ func (c *Containerd) MountImage(ctx context.Context, img client.Image, snapshott
 		return nil, err
 	}
 	sn := c.client.SnapshotService(snapshotter)
-	key := fmt.Sprintf("testenv-view-%d-%d", os.Getpid(), runSeq.Add(1))
+	key := fmt.Sprintf("lab-view-%d-%d", os.Getpid(), runSeq.Add(1))
 	mounts, err := sn.View(ctx, key, chainID, snapshots.WithLabels(map[string]string{"lazypull.test/view": "true"}))
 	if err != nil {
 		done(context.WithoutCancel(ctx))
@@ -218,8 +220,9 @@ func (c *Containerd) MountImage(ctx context.Context, img client.Image, snapshott
 }
 
 // ImageTree reads img's rootfs as snapshotter presents it, through a
-// mounted read-only view.
-func (c *Containerd) ImageTree(ctx context.Context, img client.Image, snapshotter string) (Tree, error) {
+// mounted read-only view. The root itself (the view's mount point) and
+// overlayfs' own xattrs are left out: they are not part of the image.
+func (c *Containerd) ImageTree(ctx context.Context, img client.Image, snapshotter string) (fixture.Tree, error) {
 	dir, err := os.MkdirTemp(c.dir, "view-")
 	if err != nil {
 		return nil, err
@@ -229,8 +232,12 @@ func (c *Containerd) ImageTree(ctx context.Context, img client.Image, snapshotte
 	if err != nil {
 		return nil, err
 	}
-	t, err := WalkTree(dir)
-	return t, errors.Join(err, unmount())
+	t, err := fixture.Walk(dir, fixture.WalkOptions{HideOverlayXattrs: true})
+	if err = errors.Join(err, unmount()); err != nil {
+		return nil, fmt.Errorf("image tree: %w", err)
+	}
+	delete(t, ".")
+	return t, nil
 }
 
 // WaitSnapshotter waits until the daemon reaches snapshotter, e.g. a proxy
@@ -249,7 +256,7 @@ func (c *Containerd) WaitSnapshotter(ctx context.Context, snapshotter string) er
 	defer done(context.WithoutCancel(ctx))
 	sn := c.client.SnapshotService(snapshotter)
 	for {
-		key := fmt.Sprintf("testenv-probe-%d-%d", os.Getpid(), runSeq.Add(1))
+		key := fmt.Sprintf("lab-probe-%d-%d", os.Getpid(), runSeq.Add(1))
 		_, err := sn.Prepare(ctx, key, "")
 		if err == nil {
 			return sn.Remove(ctx, key)

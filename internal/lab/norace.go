@@ -1,5 +1,5 @@
 //go:build !race
 
-package testenv
+package lab
 
 const raceEnabled = false

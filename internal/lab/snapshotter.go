@@ -1,4 +1,4 @@
-package testenv
+package lab
 
 import (
 	"context"
@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -21,7 +20,7 @@ const SnapshotterBinEnv = "LAZYPULL_SNAPSHOTTER_BIN"
 
 // BuildSnapshotter returns the lazypull-snapshotter binary to test: the
 // one SnapshotterBinEnv names, or else a fresh build of ./cmd/snapshotter
-// (with -race when the tests have it) into dir.
+// into dir (see Build).
 func BuildSnapshotter(dir string) (string, error) {
 	if p := os.Getenv(SnapshotterBinEnv); p != "" {
 		if fi, err := os.Stat(p); err != nil || fi.IsDir() || fi.Mode().Perm()&0o111 == 0 {
@@ -29,20 +28,28 @@ func BuildSnapshotter(dir string) (string, error) {
 		}
 		return p, nil
 	}
+	return Build(dir, "./cmd/snapshotter", "lazypull-snapshotter")
+}
+
+// Build builds the command pkg (a package path relative to the module
+// root, "./cmd/lazypull") into dir/name, with -race when the tests have
+// it, and returns the binary's path. It is the one way tests build
+// lazypull's binaries.
+func Build(dir, pkg, name string) (string, error) {
 	root, err := ModuleRoot()
 	if err != nil {
 		return "", err
 	}
-	out := filepath.Join(dir, "lazypull-snapshotter")
+	out := filepath.Join(dir, name)
 	args := []string{"build", "-o", out}
 	if raceEnabled {
 		args = append(args, "-race")
 	}
-	args = append(args, "./cmd/snapshotter")
+	args = append(args, pkg)
 	cmd := exec.Command(goTool(), args...)
 	cmd.Dir = root
 	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go %s (in %s): %v\n%s", strings.Join(args, " "), root, err, b)
+		return "", fmt.Errorf("go %s (in %s): %w\n%s", strings.Join(args, " "), root, err, b)
 	}
 	return out, nil
 }
@@ -104,12 +111,9 @@ type SnapshotterConfig struct {
 
 // Snapshotter is a snapshotter daemon run by the harness.
 type Snapshotter struct {
-	cfg     SnapshotterConfig
-	ownDir  bool
-	logPath string
-
-	mu   sync.Mutex
-	proc *process
+	cfg    SnapshotterConfig
+	ownDir bool
+	daemon
 }
 
 // StartSnapshotter starts the daemon and waits until its socket accepts
@@ -118,7 +122,7 @@ func StartSnapshotter(ctx context.Context, cfg SnapshotterConfig) (_ *Snapshotte
 	if cfg.Binary == "" {
 		return nil, errors.New("snapshotter: no binary")
 	}
-	s := &Snapshotter{cfg: cfg}
+	s := &Snapshotter{cfg: cfg, daemon: daemon{name: "snapshotter"}}
 	if s.cfg.Dir == "" {
 		d, err := os.MkdirTemp("/tmp", "lp-sn-")
 		if err != nil {
@@ -200,80 +204,36 @@ func (s *Snapshotter) Dir() string { return s.cfg.Dir }
 // LogPath collects the daemon's output across restarts.
 func (s *Snapshotter) LogPath() string { return s.logPath }
 
-// Pid is the daemon's process id, 0 if it never started.
-func (s *Snapshotter) Pid() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.proc == nil {
-		return 0
-	}
-	return s.proc.pid()
-}
-
-// Running reports whether the daemon process is alive.
-func (s *Snapshotter) Running() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.proc != nil && !s.proc.exited()
-}
-
 // Start starts the daemon (again, after Stop or Kill) and waits for its
 // socket. A stale socket file from a killed daemon is removed first.
 func (s *Snapshotter) Start(ctx context.Context) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.proc != nil && !s.proc.exited() {
-		return fmt.Errorf("snapshotter is already running (pid %d)", s.proc.pid())
-	}
-	os.Remove(s.cfg.Address)
-	args := []string{"--address", s.cfg.Address, "--root", s.cfg.Root}
-	args = append(args, "--config", s.cfg.ConfigPath)
-	if s.cfg.LogLevel != "" {
-		args = append(args, "--log-level", s.cfg.LogLevel)
-	}
-	args = append(args, s.cfg.Args...)
-	cmd := exec.Command(s.cfg.Binary, args...)
-	cmd.Env = append(envWithPath(""), s.cfg.Env...)
-	cmd.Dir = s.cfg.Dir
-	p, err := startProcess(cmd, s.logPath)
-	if err != nil {
-		return fmt.Errorf("start %s: %w", s.cfg.Binary, err)
-	}
-	s.proc = p
-	deadline := time.Now().Add(s.cfg.StartTimeout)
-	for {
-		if p.exited() {
-			return fmt.Errorf("snapshotter exited during start-up: %v; log %s:\n%s", p.err(), s.logPath, tailFile(s.logPath, 40))
+	return s.launch(ctx, func() *exec.Cmd {
+		os.Remove(s.cfg.Address)
+		args := []string{"--address", s.cfg.Address, "--root", s.cfg.Root, "--config", s.cfg.ConfigPath}
+		if s.cfg.LogLevel != "" {
+			args = append(args, "--log-level", s.cfg.LogLevel)
 		}
-		if conn, err := net.DialTimeout("unix", s.cfg.Address, time.Second); err == nil {
+		args = append(args, s.cfg.Args...)
+		cmd := exec.Command(s.cfg.Binary, args...)
+		cmd.Env = append(envWithPath(""), s.cfg.Env...)
+		cmd.Dir = s.cfg.Dir
+		return cmd
+	}, s.cfg.StartTimeout, "listen on "+s.cfg.Address, func() bool {
+		conn, err := net.DialTimeout("unix", s.cfg.Address, time.Second)
+		if err == nil {
 			conn.Close()
-			return nil
 		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			p.signal(syscall.SIGKILL)
-			p.wait(5 * time.Second)
-			return fmt.Errorf("snapshotter did not listen on %s in time; log %s:\n%s", s.cfg.Address, s.logPath, tailFile(s.logPath, 40))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return err == nil
+	})
 }
 
 // Stop stops the daemon with SIGTERM and waits for it (SIGKILL after 20s,
 // reported as an error). It reports a daemon that had crashed.
-func (s *Snapshotter) Stop() error { return s.stop(syscall.SIGTERM, 20*time.Second) }
+func (s *Snapshotter) Stop() error { return s.halt(syscall.SIGTERM, 20*time.Second) }
 
 // Kill stops the daemon with SIGKILL, leaving whatever it mounted behind,
 // as a crash would.
-func (s *Snapshotter) Kill() error { return s.stop(syscall.SIGKILL, 10*time.Second) }
-
-func (s *Snapshotter) stop(sig syscall.Signal, timeout time.Duration) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.proc == nil {
-		return nil
-	}
-	return s.proc.stop(sig, timeout)
-}
+func (s *Snapshotter) Kill() error { return s.halt(syscall.SIGKILL, 10*time.Second) }
 
 // Restart is Stop then Start.
 func (s *Snapshotter) Restart(ctx context.Context) error {
@@ -288,11 +248,9 @@ func (s *Snapshotter) Restart(ctx context.Context) error {
 // directory if StartSnapshotter created it.
 func (s *Snapshotter) Close() error {
 	var errs []error
-	s.mu.Lock()
-	if s.proc != nil && !s.proc.exited() {
-		s.proc.stop(syscall.SIGKILL, 10*time.Second)
+	if s.Running() {
+		s.halt(syscall.SIGKILL, 10*time.Second)
 	}
-	s.mu.Unlock()
 	if s.cfg.Dir != "" {
 		if err := unmountUnder(s.cfg.Dir); err != nil {
 			errs = append(errs, err)

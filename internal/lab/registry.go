@@ -1,4 +1,4 @@
-package testenv
+package lab
 
 import (
 	"context"
@@ -65,7 +65,7 @@ func StartRegistry(cfg RegistryConfig) (*Registry, error) {
 	}
 	storage["redirect"] = configuration.Parameters{"disable": true}
 	config := &configuration.Configuration{Storage: storage}
-	config.HTTP.Secret = "lazypull-testenv"
+	config.HTTP.Secret = "lazypull-lab"
 	config.Log.AccessLog.Disabled = true
 	r := &Registry{app: handlers.NewApp(context.Background(), config)}
 	l, err := net.Listen("tcp", "127.0.0.1:0")

@@ -1,4 +1,4 @@
-package testenv
+package lab
 
 import (
 	"context"
@@ -12,7 +12,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -132,13 +131,10 @@ type Containerd struct {
 	dir        string
 	address    string
 	configPath string
-	logPath    string
 	version    string
 	client     *client.Client
 	nsSeq      atomic.Int64
-
-	mu   sync.Mutex
-	proc *process
+	daemon
 }
 
 // The daemon's directory layout under Dir.
@@ -160,7 +156,7 @@ func StartContainerd(ctx context.Context, cfg ContainerdConfig) (_ *Containerd, 
 	if cfg.LogLevel == "" {
 		cfg.LogLevel = "debug"
 	}
-	c := &Containerd{cfg: cfg, dir: cfg.Dir}
+	c := &Containerd{cfg: cfg, dir: cfg.Dir, daemon: daemon{name: cfg.Version.Name}}
 	if c.dir == "" {
 		d, err := os.MkdirTemp("/tmp", "lp-ctd-")
 		if err != nil {
@@ -256,22 +252,6 @@ func (c *Containerd) Version() string { return c.version }
 // Config is the configuration the daemon was started with.
 func (c *Containerd) Config() ContainerdConfig { return c.cfg }
 
-// Pid is the daemon's process id, 0 while it is stopped.
-func (c *Containerd) Pid() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.proc == nil {
-		return 0
-	}
-	return c.proc.pid()
-}
-
-func (c *Containerd) running() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.proc != nil && !c.proc.exited()
-}
-
 func (c *Containerd) configTOML() string {
 	q := strconv.Quote
 	var b strings.Builder
@@ -353,39 +333,18 @@ func quoteList(l []string) string {
 // Start starts the daemon after Stop or Kill (StartContainerd starts it the
 // first time) and waits until it serves its API. The Client reconnects.
 func (c *Containerd) Start(ctx context.Context) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.proc != nil && !c.proc.exited() {
-		return fmt.Errorf("%s is already running (pid %d)", c.cfg.Version.Name, c.proc.pid())
-	}
 	v := c.cfg.Version
-	cmd := exec.Command(v.Binary, "--config", c.configPath, "--log-level", c.cfg.LogLevel)
-	cmd.Env = envWithPath(v.BinDir)
-	cmd.Dir = c.dir
-	p, err := startProcess(cmd, c.logPath)
-	if err != nil {
-		return fmt.Errorf("start %s: %w", v.Name, err)
-	}
-	c.proc = p
-	// Wait for the socket and a served Version call. The client used here
-	// is private: c.client may not exist yet.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if p.exited() {
-			return fmt.Errorf("%s exited during start-up: %v; log %s:\n%s", v.Name, p.err(), c.logPath, tailFile(c.logPath, 40))
-		}
-		if _, err := os.Stat(c.address); err == nil {
-			if err := probeContainerd(ctx, c.address); err == nil {
-				return nil
-			}
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			p.signal(syscall.SIGKILL)
-			p.wait(5 * time.Second)
-			return fmt.Errorf("%s did not serve %s in time; log %s:\n%s", v.Name, c.address, c.logPath, tailFile(c.logPath, 40))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return c.launch(ctx, func() *exec.Cmd {
+		cmd := exec.Command(v.Binary, "--config", c.configPath, "--log-level", c.cfg.LogLevel)
+		cmd.Env = envWithPath(v.BinDir)
+		cmd.Dir = c.dir
+		return cmd
+	}, 30*time.Second, "serve "+c.address, func() bool {
+		// A served Version call. The client used here is private:
+		// c.client may not exist yet.
+		_, err := os.Stat(c.address)
+		return err == nil && probeContainerd(ctx, c.address) == nil
+	})
 }
 
 func probeContainerd(ctx context.Context, address string) error {
@@ -402,19 +361,10 @@ func probeContainerd(ctx context.Context, address string) error {
 
 // Stop stops the daemon with SIGTERM (SIGKILL after 10s). Containers and
 // their shims keep running, as in a real daemon restart.
-func (c *Containerd) Stop() error { return c.stop(syscall.SIGTERM) }
+func (c *Containerd) Stop() error { return c.halt(syscall.SIGTERM, 10*time.Second) }
 
 // Kill stops the daemon with SIGKILL.
-func (c *Containerd) Kill() error { return c.stop(syscall.SIGKILL) }
-
-func (c *Containerd) stop(sig syscall.Signal) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.proc == nil {
-		return nil
-	}
-	return c.proc.stop(sig, 10*time.Second)
-}
+func (c *Containerd) Kill() error { return c.halt(syscall.SIGKILL, 10*time.Second) }
 
 // Restart is Stop then Start.
 func (c *Containerd) Restart(ctx context.Context) error {
@@ -429,7 +379,7 @@ func (c *Containerd) Restart(ctx context.Context) error {
 // removes the directory if StartContainerd created it.
 func (c *Containerd) Close() error {
 	var errs []error
-	if c.client != nil && c.running() {
+	if c.client != nil && c.Running() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if err := c.removeAllContainers(ctx); err != nil {
 			errs = append(errs, err)

@@ -1,22 +1,23 @@
-package testenv
+package lab
 
 import (
-	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -34,7 +35,7 @@ func startProcess(cmd *exec.Cmd, logPath string) (*process, error) {
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(f, "==== testenv %s: exec %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(cmd.Args, " "))
+	fmt.Fprintf(f, "==== lab %s: exec %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(cmd.Args, " "))
 	cmd.Stdout, cmd.Stderr = f, f
 	// If the test binary dies, so does the daemon.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -45,7 +46,7 @@ func startProcess(cmd *exec.Cmd, logPath string) (*process, error) {
 	p := &process{cmd: cmd, done: make(chan struct{})}
 	go func() {
 		p.waitErr = cmd.Wait()
-		fmt.Fprintf(f, "==== testenv %s: pid %d exited: %v\n", time.Now().Format(time.RFC3339Nano), cmd.Process.Pid, p.waitErr)
+		fmt.Fprintf(f, "==== lab %s: pid %d exited: %v\n", time.Now().Format(time.RFC3339Nano), cmd.Process.Pid, p.waitErr)
 		f.Close()
 		close(p.done)
 	}()
@@ -101,6 +102,75 @@ func (p *process) stop(sig syscall.Signal, timeout time.Duration) error {
 	return fmt.Errorf("%s (pid %d) did not exit within %v of %v", filepath.Base(p.cmd.Path), p.pid(), timeout, sig)
 }
 
+// daemon is the restartable process behind a Containerd or a Snapshotter.
+// Its output goes to logPath, across restarts.
+type daemon struct {
+	name    string // in messages
+	logPath string
+
+	mu   sync.Mutex
+	proc *process
+}
+
+// Pid is the daemon's process id, 0 if it never started.
+func (d *daemon) Pid() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.proc == nil {
+		return 0
+	}
+	return d.proc.pid()
+}
+
+// Running reports whether the daemon process is alive.
+func (d *daemon) Running() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.proc != nil && !d.proc.exited()
+}
+
+// launch starts the command newCmd makes, unless the daemon runs, and
+// polls ready every 20ms until it holds. A daemon that exits meanwhile, or
+// is not ready within timeout or before ctx ends, is reported with the tail
+// of its log (and killed); waitingFor says what it was expected to do.
+func (d *daemon) launch(ctx context.Context, newCmd func() *exec.Cmd, timeout time.Duration, waitingFor string, ready func() bool) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.proc != nil && !d.proc.exited() {
+		return fmt.Errorf("%s is already running (pid %d)", d.name, d.proc.pid())
+	}
+	p, err := startProcess(newCmd(), d.logPath)
+	if err != nil {
+		return fmt.Errorf("start %s: %w", d.name, err)
+	}
+	d.proc = p
+	deadline := time.Now().Add(timeout)
+	for {
+		if p.exited() {
+			return fmt.Errorf("%s exited during start-up: %v; log %s:\n%s", d.name, p.err(), d.logPath, tailFile(d.logPath, 40))
+		}
+		if ready() {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			p.signal(syscall.SIGKILL)
+			p.wait(5 * time.Second)
+			return fmt.Errorf("%s did not %s in time; log %s:\n%s", d.name, waitingFor, d.logPath, tailFile(d.logPath, 40))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// halt stops the daemon (see process.stop); one never started is no error.
+func (d *daemon) halt(sig syscall.Signal, timeout time.Duration) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.proc == nil {
+		return nil
+	}
+	return d.proc.stop(sig, timeout)
+}
+
 // envWithPath is the test's environment with dir first in PATH and the
 // usual system directories present.
 func envWithPath(dir string) []string {
@@ -126,70 +196,13 @@ func envWithPath(dir string) []string {
 	return env
 }
 
-// unmountUnder lazily unmounts every mount at or below dir, deepest first.
+// unmountUnder lazily unmounts every mount at or below dir, deepest
+// first, FUSE mounts of dead daemons included.
 func unmountUnder(dir string) error {
-	dir = filepath.Clean(dir)
-	mps, err := mountPoints()
-	if err != nil {
-		return err
+	if err := mount.UnmountRecursive(dir, unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("unmount under %s: %w", dir, err)
 	}
-	var under []string
-	for _, mp := range mps {
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			under = append(under, mp)
-		}
-	}
-	sort.Slice(under, func(i, j int) bool { return len(under[i]) > len(under[j]) })
-	var errs []error
-	for _, mp := range under {
-		if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("unmount %s: %w", mp, err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// mountPoints lists the mount points of this mount namespace.
-func mountPoints() ([]string, error) {
-	ms, err := mounts()
-	if err != nil {
-		return nil, err
-	}
-	mps := make([]string, len(ms))
-	for i, m := range ms {
-		mps[i] = m.point
-	}
-	return mps, nil
-}
-
-type mountInfo struct{ point, fstype string }
-
-// mounts lists the mounts of this mount namespace.
-func mounts() ([]mountInfo, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var ms []mountInfo
-	s := bufio.NewScanner(f)
-	s.Buffer(make([]byte, 64<<10), 1<<20)
-	for s.Scan() {
-		// ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
-		fields := strings.Fields(s.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		m := mountInfo{point: unescapeMountinfo(fields[4])}
-		for i, f := range fields {
-			if f == "-" && i+1 < len(fields) {
-				m.fstype = fields[i+1]
-				break
-			}
-		}
-		ms = append(ms, m)
-	}
-	return ms, s.Err()
+	return nil
 }
 
 // removeCgroups removes the cgroup directory parent (relative to the
@@ -200,16 +213,13 @@ func removeCgroups(parent string) {
 	if parent == "" {
 		return
 	}
-	ms, err := mounts()
+	ms, err := mountinfo.GetMounts(mountinfo.FSTypeFilter("cgroup", "cgroup2"))
 	if err != nil {
 		return
 	}
 	for _, m := range ms {
-		if m.fstype != "cgroup" && m.fstype != "cgroup2" {
-			continue
-		}
 		var dirs []string
-		filepath.WalkDir(filepath.Join(m.point, parent), func(p string, d os.DirEntry, err error) error {
+		filepath.WalkDir(filepath.Join(m.Mountpoint, parent), func(p string, d os.DirEntry, err error) error {
 			if err == nil && d.IsDir() {
 				dirs = append(dirs, p)
 			}
@@ -221,38 +231,16 @@ func removeCgroups(parent string) {
 	}
 }
 
-// unescapeMountinfo decodes the \ooo escapes of /proc/self/mountinfo.
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
 // MountedUnder lists the mount points at or below dir, for tests that check
 // nothing was left mounted.
 func MountedUnder(dir string) ([]string, error) {
-	dir = filepath.Clean(dir)
-	mps, err := mountPoints()
+	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(filepath.Clean(dir)))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("mounts under %s: %w", dir, err)
 	}
-	var under []string
-	for _, mp := range mps {
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			under = append(under, mp)
-		}
+	under := make([]string, len(ms))
+	for i, m := range ms {
+		under[i] = m.Mountpoint
 	}
 	return under, nil
 }
