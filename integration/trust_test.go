@@ -12,8 +12,8 @@ import (
 
 	"github.com/lazypull/lazypull/estargz"
 	"github.com/lazypull/lazypull/internal/fixture"
-	"github.com/lazypull/lazypull/internal/lab"
 	"github.com/lazypull/lazypull/internal/forge"
+	"github.com/lazypull/lazypull/internal/lab"
 )
 
 // poisonedImages builds the two images of issue 9's attack. B is an honest
