@@ -81,6 +81,9 @@ type remoteLayer struct {
 	labels     map[string]string // passed to the LayerFS
 	pinned     map[string]string // labels Update must keep
 	digest     string
+	// failed is set (under Snapshotter.mu) when the layer failed
+	// verification: the snapshot is removed once nothing is stacked on it.
+	failed bool
 
 	mu      sync.Mutex // serializes Mount/Check/Unmount of this layer
 	mounted bool
@@ -345,6 +348,7 @@ func (s *Snapshotter) LayerFailed(ctx context.Context, mountpoint string, cause 
 	for _, r := range s.remotes {
 		if r.mountpoint == mountpoint {
 			rl = r
+			r.failed = true
 			break
 		}
 	}
@@ -354,8 +358,21 @@ func (s *Snapshotter) LayerFailed(ctx context.Context, mountpoint string, cause 
 	}
 	l := log.G(ctx).WithField("snapshot", rl.name).WithField("layer", rl.digest)
 	if err := s.Remove(ctx, rl.name); err != nil {
-		l.WithError(err).Warn("failed layer's snapshot is still in use and stays until its children are removed; its reads fail")
+		l.WithError(err).Warn("failed layer's snapshot is still in use: it is removed with the last snapshot on top of it; until then its reads fail")
 		return
 	}
 	l.WithField("cause", cause.Error()).Warn("removed the snapshot of a layer that failed verification")
+}
+
+// failedParent reports whether name is a remote layer that failed
+// verification.
+func (s *Snapshotter) failedParent(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, r := range s.remotes {
+		if r.name == name && r.failed {
+			return true
+		}
+	}
+	return false
 }

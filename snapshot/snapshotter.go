@@ -308,10 +308,13 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 // directory is deleted now, or by Cleanup with Options.AsyncRemove.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	var (
-		id       string
-		removals []string
+		id, parent string
+		removals   []string
 	)
 	if err := s.withTx(ctx, true, func(ctx context.Context) (err error) {
+		if _, info, _, err := storage.GetInfo(ctx, key); err == nil {
+			parent = info.Parent
+		}
 		if id, _, err = storage.Remove(ctx, key); err != nil {
 			return fmt.Errorf("failed to remove snapshot %s: %w", key, err)
 		}
@@ -329,6 +332,14 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	for _, dir := range removals {
 		if err := removeDir(ctx, dir); err != nil {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("failed to remove snapshot directory")
+		}
+	}
+	// A layer that failed verification goes with the last snapshot on it.
+	if parent != "" && s.failedParent(parent) {
+		if err := s.Remove(ctx, parent); err != nil {
+			log.G(ctx).WithError(err).WithField("snapshot", parent).Debug("failed layer still in use")
+		} else {
+			log.G(ctx).WithField("snapshot", parent).Warn("removed the snapshot of a layer that failed verification")
 		}
 	}
 	return nil
