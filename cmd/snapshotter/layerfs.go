@@ -37,9 +37,10 @@ var _ snapshot.LayerFS = (*layerFS)(nil)
 
 // newLayerFS builds the LayerFS that serves remote snapshots from the
 // configuration, keeping its state (chunk cache, layer metadata) under
-// root, and registers its metrics with reg. The returned func releases it
+// root, and registers its metrics with reg; fetches, if not nil, records
+// every registry request. The returned func releases it
 // after the snapshotter is closed.
-func newLayerFS(cfg *Config, root string, reg prometheus.Registerer) (snapshot.LayerFS, func() error, error) {
+func newLayerFS(cfg *Config, root string, reg prometheus.Registerer, fetches *fetchLog) (snapshot.LayerFS, func() error, error) {
 	store, err := cache.Open(cache.Options{
 		Dir:            filepath.Join(root, "cache"),
 		MaxDiskBytes:   orDisabled(cfg.Cache.MaxDiskBytes),
@@ -49,7 +50,13 @@ func newLayerFS(cfg *Config, root string, reg prometheus.Registerer) (snapshot.L
 		return nil, nil, fmt.Errorf("opening the chunk cache: %w", err)
 	}
 	m := newMetrics(reg, store)
+	var observer lfs.Observer = m
+	var onFetch func(remote.FetchEvent)
+	if fetches != nil {
+		observer, onFetch = loggingObserver{Observer: m, log: fetches}, fetches.onFetch
+	}
 	regClient, err := remote.New(remote.Options{
+		OnFetch:        onFetch,
 		HostsDir:       cfg.Registry.HostsDir,
 		DockerConfig:   cfg.Registry.DockerConfig,
 		RequestTimeout: time.Duration(cfg.Fetch.Timeout),
@@ -77,7 +84,7 @@ func newLayerFS(cfg *Config, root string, reg prometheus.Registerer) (snapshot.L
 		AllowUnverified: cfg.AllowUnverified,
 		Layer: lfs.LayerOptions{
 			FetchTimeout: time.Duration(cfg.Fetch.ReadTimeout),
-			Observer:     m,
+			Observer:     observer,
 		},
 		// Opaque directories must carry the xattr the overlay mounts
 		// stacked on the layers read: the snapshotter mounts them with

@@ -161,7 +161,8 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	lfs, closeLFS, err := newLayerFS(dc.cfg, root, reg)
+	fetches := &fetchLog{}
+	lfs, closeLFS, err := newLayerFS(dc.cfg, root, reg, fetches)
 	if err != nil {
 		return fmt.Errorf("setting up the layer file system: %w", err)
 	}
@@ -205,6 +206,7 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.Handle("/debug/fetches", fetches)
 		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			if err := metrics.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
