@@ -158,7 +158,7 @@ const (
 	KindResolve    = "resolve"
 	KindManifest   = "manifest"   // manifest, index or config
 	KindLayer      = "layer"      // a whole layer blob (full pull)
-	KindTOC        = "toc"        // a layer's footer and TOC
+	KindTOC        = "toc"        // a layer's HEAD, footer and TOC
 	KindForeground = "foreground" // a read's miss, alone
 	KindReadAhead  = "read-ahead" // a read's miss with the chunks after it
 	KindPrefetch   = "prefetch"   // the prioritized region, after mount

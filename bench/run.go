@@ -283,7 +283,7 @@ func phases(start, pulled time.Time, t runTimes, reqs []Request, lazy bool) ([]P
 			resolve = max(resolve, q.End)
 		case q.Kind == KindManifest && q.By == "containerd":
 			manifest = max(manifest, q.End)
-		case (lazy && q.Kind == KindTOC) || (!lazy && q.Kind == KindLayer):
+		case (lazy && q.Kind == KindTOC && q.Length > 0) || (!lazy && q.Kind == KindLayer):
 			if _, ok := layers[q.Layer]; !ok {
 				order = append(order, q.Layer)
 			}
@@ -573,8 +573,8 @@ func daemonFetches(ctx context.Context, addr string, start time.Time) ([]Request
 			q.Kind = KindBackground
 		case f.Op == "range" && f.Kind == "foreground":
 			q.Kind = KindForeground
-		case f.Op == "range":
-			q.Kind = KindTOC
+		case f.Op == "range" || f.Op == "head":
+			q.Kind = KindTOC // a layer's HEAD, footer and TOC
 		case f.Op == "blob":
 			q.Kind = KindLayer
 		default:
