@@ -286,6 +286,8 @@ type Runner struct {
 	// start-up.
 	readBytes map[string]int64
 	tmp       string
+	// chunkCache holds layers' chunk offsets by digest (nil: unreadable).
+	chunkCache map[string]*layerChunks
 }
 
 // NewRunner checks the configuration.
@@ -352,7 +354,8 @@ func NewRunner(cfg Config) (*Runner, error) {
 		cfg.Resolver = testenv.Resolver
 	}
 	return &Runner{cfg: cfg, log: cfg.Log, remote: cfg.Remote, match: match,
-		infos: map[string]*ImageInfo{}, local: map[string]bool{}, reads: map[string][]string{}, readBytes: map[string]int64{}}, nil
+		infos: map[string]*ImageInfo{}, local: map[string]bool{}, reads: map[string][]string{}, readBytes: map[string]int64{},
+		chunkCache: map[string]*layerChunks{}}, nil
 }
 
 func (r *Runner) logf(format string, args ...any) {
@@ -504,6 +507,12 @@ func (r *Runner) refFor(info *ImageInfo, m Mode, px *wan.Proxy) string {
 		return px.Addr() + "/" + ref
 	}
 	return r.reg.Ref(ref)
+}
+
+// directRef is refFor without the WAN emulator: for reading TOCs outside
+// the measurement.
+func (r *Runner) directRef(info *ImageInfo, m Mode) string {
+	return r.refFor(info, m, nil)
 }
 
 // prepare copies the workload's image into the loopback registry (when

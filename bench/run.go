@@ -253,6 +253,7 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 		s.ForegroundRequests = int64(m[`lazypull_fetch_requests_total{kind="foreground",result="ok"}`] + m[`lazypull_fetch_requests_total{kind="foreground",result="error"}`])
 		s.BackgroundRequests = int64(m[`lazypull_fetch_requests_total{kind="background",result="ok"}`] + m[`lazypull_fetch_requests_total{kind="background",result="error"}`])
 		s.PeakRSSBytes = peakRSS(e.sn.Pid())
+		classify(s.Requests, r.layerIndexes(ctx, r.directRef(r.infos[w.Name], mode), s.Requests))
 	}
 	sort.SliceStable(s.Requests, func(i, j int) bool { return s.Requests[i].Start < s.Requests[j].Start })
 	if px != nil {
