@@ -74,7 +74,7 @@ func TimelineSVG(s *Sample, title string, bps float64) []byte {
 		right   = 20.0
 		top     = 40.0
 		utilH   = 80.0
-		gap     = 30.0
+		gap     = 50.0
 		legendH = 30.0
 		bins    = 200
 	)
@@ -194,19 +194,41 @@ func TimelineSVG(s *Sample, title string, bps float64) []byte {
 			x(q.Start), y, w, math.Max(1, rowH-1), col, html.EscapeString(tip))
 	}
 
-	// Phases.
-	lastX := -100.0
-	level := 0
+	// Phases: dashed lines, labels in the band above the requests, each
+	// on the first row where it overlaps no other (right-aligned near the
+	// right edge).
+	var taken [][][2]float64 // per row, the labels' extents
 	for _, ph := range s.Phases {
 		px := x(ph.Seconds)
 		fmt.Fprintf(&b, `<line x1="%.2f" y1="%.0f" x2="%.2f" y2="%.0f" stroke="#333" stroke-dasharray="3,3"/>`+"\n", px, top, px, axisY)
-		if px-lastX < 90 {
-			level = (level + 1) % 3
-		} else {
-			level = 0
+		text := fmt.Sprintf("%s %.2fs", ph.Name, ph.Seconds)
+		tw := 6 * float64(len(text))
+		anchor, x0 := "start", px+2
+		if px+2+tw > left+plotW {
+			anchor, x0 = "end", px-2-tw
 		}
-		lastX = px
-		fmt.Fprintf(&b, `<text x="%.2f" y="%.0f" fill="#333">%s %.2fs</text>`+"\n", px+2, top+utilH+10+float64(level)*10, html.EscapeString(ph.Name), ph.Seconds)
+		row := 0
+		for ; row < len(taken); row++ {
+			free := true
+			for _, ext := range taken[row] {
+				if x0 < ext[1]+4 && x0+tw > ext[0]-4 {
+					free = false
+					break
+				}
+			}
+			if free {
+				break
+			}
+		}
+		if row == len(taken) {
+			taken = append(taken, nil)
+		}
+		taken[row] = append(taken[row], [2]float64{x0, x0 + tw})
+		tx := x0
+		if anchor == "end" {
+			tx = x0 + tw
+		}
+		fmt.Fprintf(&b, `<text x="%.2f" y="%.0f" fill="#333" text-anchor="%s">%s</text>`+"\n", tx, top+utilH+11+float64(row%4)*11, anchor, html.EscapeString(text))
 	}
 
 	// Axis.
