@@ -377,7 +377,12 @@ func (r *Runner) runWorkload(ctx context.Context, c *testenv.Containerd, img cli
 	case at := <-watch.ready:
 		return finish(at), nil
 	case st := <-exit:
-		// The ready line may race the exit.
+		// The ready line may race the exit: the output's end may come
+		// after it.
+		go func() {
+			time.Sleep(500 * time.Millisecond)
+			watch.flush()
+		}()
 		select {
 		case at := <-watch.ready:
 			return finish(at), nil
@@ -406,6 +411,7 @@ type lineWatcher struct {
 	mu    sync.Mutex
 	buf   bytes.Buffer
 	first time.Time
+	last  time.Time // of the last write
 	found string
 	once  sync.Once
 	// scanned is how much of buf has been checked line by line.
@@ -425,6 +431,7 @@ func (w *lineWatcher) Write(p []byte) (int, error) {
 	if w.first.IsZero() && len(p) > 0 {
 		w.first = now
 	}
+	w.last = now
 	if w.buf.Len() < maxWatchBuffer {
 		w.buf.Write(p)
 	}
@@ -447,15 +454,25 @@ func (w *lineWatcher) Write(p []byte) (int, error) {
 			})
 		}
 	}
-	// A line without its newline yet still counts.
-	if len(rest) > 0 && w.re.Match(rest) {
+	return len(p), nil
+}
+
+// flush checks the last line, if it has no newline, once the output has
+// ended; it counts from when it was written.
+func (w *lineWatcher) flush() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	now := w.last
+	if w.re == nil {
+		return
+	}
+	if rest := w.buf.Bytes()[w.scanned:]; len(rest) > 0 && w.re.Match(rest) {
 		line := string(rest)
 		w.once.Do(func() {
 			w.found = line
 			w.ready <- now
 		})
 	}
-	return len(p), nil
 }
 
 // stderr returns a writer that feeds the same watcher.
