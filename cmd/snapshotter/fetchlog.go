@@ -13,8 +13,8 @@ import (
 )
 
 // maxFetchLog bounds the fetch log: the oldest records are dropped beyond
-// it (a record is about 200 bytes).
-const maxFetchLog = 100_000
+// it (a record is about 200 bytes: 10 MB at most).
+const maxFetchLog = 50_000
 
 // fetchRecord is one registry request the daemon made, as served at
 // /debug/fetches on the metrics address (for `lazypull bench` timelines).

@@ -161,7 +161,12 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	fetches := &fetchLog{}
+	// The fetch log (for lazypull bench) is kept only when the metrics
+	// endpoint that serves it is on.
+	var fetches *fetchLog
+	if dc.cfg.Metrics.Address != "" {
+		fetches = &fetchLog{}
+	}
 	lfs, closeLFS, err := newLayerFS(dc.cfg, root, reg, fetches)
 	if err != nil {
 		return fmt.Errorf("setting up the layer file system: %w", err)
