@@ -37,8 +37,12 @@ svg{max-width:100%;height:auto;border:1px solid #eee}
 		if im.Ready != "" {
 			ready = im.Ready
 		}
+		name := im.Name
+		if im.Description != "" {
+			name += ": " + im.Description
+		}
 		fmt.Fprintf(&b, "<tr><td>%s</td><td><code>%s</code></td><td><code>%s</code></td><td>%d</td><td>%s</td><td>%s</td><td>%d</td></tr>\n",
-			e(im.Name+" "+im.Description), e(cmd), e(ready), im.Layers, human(im.CompressedBytes), human(im.EStargzBytes), im.PrioritizedFiles)
+			e(name), e(cmd), e(ready), im.Layers, human(im.CompressedBytes), human(im.EStargzBytes), im.PrioritizedFiles)
 	}
 	b.WriteString("</table>\n")
 	tls := res.timelines()
