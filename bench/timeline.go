@@ -43,8 +43,8 @@ func (res *Result) timelines() []timeline {
 				best = s
 			}
 		}
-		if best == nil {
-			continue
+		if best == nil || len(best.Requests) == 0 {
+			continue // results from before timelines were recorded
 		}
 		var bps float64
 		for _, p := range res.Profiles {
