@@ -265,9 +265,12 @@ type Summary struct {
 	// Phases are the phases' medians.
 	Phases        []Phase
 	BytesReceived int64
-	Requests      int
-	PeakRSSBytes  int64
-	VsFullPull    float64 // TotalSeconds / full pull's
+	// ForegroundBytes and BackgroundBytes are the snapshotter's (lazypull
+	// modes).
+	ForegroundBytes, BackgroundBytes int64
+	Requests                         int
+	PeakRSSBytes                     int64
+	VsFullPull                       float64 // TotalSeconds / full pull's
 	VsLimit       float64 // TotalSeconds / limit
 }
 
@@ -772,13 +775,15 @@ func summarize(res *Result) []Summary {
 	full := map[[2]string]float64{}
 	for _, k := range order {
 		ss := groups[k]
-		var pull, ready, total, bytes, rss, reqs []float64
+		var pull, ready, total, bytes, fg, bg, rss, reqs []float64
 		phases := map[string][]float64{}
 		for _, s := range ss {
 			pull = append(pull, s.PullSeconds)
 			ready = append(ready, s.ReadySeconds)
 			total = append(total, s.TotalSeconds)
 			bytes = append(bytes, float64(s.BytesReceived))
+			fg = append(fg, float64(s.ForegroundBytes))
+			bg = append(bg, float64(s.BackgroundBytes))
 			rss = append(rss, float64(s.PeakRSSBytes))
 			reqs = append(reqs, float64(len(s.Requests)))
 			for _, p := range s.Phases {
@@ -787,7 +792,8 @@ func summarize(res *Result) []Summary {
 		}
 		sum := Summary{Image: k.img, Profile: k.prof, Mode: k.mode,
 			PullSeconds: median(pull), ReadySeconds: median(ready), TotalSeconds: median(total),
-			BytesReceived: int64(median(bytes)), Requests: int(median(reqs)), PeakRSSBytes: int64(slicesMax(rss))}
+			BytesReceived: int64(median(bytes)), ForegroundBytes: int64(median(fg)), BackgroundBytes: int64(median(bg)),
+			Requests: int(median(reqs)), PeakRSSBytes: int64(slicesMax(rss))}
 		for _, name := range PhaseNames {
 			if v, ok := phases[name]; ok {
 				sum.Phases = append(sum.Phases, Phase{Name: name, Seconds: median(v)})

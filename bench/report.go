@@ -90,14 +90,18 @@ func (res *Result) Markdown(w io.Writer) {
 		} else {
 			fmt.Fprintf(w, "\n### %s (RTT %s, %d Mbit/s)\n\n", p.Name, p.RTT, p.BitsPerSecond/1_000_000)
 		}
-		fmt.Fprintln(w, "| image | mode | pull s | run s | total s | vs full pull | vs limit | MB received | requests | snapshotter peak RSS |")
-		fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+		fmt.Fprintln(w, "| image | mode | pull s | run s | total s | vs full pull | vs limit | MB received | snapshotter MB foreground / background | requests | snapshotter peak RSS |")
+		fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, s := range res.Summary {
 			if s.Profile != p.Name {
 				continue
 			}
-			fmt.Fprintf(w, "| %s | %s | %.2f | %.2f | **%.2f** | %s | %s | %.1f | %d | %s |\n", s.Image, s.Mode,
-				s.PullSeconds, s.ReadySeconds, s.TotalSeconds, ratio(s.VsFullPull), ratio(s.VsLimit), float64(s.BytesReceived)/1e6, s.Requests, mb(s.PeakRSSBytes))
+			fgbg := "-"
+			if s.ForegroundBytes+s.BackgroundBytes > 0 {
+				fgbg = fmt.Sprintf("%.1f / %.1f", float64(s.ForegroundBytes)/1e6, float64(s.BackgroundBytes)/1e6)
+			}
+			fmt.Fprintf(w, "| %s | %s | %.2f | %.2f | **%.2f** | %s | %s | %.1f | %s | %d | %s |\n", s.Image, s.Mode,
+				s.PullSeconds, s.ReadySeconds, s.TotalSeconds, ratio(s.VsFullPull), ratio(s.VsLimit), float64(s.BytesReceived)/1e6, fgbg, s.Requests, mb(s.PeakRSSBytes))
 		}
 		fmt.Fprint(w, "\nPhases (median seconds since the pull began):\n\n")
 		fmt.Fprintf(w, "| image | mode | %s |\n", strings.Join(PhaseNames, " | "))

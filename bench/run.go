@@ -21,6 +21,7 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/snapshots/proxy"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/oci"
@@ -234,6 +235,14 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 	t, err := r.runWorkload(ctx, e.c, img, sn, w)
 	if err != nil {
 		return Sample{}, err
+	}
+	if _, proxied := r.cfg.Proxies[string(mode)]; proxied {
+		// The proxy snapshotter outlives the run: deleting the image with
+		// a synchronous garbage collection removes its snapshots, so the
+		// next run pulls again.
+		if err := e.c.Client().ImageService().Delete(ctx, img.Name(), images.SynchronousDelete()); err != nil {
+			r.logf("%s: removing the image from %s: %v", tag, mode, err)
+		}
 	}
 	s := Sample{Image: w.Name, Mode: mode, Ref: ref, ReadyLine: t.line}
 	s.Requests = rec.requests()

@@ -14,7 +14,13 @@ import (
 	"testing"
 	"time"
 
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/lazypull/lazypull/bench"
 	"github.com/lazypull/lazypull/integration/testenv"
@@ -153,6 +159,10 @@ func TestBenchEndToEnd(t *testing.T) {
 	}
 	for _, s := range res.Samples {
 		checkSample(t, s)
+		// 20 ms RTT: resolving alone takes a round trip or more.
+		if s.Phases[0].Seconds < 0.02 {
+			t.Errorf("%s: resolve in %.3fs, under one emulated round trip", s.Mode, s.Phases[0].Seconds)
+		}
 		if s.ReadyLine != "ready 42" {
 			t.Errorf("%s: ready line %q", s.Mode, s.ReadyLine)
 		}
@@ -230,10 +240,6 @@ func checkSample(t *testing.T, s bench.Sample) {
 	}
 	if pull := s.Phases[3].Seconds; pull != s.PullSeconds {
 		t.Errorf("%s: pull phase %.3f, pull seconds %.3f", s.Mode, pull, s.PullSeconds)
-	}
-	// 20 ms RTT: resolving alone takes a round trip or more.
-	if s.Phases[0].Seconds < 0.02 {
-		t.Errorf("%s: resolve in %.3fs, under one emulated round trip", s.Mode, s.Phases[0].Seconds)
 	}
 	for _, q := range s.Requests {
 		if q.End < q.Start || q.Start < -1 {
@@ -331,5 +337,92 @@ func TestBenchUsage(t *testing.T) {
 	} {
 		_, _, err := run(t, append([]string{"bench"}, tc.args...)...)
 		wantUsage(t, err, tc.mention)
+	}
+}
+
+// TestBenchProxySnapshotter measures a mode through another proxy
+// snapshotter given as NAME=SOCKET (here a second lazypull-snapshotter
+// the test runs itself), twice: the image is removed from it after each
+// run, so the second run pulls again.
+func TestBenchProxySnapshotter(t *testing.T) {
+	e := setupBench(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	dir, err := os.MkdirTemp("/tmp", "lpbp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	sn, err := testenv.StartSnapshotter(ctx, testenv.SnapshotterConfig{Binary: e.snapshotter, Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Close()
+	stdout, stderr, err := runBenchCmd(t, 3*time.Minute, "--snapshotter-bin", e.snapshotter, "--cache-dir", t.TempDir(),
+		"--convert", "--snapshotter", "other="+sn.Address(), "--modes", "other", "--repeats", "2", "--json",
+		"--out", t.TempDir(), "--hosts-dir", t.TempDir(), e.ref, "--", "/bin/cat", "/data/a")
+	if err != nil {
+		t.Fatalf("bench: %v\n%s", err, stderr)
+	}
+	var res bench.Result
+	if err := json.Unmarshal([]byte(stdout), &res); err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Samples) != 2 {
+		t.Fatalf("%d samples, want 2", len(res.Samples))
+	}
+	for _, s := range res.Samples {
+		checkSample(t, s)
+		if s.Mode != "other" || s.PeakRSSBytes != 0 {
+			t.Errorf("sample %s: peak RSS %d", s.Mode, s.PeakRSSBytes)
+		}
+	}
+	// Each run removed its image: the other snapshotter holds no snapshot
+	// of the bench's namespace, so no run found the layers already there.
+	conn, err := grpc.NewClient("unix://"+sn.Address(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var left []string
+	err = proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "other").Walk(namespaces.WithNamespace(ctx, "bench"),
+		func(_ context.Context, info snapshots.Info) error {
+			left = append(left, info.Name)
+			return nil
+		})
+	if err != nil || len(left) > 0 {
+		t.Errorf("snapshots left in the other snapshotter: %v (%v)", left, err)
+	}
+}
+
+func TestParseWANs(t *testing.T) {
+	ps, err := parseWANs([]string{"40ms,100Mbit", "none", " 500us , 800kbit"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []struct {
+		name string
+		rtt  time.Duration
+		bits int64
+	}{{"40ms-100Mbit", 40 * time.Millisecond, 100_000_000}, {"none", 0, 0}, {"500us-800kbit", 500 * time.Microsecond, 800_000}}
+	if len(ps) != len(want) {
+		t.Fatalf("%d profiles, want %d", len(ps), len(want))
+	}
+	for i, w := range want {
+		if ps[i].Name != w.name || ps[i].RTT != w.rtt || ps[i].BitsPerSecond != w.bits {
+			t.Errorf("profile %d: %+v, want %+v", i, ps[i], w)
+		}
+	}
+	for _, bad := range [][]string{{"40ms,100Mbit", "40ms,100Mbit"}, {"fast,1Gbit"}, {"40ms,0Mbit"}, {"40ms,lotsMbit"}, {"-1s,1Gbit"}} {
+		if _, err := parseWANs(bad); err == nil {
+			t.Errorf("parseWANs(%q) accepted", bad)
+		}
+	}
+	modes, err := parseModes("all,stargz", nil)
+	if err != nil || len(modes) != 4 || modes[3] != "stargz" {
+		t.Errorf("parseModes: %v %v", modes, err)
+	}
+	if modes, _ := parseModes("", []bench.Mode{"soci"}); len(modes) != 3 || modes[2] != "soci" {
+		t.Errorf("default modes with a --snapshotter: %v", modes)
 	}
 }
