@@ -271,7 +271,7 @@ type Summary struct {
 	Requests                         int
 	PeakRSSBytes                     int64
 	VsFullPull                       float64 // TotalSeconds / full pull's
-	VsLimit       float64 // TotalSeconds / limit
+	VsLimit                          float64 // TotalSeconds / limit
 }
 
 // Runner runs the benchmark.
