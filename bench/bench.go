@@ -548,6 +548,7 @@ func (r *Runner) prepare(ctx context.Context, w Workload) error {
 		for _, mode := range r.cfg.Modes {
 			info.Refs[mode] = w.Source
 		}
+		r.warnIfNotLazy(info, m)
 		return nil
 	}
 	r.local[w.Name] = true
@@ -565,6 +566,7 @@ func (r *Runner) prepare(ctx context.Context, w Workload) error {
 	fillSizes(info, m, false)
 	info.Refs[ModeLazy] = info.Refs[ModeFull]
 	if !r.cfg.Convert {
+		r.warnIfNotLazy(info, m)
 		return nil
 	}
 	origSrc, err := convert.OpenStore(r.reg.Ref(info.Refs[ModeFull]), r.remote)
@@ -610,6 +612,20 @@ func (r *Runner) prepare(ctx context.Context, w Workload) error {
 		return fmt.Errorf("converting with prioritized files: %w", err)
 	}
 	return nil
+}
+
+// warnIfNotLazy says so when the lazypull mode will pull an image without
+// eStargz layers (lazypull-snapshotter then unpacks them like a full pull).
+func (r *Runner) warnIfNotLazy(info *ImageInfo, m *ocispec.Manifest) {
+	if !r.hasMode(ModeLazy) {
+		return
+	}
+	for _, l := range m.Layers {
+		if l.Annotations[estargz.TOCDigestAnnotation] != "" {
+			return
+		}
+	}
+	r.logf("%s: warning: no eStargz layer in %s; lazypull will unpack it like a full pull (use --convert)", info.Name, info.Source)
 }
 
 func (r *Runner) hasMode(m Mode) bool {

@@ -247,15 +247,11 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 	s := Sample{Image: w.Name, Mode: mode, Ref: ref, ReadyLine: t.line}
 	s.Requests = rec.requests()
 	if lazy {
-		dl, err := daemonFetches(ctx, e.metricsAddr, rec.start)
+		dl, m, err := daemonSnapshot(ctx, e.metricsAddr, rec.start)
 		if err != nil {
 			return Sample{}, err
 		}
 		s.Requests = append(s.Requests, dl...)
-		m, err := daemonMetrics(ctx, e.metricsAddr)
-		if err != nil {
-			return Sample{}, err
-		}
 		s.DaemonRequests = int64(m["lazypull_fetch_requests_total"])
 		s.ForegroundBytes = int64(m[`lazypull_fetch_bytes_total{kind="foreground"}`])
 		s.BackgroundBytes = int64(m[`lazypull_fetch_bytes_total{kind="background"}`])
@@ -610,6 +606,35 @@ func daemonFetches(ctx context.Context, addr string, start time.Time) ([]Request
 		out = append(out, q)
 	}
 	return out, nil
+}
+
+// daemonSnapshot reads the snapshotter's fetch log and its metrics at one
+// moment: background fetches go on after the ready line, so it reads the
+// metrics before and after the log until no fetch ended in between.
+func daemonSnapshot(ctx context.Context, addr string, start time.Time) ([]Request, map[string]float64, error) {
+	for try := 0; ; try++ {
+		before, err := daemonMetrics(ctx, addr)
+		if err != nil {
+			return nil, nil, err
+		}
+		reqs, err := daemonFetches(ctx, addr, start)
+		if err != nil {
+			return nil, nil, err
+		}
+		after, err := daemonMetrics(ctx, addr)
+		if err != nil {
+			return nil, nil, err
+		}
+		const n = "lazypull_fetch_requests_total"
+		if before[n] == after[n] || try == 10 {
+			return reqs, after, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // daemonMetrics reads the snapshotter's Prometheus counters, by series
