@@ -256,6 +256,12 @@ func TestBenchMissingImage(t *testing.T) {
 	if err == nil || !strings.Contains(strings.ToLower(err.Error()), "not found") || !strings.Contains(err.Error(), "app:missing") {
 		t.Fatalf("err = %v, want not found naming the reference", err)
 	}
+	// Copied into the loopback registry first (converted, over a WAN).
+	_, _, err = runBenchCmd(t, 2*time.Minute, "--snapshotter-bin", e.snapshotter, "--cache-dir", t.TempDir(),
+		"--convert", "--wan", "1ms,1Gbit", "--out", t.TempDir(), "--hosts-dir", t.TempDir(), ref)
+	if err == nil || !strings.Contains(strings.ToLower(err.Error()), "not found") || !strings.Contains(err.Error(), "app:missing") {
+		t.Fatalf("with --convert: err = %v, want not found naming the reference", err)
+	}
 }
 
 func TestBenchNeverReady(t *testing.T) {
