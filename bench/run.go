@@ -409,27 +409,48 @@ func tail(s string) string {
 }
 
 // lineWatcher timestamps the first output and the first line matching a
-// pattern, over stdout and stderr.
+// pattern, over stdout and stderr (each split into lines on its own). It
+// keeps the end of the output for error messages.
 type lineWatcher struct {
-	re    *regexp.Regexp
-	ready chan time.Time
-	mu    sync.Mutex
-	buf   bytes.Buffer
-	first time.Time
-	last  time.Time // of the last write
-	found string
-	once  sync.Once
-	// scanned is how much of buf has been checked line by line.
-	scanned int
+	re     *regexp.Regexp
+	ready  chan time.Time
+	mu     sync.Mutex
+	tail   []byte // the last maxWatchTail bytes of output
+	first  time.Time
+	last   time.Time // of the last write
+	found  string
+	once   sync.Once
+	out    *watchStream
+	errOut *watchStream
 }
+
+// watchStream is one of the watched streams: its unfinished line.
+type watchStream struct {
+	w       *lineWatcher
+	pending []byte
+}
+
+const (
+	maxWatchTail = 64 << 10
+	// maxWatchLine bounds an unfinished line; the rest of a longer line
+	// is not matched.
+	maxWatchLine = 64 << 10
+)
 
 func newLineWatcher(re *regexp.Regexp) *lineWatcher {
-	return &lineWatcher{re: re, ready: make(chan time.Time, 1)}
+	w := &lineWatcher{re: re, ready: make(chan time.Time, 1)}
+	w.out, w.errOut = &watchStream{w: w}, &watchStream{w: w}
+	return w
 }
 
-const maxWatchBuffer = 4 << 20
+// Write feeds the watcher as the command's standard output.
+func (w *lineWatcher) Write(p []byte) (int, error) { return w.out.Write(p) }
 
-func (w *lineWatcher) Write(p []byte) (int, error) {
+// stderr returns the writer for the command's standard error.
+func (w *lineWatcher) stderr() io.Writer { return w.errOut }
+
+func (s *watchStream) Write(p []byte) (int, error) {
+	w := s.w
 	now := time.Now()
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -437,51 +458,56 @@ func (w *lineWatcher) Write(p []byte) (int, error) {
 		w.first = now
 	}
 	w.last = now
-	if w.buf.Len() < maxWatchBuffer {
-		w.buf.Write(p)
+	w.tail = append(w.tail, p...)
+	if len(w.tail) > maxWatchTail {
+		w.tail = append([]byte(nil), w.tail[len(w.tail)-maxWatchTail:]...)
 	}
 	if w.re == nil {
 		return len(p), nil
 	}
-	rest := w.buf.Bytes()[w.scanned:]
+	rest := p
 	for {
 		i := bytes.IndexByte(rest, '\n')
 		if i < 0 {
 			break
 		}
-		line := string(rest[:i])
-		w.scanned += i + 1
+		line := append(s.pending, rest[:i]...)
+		s.pending = s.pending[:0]
 		rest = rest[i+1:]
-		if w.re.MatchString(line) {
-			w.once.Do(func() {
-				w.found = line
-				w.ready <- now
-			})
-		}
+		w.match(line, now)
+	}
+	if room := maxWatchLine - len(s.pending); room > 0 {
+		s.pending = append(s.pending, rest[:min(len(rest), room)]...)
 	}
 	return len(p), nil
 }
 
-// flush checks the last line, if it has no newline, once the output has
-// ended; it counts from when it was written.
-func (w *lineWatcher) flush() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	now := w.last
-	if w.re == nil {
-		return
-	}
-	if rest := w.buf.Bytes()[w.scanned:]; len(rest) > 0 && w.re.Match(rest) {
-		line := string(rest)
+// match records line as the ready line if it is the first to match.
+// w.mu is held.
+func (w *lineWatcher) match(line []byte, at time.Time) {
+	if w.re.Match(line) {
+		found := string(line)
 		w.once.Do(func() {
-			w.found = line
-			w.ready <- now
+			w.found = found
+			w.ready <- at
 		})
 	}
 }
 
-// stderr returns a writer that feeds the same watcher.
-func (w *lineWatcher) stderr() io.Writer { return w }
+// flush checks the streams' last lines, if they have no newline, once the
+// output has ended; they count from the last write.
+func (w *lineWatcher) flush() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.re == nil {
+		return
+	}
+	for _, s := range []*watchStream{w.out, w.errOut} {
+		if len(s.pending) > 0 {
+			w.match(s.pending, w.last)
+		}
+	}
+}
 
 func (w *lineWatcher) firstOutput() time.Time {
 	w.mu.Lock()
@@ -498,7 +524,7 @@ func (w *lineWatcher) line() string {
 func (w *lineWatcher) output() string {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.buf.String()
+	return string(w.tail)
 }
 
 // limit measures the warm local time and computes the image's bound.

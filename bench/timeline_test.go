@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"bytes"
 	"encoding/xml"
 	"fmt"
 	"math"
@@ -161,6 +162,23 @@ func TestLineWatcher(t *testing.T) {
 	w.flush()
 	if w.line() != "ready" {
 		t.Errorf("after flush: line %q", w.line())
+	}
+	// stdout and stderr are lines of their own; lines after megabytes of
+	// output still count.
+	w = newLineWatcher(regexp.MustCompile(`^ready$`))
+	w.Write([]byte("rea"))
+	w.stderr().Write([]byte("noise\n"))
+	big := bytes.Repeat([]byte("x"), 1<<20)
+	for i := 0; i < 8; i++ {
+		w.stderr().Write(big)
+		w.stderr().Write([]byte("\n"))
+	}
+	w.Write([]byte("dy\n"))
+	if w.line() != "ready" {
+		t.Errorf("interleaved streams: line %q", w.line())
+	}
+	if len(w.output()) > 64<<10 {
+		t.Errorf("kept %d bytes of output", len(w.output()))
 	}
 	// Without a pattern only the first output counts.
 	w = newLineWatcher(nil)
