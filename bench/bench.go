@@ -103,6 +103,11 @@ type Config struct {
 	// Convert converts each image to eStargz first (into the loopback
 	// registry); without it the lazypull modes pull the image as it is.
 	Convert bool
+	// ConvertTo, when set, also writes the converted image to this
+	// registry reference or oci-layout:DIR[:TAG] (the optimized one under
+	// the tag with "-optimized" appended). Without WAN emulation and with
+	// a registry there, the lazypull modes pull from it. Implies Convert.
+	ConvertTo string
 	// Platform selects the image's platform (default: this host's).
 	Platform string
 	// Repeats per workload, mode and profile (default 1); the median
@@ -283,8 +288,10 @@ type Runner struct {
 	log     io.Writer
 	match   platforms.MatchComparer
 	infos   map[string]*ImageInfo
-	local   map[string]bool // workload's refs are in the loopback registry
-	reads   map[string][]string
+	// remoteRefs are, per workload, the modes whose Refs are full
+	// references outside the loopback registry.
+	remoteRefs map[string]map[Mode]bool
+	reads      map[string][]string
 	// readBytes is, per image, the compressed size of the chunks read at
 	// start-up.
 	readBytes map[string]int64
@@ -346,6 +353,15 @@ func NewRunner(cfg Config) (*Runner, error) {
 		}
 		match = platforms.Only(p)
 	}
+	if cfg.ConvertTo != "" {
+		cfg.Convert = true
+		if len(cfg.Workloads)+len(cfg.Preset) != 1 {
+			return nil, errors.New("bench: --convert-to takes one image")
+		}
+		if _, err := withTagSuffix(cfg.ConvertTo, "-optimized"); err != nil {
+			return nil, fmt.Errorf("bench: %w", err)
+		}
+	}
 	if cfg.Remote == nil {
 		r, err := remote.New(remote.Options{})
 		if err != nil {
@@ -357,7 +373,7 @@ func NewRunner(cfg Config) (*Runner, error) {
 		cfg.Resolver = testenv.Resolver
 	}
 	return &Runner{cfg: cfg, log: cfg.Log, remote: cfg.Remote, match: match,
-		infos: map[string]*ImageInfo{}, local: map[string]bool{}, reads: map[string][]string{}, readBytes: map[string]int64{},
+		infos: map[string]*ImageInfo{}, remoteRefs: map[string]map[Mode]bool{}, reads: map[string][]string{}, readBytes: map[string]int64{},
 		chunkCache: map[string]*layerChunks{}}, nil
 }
 
@@ -496,14 +512,14 @@ func shortName(ref string) string {
 // refFor returns the reference a mode pulls: through the WAN emulator
 // when there is one.
 func (r *Runner) refFor(info *ImageInfo, m Mode, px *wan.Proxy) string {
+	if info.Refs[m] == "" {
+		m = ModeLazy
+	}
+	if info.Refs[m] == "" {
+		m = ModeFull
+	}
 	ref := info.Refs[m]
-	if ref == "" {
-		ref = info.Refs[ModeLazy]
-	}
-	if ref == "" {
-		ref = info.Refs[ModeFull]
-	}
-	if !r.local[info.Name] {
+	if r.remoteRefs[info.Name][m] {
 		return ref
 	}
 	if px != nil {
@@ -545,13 +561,14 @@ func (r *Runner) prepare(ctx context.Context, w Workload) error {
 			return fmt.Errorf("%s: %w", w.Source, err)
 		}
 		fillSizes(info, m, false)
+		r.remoteRefs[w.Name] = map[Mode]bool{}
 		for _, mode := range r.cfg.Modes {
 			info.Refs[mode] = w.Source
+			r.remoteRefs[w.Name][mode] = true
 		}
 		r.warnIfNotLazy(info, m)
 		return nil
 	}
-	r.local[w.Name] = true
 	repo := "bench/" + sanitize(w.Name)
 	info.Refs[ModeFull] = repo + ":orig"
 	r.logf("%s: copying %s into the loopback registry", w.Name, w.Source)
@@ -592,7 +609,7 @@ func (r *Runner) prepare(ctx context.Context, w Workload) error {
 	}
 	fillSizes(info, lm, true)
 	if !r.hasMode(ModeOptimized) {
-		return nil
+		return r.publish(ctx, w, info, wanOn)
 	}
 	r.logf("%s: recording start-up reads", w.Name)
 	reads, readBytes, err := r.record(ctx, w, r.reg.Ref(info.Refs[ModeLazy]))
@@ -611,7 +628,62 @@ func (r *Runner) prepare(ctx context.Context, w Workload) error {
 	if _, err := convert.Convert(ctx, origSrc, optDst, convert.Options{Build: estargz.BuildOptions{Prioritized: reads}}); err != nil {
 		return fmt.Errorf("converting with prioritized files: %w", err)
 	}
+	return r.publish(ctx, w, info, wanOn)
+}
+
+// publish copies the converted images to Config.ConvertTo and, when no
+// link is emulated and it is a registry, measures them there.
+func (r *Runner) publish(ctx context.Context, w Workload, info *ImageInfo, wanOn bool) error {
+	if r.cfg.ConvertTo == "" {
+		return nil
+	}
+	dsts := map[Mode]string{ModeLazy: r.cfg.ConvertTo}
+	if info.Refs[ModeOptimized] != "" {
+		opt, err := withTagSuffix(r.cfg.ConvertTo, "-optimized")
+		if err != nil {
+			return err
+		}
+		dsts[ModeOptimized] = opt
+	}
+	for _, mode := range []Mode{ModeLazy, ModeOptimized} {
+		to, ok := dsts[mode]
+		if !ok {
+			continue
+		}
+		r.logf("%s: writing the %s image to %s", w.Name, mode, to)
+		src, err := convert.OpenStore(r.reg.Ref(info.Refs[mode]), r.remote)
+		if err != nil {
+			return err
+		}
+		dst, err := convert.OpenStore(to, r.remote)
+		if err != nil {
+			return err
+		}
+		if _, err := r.copyImage(ctx, src, dst); err != nil {
+			return fmt.Errorf("writing %s: %w", to, err)
+		}
+		if !wanOn && !strings.HasPrefix(to, convert.LayoutPrefix) {
+			info.Refs[mode] = to
+			if r.remoteRefs[w.Name] == nil {
+				r.remoteRefs[w.Name] = map[Mode]bool{}
+			}
+			r.remoteRefs[w.Name][mode] = true
+		}
+	}
 	return nil
+}
+
+// withTagSuffix appends suffix to a reference's tag: registry/repo:tag or
+// oci-layout:DIR:TAG.
+func withTagSuffix(ref, suffix string) (string, error) {
+	if strings.Contains(ref, "@") {
+		return "", fmt.Errorf("%q: a destination needs a tag, not a digest", ref)
+	}
+	slash := strings.LastIndex(ref, "/")
+	if i := strings.LastIndex(ref, ":"); i > slash && i > len(convert.LayoutPrefix)-1 {
+		return ref + suffix, nil
+	}
+	return "", fmt.Errorf("%q: a destination needs a tag (REF:TAG or oci-layout:DIR:TAG)", ref)
 }
 
 // warnIfNotLazy says so when the lazypull mode will pull an image without

@@ -32,6 +32,7 @@ type benchFlags struct {
 	repeats        int
 	out            string
 	convert        bool
+	convertTo      string
 	platform       string
 	preset         string
 	jsonOut        bool
@@ -87,6 +88,7 @@ bundling them. Needs root.`,
 	fl.IntVar(&f.repeats, "repeats", 1, "cold starts per mode and link (the median is reported)")
 	fl.StringVar(&f.out, "out", "lazypull-bench", "directory for the report")
 	fl.BoolVar(&f.convert, "convert", false, "convert the image to eStargz (into the loopback registry) first")
+	fl.StringVar(&f.convertTo, "convert-to", "", "also write the converted image to this registry REF:TAG or oci-layout:DIR:TAG (the optimized one as TAG-optimized); with --wan none and a registry, the lazypull modes pull from there (implies --convert)")
 	fl.StringVar(&f.platform, "platform", "", "platform of the image to measure (default: this host's)")
 	fl.StringVar(&f.preset, "preset", "", "measure built-in images instead of IMAGE: hellobench (python, gcc, node, large) or hellobench:NAME,...")
 	fl.BoolVar(&f.jsonOut, "json", false, "no progress; print the result as JSON on stdout")
@@ -197,7 +199,7 @@ func runBench(cmd *cobra.Command, args []string, f *benchFlags) error {
 	}
 	cfg := bench.Config{
 		Preset: preset, Profiles: profiles, Modes: modes, Proxies: proxies,
-		Convert: f.convert || len(preset) > 0, Platform: f.platform, Repeats: f.repeats,
+		Convert: f.convert || len(preset) > 0, ConvertTo: f.convertTo, Platform: f.platform, Repeats: f.repeats,
 		ReadyTimeout: f.timeout, Limit: len(preset) > 0, CacheDir: f.cacheDir,
 		Snapshotter: snBin, SnapshotterConfig: snCfg, Remote: reg, Log: log,
 		Resolver: func() remotes.Resolver { return docker.NewResolver(f.rf.resolver(ctx)) },

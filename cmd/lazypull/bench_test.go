@@ -432,3 +432,36 @@ func TestParseWANs(t *testing.T) {
 		t.Errorf("default modes with a --snapshotter: %v", modes)
 	}
 }
+
+// TestBenchConvertTo converts into a registry of the user's (here the
+// test's) and, with no WAN emulation, measures lazypull from there.
+func TestBenchConvertTo(t *testing.T) {
+	e := setupBench(t)
+	dst := strings.Replace(e.ref, "app:v1", "app:v1-esgz", 1)
+	stdout, stderr, err := runBenchCmd(t, 3*time.Minute, "--snapshotter-bin", e.snapshotter, "--cache-dir", t.TempDir(),
+		"--convert-to", dst, "--modes", "lazypull", "--json", "--out", t.TempDir(), "--hosts-dir", t.TempDir(),
+		e.ref, "--", "/bin/cat", "/data/b")
+	if err != nil {
+		t.Fatalf("bench: %v\n%s", err, stderr)
+	}
+	var res bench.Result
+	if err := json.Unmarshal([]byte(stdout), &res); err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Samples) != 1 || res.Samples[0].Ref != dst {
+		t.Fatalf("samples %+v: want one, pulled from %s", res.Samples, dst)
+	}
+	s := res.Samples[0]
+	checkSample(t, s)
+	toc := 0
+	for _, q := range s.Requests {
+		if q.Kind == bench.KindTOC && q.Length > 0 {
+			toc++
+		}
+	}
+	if toc < 2 || res.Images[0].EStargzBytes == 0 {
+		t.Errorf("%d TOC reads, eStargz size %d: the image at %s is not lazily pulled eStargz", toc, res.Images[0].EStargzBytes, dst)
+	}
+	_, _, err = run(t, "bench", "--snapshotter-bin", e.snapshotter, "--convert-to", "127.0.0.1:1/app", e.ref)
+	wantUsage(t, err, "needs a tag")
+}
