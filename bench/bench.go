@@ -119,8 +119,9 @@ type Config struct {
 	// plus the start-up bytes over the link); it needs a recorded start-up,
 	// i.e. the optimized mode.
 	Limit bool
-	// CacheDir keeps built images and the loopback registry's storage
-	// between runs (default: a temporary directory).
+	// CacheDir keeps built preset images, and the loopback registry's
+	// storage for them, between runs (default: a temporary directory).
+	// Copies of Workloads' images are always temporary.
 	CacheDir string
 	// Snapshotter is the lazypull-snapshotter binary.
 	Snapshotter string
@@ -320,6 +321,15 @@ func NewRunner(cfg Config) (*Runner, error) {
 	if len(cfg.Workloads)+len(cfg.Preset) == 0 {
 		return nil, errors.New("bench: no image to measure")
 	}
+	if cfg.ConvertTo != "" {
+		cfg.Convert = true
+		if len(cfg.Workloads)+len(cfg.Preset) != 1 {
+			return nil, errors.New("bench: --convert-to takes one image")
+		}
+		if _, err := withTagSuffix(cfg.ConvertTo, "-optimized"); err != nil {
+			return nil, fmt.Errorf("bench: %w", err)
+		}
+	}
 	seen := map[Mode]bool{}
 	for _, m := range cfg.Modes {
 		if seen[m] {
@@ -352,15 +362,6 @@ func NewRunner(cfg Config) (*Runner, error) {
 			return nil, fmt.Errorf("bench: platform %q: %w", cfg.Platform, err)
 		}
 		match = platforms.Only(p)
-	}
-	if cfg.ConvertTo != "" {
-		cfg.Convert = true
-		if len(cfg.Workloads)+len(cfg.Preset) != 1 {
-			return nil, errors.New("bench: --convert-to takes one image")
-		}
-		if _, err := withTagSuffix(cfg.ConvertTo, "-optimized"); err != nil {
-			return nil, fmt.Errorf("bench: %w", err)
-		}
 	}
 	if cfg.Remote == nil {
 		r, err := remote.New(remote.Options{})
@@ -399,7 +400,13 @@ func (r *Runner) Run(ctx context.Context) (_ *Result, retErr error) {
 		cacheDir = tmp
 	}
 	r.builder = &images.Builder{CacheDir: cacheDir, Log: r.log}
-	reg, err := testenv.StartRegistry(testenv.RegistryConfig{RootDir: filepath.Join(cacheDir, "registry")})
+	// Built images stay in the cache's registry, to be reused; copies of
+	// the user's images go with the temporary directory.
+	regDir := filepath.Join(tmp, "registry")
+	if len(r.cfg.Preset) > 0 {
+		regDir = filepath.Join(cacheDir, "registry")
+	}
+	reg, err := testenv.StartRegistry(testenv.RegistryConfig{RootDir: regDir})
 	if err != nil {
 		return nil, fmt.Errorf("starting the loopback registry: %w", err)
 	}
