@@ -30,6 +30,8 @@ import (
 // gzip busybox image (a few MB) and a lazypull-snapshotter binary.
 type benchEnv struct {
 	ref, snapshotter string
+	dir              string
+	reg              *testenv.Registry
 }
 
 var (
@@ -37,6 +39,16 @@ var (
 	benchE    benchEnv
 	benchErr  error
 )
+
+// cleanupBench removes what setupBench made; TestMain calls it.
+func cleanupBench() {
+	if benchE.reg != nil {
+		benchE.reg.Close()
+	}
+	if benchE.dir != "" {
+		os.RemoveAll(benchE.dir)
+	}
+}
 
 func setupBench(t *testing.T) benchEnv {
 	t.Helper()
@@ -50,8 +62,8 @@ func setupBench(t *testing.T) benchEnv {
 			benchErr = err
 			return
 		}
-		// Removed by TestMain's process exit; the binary is reused by
-		// every bench test.
+		// The binary is shared by every bench test; TestMain removes it.
+		benchE.dir = dir
 		if benchE.snapshotter, benchErr = testenv.BuildSnapshotter(dir); benchErr != nil {
 			return
 		}
@@ -60,6 +72,7 @@ func setupBench(t *testing.T) benchEnv {
 			benchErr = err
 			return
 		}
+		benchE.reg = reg
 		base, err := testenv.BusyboxLayer()
 		if err != nil {
 			benchErr = err
