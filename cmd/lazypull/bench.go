@@ -188,6 +188,13 @@ func runBench(cmd *cobra.Command, args []string, f *benchFlags) error {
 			return usageError{fmt.Errorf("--snapshotter-config: %w", err)}
 		}
 		snCfg = string(b) + "\n"
+		if strings.Contains(snCfg, "[metrics]") {
+			return usageError{errors.New("--snapshotter-config: leave out [metrics]: the bench sets its address")}
+		}
+	}
+	// The daemon reads registries the way this command does.
+	if cmd.Flags().Changed("hosts-dir") && !strings.Contains(snCfg, "[registry]") {
+		snCfg += fmt.Sprintf("[registry]\nhosts_dir = %q\n", f.rf.hostsDir)
 	}
 	reg, err := f.rf.registry()
 	if err != nil {

@@ -357,6 +357,16 @@ func TestBenchUsage(t *testing.T) {
 		_, _, err := run(t, append([]string{"bench"}, tc.args...)...)
 		wantUsage(t, err, tc.mention)
 	}
+	cfg := filepath.Join(t.TempDir(), "sn.toml")
+	if err := os.WriteFile(cfg, []byte("[metrics]\naddress = \"127.0.0.1:1\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(t.TempDir(), "lazypull-snapshotter")
+	if err := os.WriteFile(bin, nil, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := run(t, "bench", "--snapshotter-bin", bin, "--snapshotter-config", cfg, "img")
+	wantUsage(t, err, "[metrics]")
 }
 
 // TestBenchProxySnapshotter measures a mode through another proxy
