@@ -12,7 +12,6 @@ build:
 	@mkdir -p $(BIN)
 	$(GO) build $(GOFLAGS_BUILD) -o $(BIN)/lazypull ./cmd/lazypull
 	$(GO) build $(GOFLAGS_BUILD) -o $(BIN)/lazypull-snapshotter ./cmd/snapshotter
-	$(GO) build $(GOFLAGS_BUILD) -o $(BIN)/lazypull-bench ./cmd/lazypull-bench
 
 # deps installs system packages (containerd, runc, fuse3, registry) and
 # builds containerd 2.x for the integration tests. Needs root.
@@ -34,17 +33,19 @@ test-unit:
 	$(GO) test -race -short ./...
 
 # demo is the main job: one image, one WAN profile, a lazy cold start
-# against a full pull, in private containerd instances. Needs root.
+# against a full pull, in private containerd instances, with a timeline of
+# every registry request (DEMO_OUT/report.html). Needs root.
 DEMO_OUT ?= /tmp/lazypull-demo
 demo: deps build
-	$(BIN)/lazypull-bench -images python -profiles 40ms-100Mbit -repeats 1 -out $(DEMO_OUT)
+	$(BIN)/lazypull bench --preset hellobench:python --modes full-pull,lazypull --wan 40ms,100Mbit --repeats 1 --out $(DEMO_OUT)
 
-# bench is the full cold-start benchmark; results go to docs/benchmarks.
+# bench is the full cold-start benchmark of the built-in images; results
+# go to docs/benchmarks. Benchmark your own image with `lazypull bench`.
 BENCH_IMAGES ?= python,gcc,node,large
-BENCH_PROFILES ?= 40ms-100Mbit,2ms-1Gbit
+BENCH_WAN ?= --wan 40ms,100Mbit --wan 2ms,1Gbit
 BENCH_REPEATS ?= 3
 bench: deps build
-	$(BIN)/lazypull-bench -images $(BENCH_IMAGES) -profiles $(BENCH_PROFILES) -repeats $(BENCH_REPEATS) -out docs/benchmarks
+	$(BIN)/lazypull bench --preset hellobench:$(BENCH_IMAGES) --modes all $(BENCH_WAN) --repeats $(BENCH_REPEATS) --out docs/benchmarks
 
 # bench-micro runs the Go benchmarks (format, cache, FUSE mount).
 bench-micro:

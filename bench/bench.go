@@ -1,45 +1,47 @@
 // Package bench measures cold starts: the time from "pull" to a
-// container's first useful output, over an emulated WAN link, for a full
-// pull with containerd's overlayfs snapshotter and for lazypull with plain
-// and with optimized (prioritized) eStargz images. It reports each mode
-// against the full pull and against a lower limit: the same container's
-// time with the image already local, plus the compressed bytes the
-// workload actually reads divided by the bandwidth, plus three round trips.
+// container's ready line (or its exit), for any image and command, over an
+// emulated WAN link or the real one, for a full pull with containerd's
+// overlayfs snapshotter, for lazypull with plain and with optimized
+// (prioritized) eStargz images, and for any other proxy snapshotter.
+//
+// Every run is cold: a fresh containerd in a temporary directory, a fresh
+// lazypull-snapshotter with an empty cache, the page cache dropped. Each
+// run records its phases (resolve, manifest and config, per-layer TOC or
+// download, pull done, container start, first output, ready) and every
+// registry request with its timing and kind, from which the report draws a
+// waterfall timeline per mode.
 package bench
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
-	"github.com/containerd/containerd/v2/client"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/pkg/oci"
+	"github.com/containerd/containerd/v2/core/remotes"
+	"github.com/containerd/platforms"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazypull/lazypull/bench/images"
 	"github.com/lazypull/lazypull/bench/wan"
 	"github.com/lazypull/lazypull/convert"
 	"github.com/lazypull/lazypull/estargz"
-	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/internal/lab"
 	"github.com/lazypull/lazypull/remote"
 )
 
-// Mode is how an image is pulled and run.
+// Mode is how an image is pulled and run: one of the built-in modes or the
+// name of a proxy snapshotter given in Config.Proxies.
 type Mode string
 
-// The modes compared.
+// The built-in modes.
 const (
 	// ModeFull pulls the original image with overlayfs (download, unpack).
 	ModeFull Mode = "full-pull"
@@ -50,10 +52,17 @@ const (
 	ModeOptimized Mode = "lazypull-optimized"
 )
 
-// Modes lists every mode in report order.
+// Modes lists the built-in modes in report order.
 var Modes = []Mode{ModeFull, ModeLazy, ModeOptimized}
 
-// DefaultProfiles are the WAN links measured.
+// lazypull reports whether the mode runs lazypull-snapshotter.
+func (m Mode) lazypull() bool { return m == ModeLazy || m == ModeOptimized }
+
+// NoWAN is the profile name that measures the registry and link as they
+// are, without the WAN emulator.
+const NoWAN = "none"
+
+// DefaultProfiles are the WAN links the hellobench preset measures.
 func DefaultProfiles() []wan.Profile {
 	return []wan.Profile{
 		{Name: "40ms-100Mbit", RTT: 40 * time.Millisecond, BitsPerSecond: 100_000_000},
@@ -61,24 +70,130 @@ func DefaultProfiles() []wan.Profile {
 	}
 }
 
+// Workload is one image and the command whose start-up is measured.
+type Workload struct {
+	// Name labels the workload in reports.
+	Name string
+	// Description says what it does.
+	Description string
+	// Source is the image: a registry reference or oci-layout:DIR[:TAG].
+	Source string
+	// Cmd replaces the image's command; empty runs the image's own.
+	Cmd []string
+	// Ready matches the output line that means "started"; nil waits for
+	// the command to exit (with status 0).
+	Ready *regexp.Regexp
+}
+
 // Config tunes a benchmark run.
 type Config struct {
-	// Images to measure.
-	Images []images.Spec
-	// Profiles are the WAN links.
+	// Workloads to measure.
+	Workloads []Workload
+	// Preset workloads are built from Debian packages first (see
+	// package images) and then measured like Workloads.
+	Preset []images.Spec
+	// Profiles are the WAN links; a profile named NoWAN measures the link
+	// as it is (default: NoWAN).
 	Profiles []wan.Profile
-	// Modes to measure (default all).
+	// Modes to measure (default full pull and lazypull).
 	Modes []Mode
-	// Repeats per image, mode and profile (default 3); the median counts.
+	// Proxies are other snapshotters, by name, at their gRPC sockets; a
+	// mode with one of these names runs with it.
+	Proxies map[string]string
+	// Convert converts each image to eStargz first (into the loopback
+	// registry); without it the lazypull modes pull the image as it is.
+	Convert bool
+	// ConvertTo, when set, also writes the converted image to this
+	// registry reference or oci-layout:DIR[:TAG] (the optimized one under
+	// the tag with "-optimized" appended). Without WAN emulation and with
+	// a registry there, the lazypull modes pull from it. Implies Convert.
+	ConvertTo string
+	// Platform selects the image's platform (default: this host's).
+	Platform string
+	// Repeats per workload, mode and profile (default 1); the median
+	// counts.
 	Repeats int
-	// CacheDir keeps built images and the registry's storage between runs.
+	// ReadyTimeout bounds the wait for the ready line (default 10m).
+	ReadyTimeout time.Duration
+	// Limit also measures each workload's lower limit (a warm local run
+	// plus the start-up bytes over the link); it needs a recorded start-up,
+	// i.e. the optimized mode.
+	Limit bool
+	// CacheDir keeps built preset images, and the loopback registry's
+	// storage for them, between runs (default: a temporary directory).
+	// Copies of Workloads' images are always temporary.
 	CacheDir string
 	// Snapshotter is the lazypull-snapshotter binary.
 	Snapshotter string
 	// SnapshotterConfig is extra TOML for the daemon (fetch settings).
 	SnapshotterConfig string
-	// Log receives progress lines.
+	// Remote reads and writes images for conversion (default: plain
+	// remote.New, credentials from the docker config).
+	Remote *remote.Registry
+	// Resolver makes containerd's resolver for pulls (default plain HTTP
+	// to 127.0.0.1, HTTPS elsewhere, docker config credentials).
+	Resolver func() remotes.Resolver
+	// Log receives progress lines (default os.Stderr; io.Discard for
+	// quiet).
 	Log io.Writer
+}
+
+// Phase is the end of one step of a cold start, in seconds since the pull
+// began.
+type Phase struct {
+	Name    string
+	Seconds float64
+}
+
+// The phases of a run, in order.
+const (
+	PhaseResolve  = "resolve"
+	PhaseManifest = "manifest+config"
+	PhaseLayers   = "layers" // every layer's TOC (lazy) or download (full)
+	PhasePull     = "pull done"
+	PhaseStart    = "container start"
+	PhaseOutput   = "first output"
+	PhaseReady    = "ready"
+)
+
+// PhaseNames lists the phases in order.
+var PhaseNames = []string{PhaseResolve, PhaseManifest, PhaseLayers, PhasePull, PhaseStart, PhaseOutput, PhaseReady}
+
+// Request kinds in timelines.
+const (
+	KindResolve    = "resolve"
+	KindManifest   = "manifest"   // manifest, index or config
+	KindLayer      = "layer"      // a whole layer blob (full pull)
+	KindTOC        = "toc"        // a layer's HEAD, footer and TOC
+	KindForeground = "foreground" // a read's miss, alone
+	KindReadAhead  = "read-ahead" // a read's miss with the chunks after it
+	KindPrefetch   = "prefetch"   // the prioritized region, after mount
+	KindBackground = "background"
+)
+
+// Kinds lists the request kinds in legend order.
+var Kinds = []string{KindResolve, KindManifest, KindLayer, KindTOC, KindForeground, KindReadAhead, KindPrefetch, KindBackground}
+
+// Request is one registry request of a run.
+type Request struct {
+	// Start and End are seconds since the pull began.
+	Start, End float64
+	Kind       string
+	// By is who made it: "containerd" or "snapshotter".
+	By     string
+	Layer  string `json:",omitempty"`
+	Offset int64  `json:",omitempty"`
+	Length int64  `json:",omitempty"`
+	Bytes  int64
+	Status int    `json:",omitempty"`
+	Err    string `json:",omitempty"`
+}
+
+// LayerTime is when one layer was ready: its TOC read (lazy) or its blob
+// downloaded (full pull).
+type LayerTime struct {
+	Digest  string
+	Seconds float64
 }
 
 // Sample is one cold start.
@@ -86,12 +201,24 @@ type Sample struct {
 	Image, Profile string
 	Mode           Mode
 	Repeat         int
-	PullSeconds    float64 // until the image is ready to run
-	ReadySeconds   float64 // from task start to the ready line
-	TotalSeconds   float64
-	BytesReceived  int64 // over the WAN link
-	PeakRSSBytes   int64 // lazypull-snapshotter's VmHWM (0 for full pulls)
+	Ref            string
+	// Phases in order; the last one's Seconds is TotalSeconds.
+	Phases        []Phase
+	Layers        []LayerTime
+	PullSeconds   float64 // until the image is ready to run
+	ReadySeconds  float64 // from pull done to the ready line
+	TotalSeconds  float64
+	BytesReceived int64 // over the link (the WAN emulator's count, else the requests')
+	// ForegroundBytes and BackgroundBytes split the snapshotter's content
+	// fetches (lazypull modes).
+	ForegroundBytes, BackgroundBytes       int64
+	ForegroundRequests, BackgroundRequests int64
+	// DaemonRequests is lazypull_fetch_requests_total at the ready line.
+	DaemonRequests int64
+	PeakRSSBytes   int64 // lazypull-snapshotter's VmHWM (0 for other modes)
 	ReadyLine      string
+	// Requests is the timeline: every registry request, by start.
+	Requests []Request
 }
 
 // Limit is an image's lower bound on a profile.
@@ -111,6 +238,7 @@ type Result struct {
 	Host       string
 	Containerd string
 	Profiles   []wan.Profile
+	Modes      []Mode
 	Images     []ImageInfo
 	Samples    []Sample
 	Limits     []Limit
@@ -120,13 +248,17 @@ type Result struct {
 // ImageInfo describes a measured image.
 type ImageInfo struct {
 	Name, Description string
+	Source            string
+	Cmd               []string
+	Ready             string
 	Layers            int
 	CompressedBytes   int64 // original image
 	UncompressedBytes int64
 	EStargzBytes      int64
 	PrioritizedFiles  int
-	OriginalRef, Lazy string
-	Optimized         string
+	// Refs are the references measured, by mode, relative to the
+	// registry (the loopback one or the image's own).
+	Refs map[Mode]string
 }
 
 // Summary is the median of one image, mode and profile.
@@ -136,10 +268,16 @@ type Summary struct {
 	PullSeconds    float64
 	ReadySeconds   float64
 	TotalSeconds   float64
-	BytesReceived  int64
-	PeakRSSBytes   int64
-	VsFullPull     float64 // TotalSeconds / full pull's
-	VsLimit        float64 // TotalSeconds / limit
+	// Phases are the phases' medians.
+	Phases        []Phase
+	BytesReceived int64
+	// ForegroundBytes and BackgroundBytes are the snapshotter's (lazypull
+	// modes).
+	ForegroundBytes, BackgroundBytes int64
+	Requests                         int
+	PeakRSSBytes                     int64
+	VsFullPull                       float64 // TotalSeconds / full pull's
+	VsLimit                          float64 // TotalSeconds / limit
 }
 
 // Runner runs the benchmark.
@@ -149,97 +287,209 @@ type Runner struct {
 	remote  *remote.Registry
 	builder *images.Builder
 	log     io.Writer
+	match   platforms.MatchComparer
 	infos   map[string]*ImageInfo
-	reads   map[string][]string // image -> recorded start-up files
+	// remoteRefs are, per workload, the modes whose Refs are full
+	// references outside the loopback registry.
+	remoteRefs map[string]map[Mode]bool
+	reads      map[string][]string
 	// readBytes is, per image, the compressed size of the chunks read at
 	// start-up.
 	readBytes map[string]int64
+	tmp       string
+	// chunkCache holds layers' chunk offsets by digest (nil: unreadable).
+	chunkCache map[string]*layerChunks
 }
 
 // NewRunner checks the configuration.
 func NewRunner(cfg Config) (*Runner, error) {
 	if cfg.Repeats <= 0 {
-		cfg.Repeats = 3
+		cfg.Repeats = 1
 	}
 	if len(cfg.Modes) == 0 {
-		cfg.Modes = Modes
+		cfg.Modes = []Mode{ModeFull, ModeLazy}
 	}
 	if len(cfg.Profiles) == 0 {
-		cfg.Profiles = DefaultProfiles()
+		cfg.Profiles = []wan.Profile{{Name: NoWAN}}
+	}
+	if cfg.ReadyTimeout <= 0 {
+		cfg.ReadyTimeout = 10 * time.Minute
 	}
 	if cfg.Log == nil {
 		cfg.Log = os.Stderr
 	}
-	if cfg.Snapshotter == "" {
+	if len(cfg.Workloads)+len(cfg.Preset) == 0 {
+		return nil, errors.New("bench: no image to measure")
+	}
+	if cfg.ConvertTo != "" {
+		cfg.Convert = true
+		if len(cfg.Workloads)+len(cfg.Preset) != 1 {
+			return nil, errors.New("bench: --convert-to takes one image")
+		}
+		if _, err := withTagSuffix(cfg.ConvertTo, "-optimized"); err != nil {
+			return nil, fmt.Errorf("bench: %w", err)
+		}
+	}
+	seen := map[Mode]bool{}
+	for _, m := range cfg.Modes {
+		if seen[m] {
+			return nil, fmt.Errorf("bench: mode %q given twice", m)
+		}
+		seen[m] = true
+		if m == ModeFull || m.lazypull() {
+			continue
+		}
+		if _, ok := cfg.Proxies[string(m)]; !ok {
+			return nil, fmt.Errorf("bench: unknown mode %q (built in: %s, %s, %s; others need --snapshotter %s=SOCKET)", m, ModeFull, ModeLazy, ModeOptimized, m)
+		}
+	}
+	if seen[ModeOptimized] && !cfg.Convert && len(cfg.Workloads) > 0 {
+		return nil, fmt.Errorf("bench: mode %s needs --convert: the image is converted again with its recorded start-up files first", ModeOptimized)
+	}
+	if cfg.Limit && !seen[ModeOptimized] {
+		cfg.Limit = false
+	}
+	if (seen[ModeLazy] || seen[ModeOptimized]) && cfg.Snapshotter == "" {
 		return nil, errors.New("bench: no lazypull-snapshotter binary")
 	}
 	if err := lab.Containerd2().Check(); err != nil {
 		return nil, fmt.Errorf("bench: %w (run hack/install-deps.sh)", err)
 	}
-	return &Runner{cfg: cfg, log: cfg.Log, infos: map[string]*ImageInfo{}, reads: map[string][]string{}, readBytes: map[string]int64{},
-		builder: &images.Builder{CacheDir: cfg.CacheDir, Log: cfg.Log}}, nil
+	match := platforms.Default()
+	if cfg.Platform != "" {
+		p, err := platforms.Parse(cfg.Platform)
+		if err != nil {
+			return nil, fmt.Errorf("bench: platform %q: %w", cfg.Platform, err)
+		}
+		match = platforms.Only(p)
+	}
+	if cfg.Remote == nil {
+		r, err := remote.New(remote.Options{})
+		if err != nil {
+			return nil, err
+		}
+		cfg.Remote = r
+	}
+	if cfg.Resolver == nil {
+		cfg.Resolver = lab.Resolver
+	}
+	return &Runner{cfg: cfg, log: cfg.Log, remote: cfg.Remote, match: match,
+		infos: map[string]*ImageInfo{}, remoteRefs: map[string]map[Mode]bool{}, reads: map[string][]string{}, readBytes: map[string]int64{},
+		chunkCache: map[string]*layerChunks{}}, nil
 }
 
 func (r *Runner) logf(format string, args ...any) {
 	fmt.Fprintf(r.log, "bench: "+format+"\n", args...)
 }
 
-// Run builds and pushes the images, records their start-up reads, measures
-// every combination and returns the result.
-func (r *Runner) Run(ctx context.Context) (*Result, error) {
-	res := &Result{Started: time.Now().UTC(), Profiles: r.cfg.Profiles, Containerd: lab.Containerd2().Name}
+// Run prepares the images (building, copying into the loopback registry,
+// converting, recording start-up reads as needed), measures every
+// combination and returns the result. Temporary state is removed before it
+// returns, also on errors.
+func (r *Runner) Run(ctx context.Context) (_ *Result, retErr error) {
+	res := &Result{Started: time.Now().UTC(), Profiles: r.cfg.Profiles, Modes: r.cfg.Modes, Containerd: lab.Containerd2().Name}
 	res.Host, _ = os.Hostname()
-	reg, err := lab.StartRegistry(lab.RegistryConfig{RootDir: filepath.Join(r.cfg.CacheDir, "registry")})
+	tmp, err := os.MkdirTemp("", "lazypull-bench-")
 	if err != nil {
 		return nil, err
 	}
+	r.tmp = tmp
+	defer os.RemoveAll(tmp)
+	cacheDir := r.cfg.CacheDir
+	if cacheDir == "" {
+		cacheDir = tmp
+	}
+	r.builder = &images.Builder{CacheDir: cacheDir, Log: r.log}
+	// Built images stay in the cache's registry, to be reused; copies of
+	// the user's images go with the temporary directory.
+	regDir := filepath.Join(tmp, "registry")
+	if len(r.cfg.Preset) > 0 {
+		regDir = filepath.Join(cacheDir, "registry")
+	}
+	reg, err := lab.StartRegistry(lab.RegistryConfig{RootDir: regDir})
+	if err != nil {
+		return nil, fmt.Errorf("starting the loopback registry: %w", err)
+	}
 	defer reg.Close()
 	r.reg = reg
-	if r.remote, err = remote.New(remote.Options{}); err != nil {
+	if err := r.checkProxies(ctx); err != nil {
 		return nil, err
 	}
-	for _, spec := range r.cfg.Images {
-		if err := r.prepare(ctx, spec); err != nil {
-			return nil, fmt.Errorf("preparing %s: %w", spec.Name, err)
+	works := append([]Workload(nil), r.cfg.Workloads...)
+	for _, spec := range r.cfg.Preset {
+		layout, err := r.builder.Build(ctx, spec)
+		if err != nil {
+			return nil, fmt.Errorf("building %s: %w", spec.Name, err)
 		}
-		res.Images = append(res.Images, *r.infos[spec.Name])
+		works = append(works, Workload{Name: spec.Name, Description: spec.Description,
+			Source: convert.LayoutPrefix + layout + ":v1", Cmd: spec.Cmd, Ready: regexp.MustCompile("^" + regexp.QuoteMeta(spec.Ready))})
 	}
-	total := len(r.cfg.Images) * len(r.cfg.Profiles) * len(r.cfg.Modes) * r.cfg.Repeats
+	for i := range works {
+		w := &works[i]
+		if w.Name == "" {
+			w.Name = shortName(w.Source)
+		}
+		if _, dup := r.infos[w.Name]; dup {
+			return nil, fmt.Errorf("bench: two images named %q", w.Name)
+		}
+		if err := r.prepare(ctx, *w); err != nil {
+			return nil, fmt.Errorf("preparing %s: %w", w.Name, err)
+		}
+		res.Images = append(res.Images, *r.infos[w.Name])
+	}
+	total := len(works) * len(r.cfg.Profiles) * len(r.cfg.Modes) * r.cfg.Repeats
 	done := 0
 	for _, p := range r.cfg.Profiles {
-		px, err := wan.Listen("127.0.0.1:0", reg.Host(), p)
+		var px *wan.Proxy
+		if p.Name != NoWAN {
+			if px, err = wan.Listen("127.0.0.1:0", reg.Host(), p); err != nil {
+				return nil, err
+			}
+		}
+		err := func() error {
+			if px != nil {
+				defer px.Close()
+			}
+			for _, w := range works {
+				info := r.infos[w.Name]
+				for rep := 1; rep <= r.cfg.Repeats; rep++ {
+					for _, mode := range r.cfg.Modes {
+						done++
+						ref := r.refFor(info, mode, px)
+						tag := fmt.Sprintf("[%d/%d] %s %s %s #%d", done, total, w.Name, mode, p.Name, rep)
+						s, err := r.measure(ctx, w, mode, ref, px, tag)
+						if err != nil {
+							return fmt.Errorf("%s %s %s #%d: %w", w.Name, mode, p.Name, rep, err)
+						}
+						s.Profile, s.Repeat = p.Name, rep
+						res.Samples = append(res.Samples, s)
+						r.logf("%s: pull %.2fs, ready %.2fs, total %.2fs, %s over the link in %d requests%s",
+							tag, s.PullSeconds, s.ReadySeconds, s.TotalSeconds, human(s.BytesReceived), len(s.Requests), rssNote(s.PeakRSSBytes))
+					}
+				}
+				if r.cfg.Limit && r.readBytes[w.Name] > 0 {
+					lim, err := r.limit(ctx, w, p)
+					if err != nil {
+						return fmt.Errorf("limit of %s: %w", w.Name, err)
+					}
+					res.Limits = append(res.Limits, lim)
+				}
+			}
+			return nil
+		}()
 		if err != nil {
 			return nil, err
 		}
-		for _, spec := range r.cfg.Images {
-			info := r.infos[spec.Name]
-			for rep := 1; rep <= r.cfg.Repeats; rep++ {
-				for _, mode := range r.cfg.Modes {
-					done++
-					ref := px.Addr() + "/" + refFor(info, mode)
-					s, err := r.measure(ctx, spec, mode, ref, px)
-					if err != nil {
-						px.Close()
-						return nil, fmt.Errorf("%s %s %s #%d: %w", spec.Name, mode, p, rep, err)
-					}
-					s.Profile, s.Repeat = p.Name, rep
-					res.Samples = append(res.Samples, s)
-					r.logf("[%d/%d] %-7s %-19s %-13s #%d  pull %6.2fs  ready %6.2fs  total %6.2fs  %7.1f MB  rss %s",
-						done, total, spec.Name, mode, p.Name, rep, s.PullSeconds, s.ReadySeconds, s.TotalSeconds,
-						float64(s.BytesReceived)/1e6, mb(s.PeakRSSBytes))
-				}
-			}
-			lim, err := r.limit(ctx, spec, p)
-			if err != nil {
-				px.Close()
-				return nil, fmt.Errorf("limit of %s: %w", spec.Name, err)
-			}
-			res.Limits = append(res.Limits, lim)
-		}
-		px.Close()
 	}
 	res.Summary = summarize(res)
 	return res, nil
+}
+
+func rssNote(n int64) string {
+	if n == 0 {
+		return ""
+	}
+	return ", snapshotter peak RSS " + human(n)
 }
 
 func mb(n int64) string {
@@ -249,381 +499,318 @@ func mb(n int64) string {
 	return fmt.Sprintf("%.0f MB", float64(n)/1e6)
 }
 
-func refFor(info *ImageInfo, m Mode) string {
-	switch m {
-	case ModeLazy:
-		return info.Lazy
-	case ModeOptimized:
-		return info.Optimized
+// shortName turns a reference into a workload name: its last path
+// element without the tag or digest.
+func shortName(ref string) string {
+	ref = strings.TrimPrefix(ref, convert.LayoutPrefix)
+	if i := strings.Index(ref, "@"); i >= 0 {
+		ref = ref[:i]
 	}
-	return info.OriginalRef
+	ref = filepath.Base(ref)
+	if i := strings.LastIndex(ref, ":"); i >= 0 {
+		ref = ref[:i]
+	}
+	if ref == "" || ref == "." || ref == "/" {
+		return "image"
+	}
+	return ref
 }
 
-func (r *Runner) remoteClient() *remote.Registry {
-	if r.remote == nil {
-		r.remote, _ = remote.New(remote.Options{})
+// refFor returns the reference a mode pulls: through the WAN emulator
+// when there is one.
+func (r *Runner) refFor(info *ImageInfo, m Mode, px *wan.Proxy) string {
+	if info.Refs[m] == "" {
+		m = ModeLazy
 	}
-	return r.remote
+	if info.Refs[m] == "" {
+		m = ModeFull
+	}
+	ref := info.Refs[m]
+	if r.remoteRefs[info.Name][m] {
+		return ref
+	}
+	if px != nil {
+		return px.Addr() + "/" + ref
+	}
+	return r.reg.Ref(ref)
 }
 
-// prepare builds the image, pushes the original, converts it, records its
-// start-up reads and pushes the optimized conversion.
-func (r *Runner) prepare(ctx context.Context, spec images.Spec) error {
-	layout, err := r.builder.Build(ctx, spec)
+// directRef is refFor without the WAN emulator: for reading TOCs outside
+// the measurement.
+func (r *Runner) directRef(info *ImageInfo, m Mode) string {
+	return r.refFor(info, m, nil)
+}
+
+// prepare copies the workload's image into the loopback registry (when
+// it is converted, emulated over a WAN or a layout), converts it, and
+// records its start-up reads and converts it again with them for the
+// optimized mode.
+func (r *Runner) prepare(ctx context.Context, w Workload) error {
+	info := &ImageInfo{Name: w.Name, Description: w.Description, Source: w.Source, Cmd: w.Cmd, Refs: map[Mode]string{}}
+	if w.Ready != nil {
+		info.Ready = w.Ready.String()
+	}
+	r.infos[w.Name] = info
+	src, err := convert.OpenStore(w.Source, r.remote)
 	if err != nil {
 		return err
 	}
-	src, err := convert.OpenStore(convert.LayoutPrefix+layout+":v1", nil)
+	wanOn := false
+	for _, p := range r.cfg.Profiles {
+		wanOn = wanOn || p.Name != NoWAN
+	}
+	isLayout := strings.HasPrefix(w.Source, convert.LayoutPrefix)
+	if !r.cfg.Convert && !wanOn && !isLayout {
+		// Measured where it is: the lazypull modes pull it as it is.
+		r.logf("%s: resolving %s", w.Name, w.Source)
+		m, err := r.manifestOf(ctx, src)
+		if err != nil {
+			return fmt.Errorf("%s: %w", w.Source, err)
+		}
+		fillSizes(info, m, false)
+		r.remoteRefs[w.Name] = map[Mode]bool{}
+		for _, mode := range r.cfg.Modes {
+			info.Refs[mode] = w.Source
+			r.remoteRefs[w.Name][mode] = true
+		}
+		r.warnIfNotLazy(info, m)
+		return nil
+	}
+	repo := "bench/" + sanitize(w.Name)
+	info.Refs[ModeFull] = repo + ":orig"
+	r.logf("%s: copying %s into the loopback registry", w.Name, w.Source)
+	dst, err := convert.OpenStore(r.reg.Ref(info.Refs[ModeFull]), r.remote)
 	if err != nil {
 		return err
 	}
-	info := &ImageInfo{Name: spec.Name, Description: spec.Description,
-		OriginalRef: "bench/" + spec.Name + ":orig", Lazy: "bench/" + spec.Name + ":esgz", Optimized: "bench/" + spec.Name + ":esgz-opt"}
-	r.infos[spec.Name] = info
-	dst, err := convert.OpenStore(r.reg.Ref(info.OriginalRef), r.remote)
+	m, err := r.copyImage(ctx, src, dst)
+	if err != nil {
+		return fmt.Errorf("copying %s: %w", w.Source, err)
+	}
+	fillSizes(info, m, false)
+	info.Refs[ModeLazy] = info.Refs[ModeFull]
+	if !r.cfg.Convert {
+		r.warnIfNotLazy(info, m)
+		return nil
+	}
+	origSrc, err := convert.OpenStore(r.reg.Ref(info.Refs[ModeFull]), r.remote)
 	if err != nil {
 		return err
 	}
-	m, err := copyImage(ctx, src, dst)
+	info.Refs[ModeLazy] = repo + ":esgz"
+	r.logf("%s: converting to eStargz", w.Name)
+	lazyDst, err := convert.OpenStore(r.reg.Ref(info.Refs[ModeLazy]), r.remote)
 	if err != nil {
-		return fmt.Errorf("pushing the original: %w", err)
+		return err
 	}
-	info.Layers = len(m.Layers)
-	for _, l := range m.Layers {
-		info.CompressedBytes += l.Size
-	}
-	r.logf("%s: converting to eStargz", spec.Name)
-	lazyDst, _ := convert.OpenStore(r.reg.Ref(info.Lazy), r.remote)
-	if _, err := convert.Convert(ctx, src, lazyDst, convert.Options{}); err != nil {
+	if _, err := convert.Convert(ctx, origSrc, lazyDst, convert.Options{}); err != nil {
 		return fmt.Errorf("converting: %w", err)
 	}
-	lm, err := r.manifest(ctx, r.reg.Ref(info.Lazy))
+	lsrc, err := convert.OpenStore(r.reg.Ref(info.Refs[ModeLazy]), r.remote)
 	if err != nil {
 		return err
 	}
-	for _, l := range lm.Layers {
-		info.EStargzBytes += l.Size
-		if n, err := strconv.ParseInt(l.Annotations[estargz.UncompressedSizeAnnotation], 10, 64); err == nil {
-			info.UncompressedBytes += n
-		}
+	lm, err := r.manifestOf(ctx, lsrc)
+	if err != nil {
+		return err
 	}
-	r.logf("%s: recording start-up reads", spec.Name)
-	reads, readBytes, err := r.record(ctx, spec, r.reg.Ref(info.Lazy))
+	fillSizes(info, lm, true)
+	if !r.hasMode(ModeOptimized) {
+		return r.publish(ctx, w, info, wanOn)
+	}
+	r.logf("%s: recording start-up reads", w.Name)
+	reads, readBytes, err := r.record(ctx, w, r.reg.Ref(info.Refs[ModeLazy]))
 	if err != nil {
 		return fmt.Errorf("recording: %w", err)
 	}
-	r.reads[spec.Name] = reads
-	r.readBytes[spec.Name] = readBytes
+	r.reads[w.Name] = reads
+	r.readBytes[w.Name] = readBytes
 	info.PrioritizedFiles = len(reads)
-	optDst, _ := convert.OpenStore(r.reg.Ref(info.Optimized), r.remote)
-	if _, err := convert.Convert(ctx, src, optDst, convert.Options{Build: estargz.BuildOptions{Prioritized: reads}}); err != nil {
+	info.Refs[ModeOptimized] = repo + ":esgz-opt"
+	optDst, err := convert.OpenStore(r.reg.Ref(info.Refs[ModeOptimized]), r.remote)
+	if err != nil {
+		return err
+	}
+	r.logf("%s: converting with %d prioritized files", w.Name, len(reads))
+	if _, err := convert.Convert(ctx, origSrc, optDst, convert.Options{Build: estargz.BuildOptions{Prioritized: reads}}); err != nil {
 		return fmt.Errorf("converting with prioritized files: %w", err)
+	}
+	return r.publish(ctx, w, info, wanOn)
+}
+
+// publish copies the converted images to Config.ConvertTo and, when no
+// link is emulated and it is a registry, measures them there.
+func (r *Runner) publish(ctx context.Context, w Workload, info *ImageInfo, wanOn bool) error {
+	if r.cfg.ConvertTo == "" {
+		return nil
+	}
+	dsts := map[Mode]string{ModeLazy: r.cfg.ConvertTo}
+	if info.Refs[ModeOptimized] != "" {
+		opt, err := withTagSuffix(r.cfg.ConvertTo, "-optimized")
+		if err != nil {
+			return err
+		}
+		dsts[ModeOptimized] = opt
+	}
+	for _, mode := range []Mode{ModeLazy, ModeOptimized} {
+		to, ok := dsts[mode]
+		if !ok {
+			continue
+		}
+		r.logf("%s: writing the %s image to %s", w.Name, mode, to)
+		src, err := convert.OpenStore(r.reg.Ref(info.Refs[mode]), r.remote)
+		if err != nil {
+			return err
+		}
+		dst, err := convert.OpenStore(to, r.remote)
+		if err != nil {
+			return err
+		}
+		if _, err := r.copyImage(ctx, src, dst); err != nil {
+			return fmt.Errorf("writing %s: %w", to, err)
+		}
+		if !wanOn && !strings.HasPrefix(to, convert.LayoutPrefix) {
+			info.Refs[mode] = to
+			if r.remoteRefs[w.Name] == nil {
+				r.remoteRefs[w.Name] = map[Mode]bool{}
+			}
+			r.remoteRefs[w.Name][mode] = true
+		}
 	}
 	return nil
 }
 
-func (r *Runner) manifest(ctx context.Context, ref string) (*ocispec.Manifest, error) {
-	img, err := r.remote.Resolve(ctx, ref, nil)
-	if err != nil {
-		return nil, err
+// withTagSuffix appends suffix to a reference's tag: registry/repo:tag or
+// oci-layout:DIR:TAG.
+func withTagSuffix(ref, suffix string) (string, error) {
+	if strings.Contains(ref, "@") {
+		return "", fmt.Errorf("%q: a destination needs a tag, not a digest", ref)
 	}
-	return &img.Manifest, nil
+	slash := strings.LastIndex(ref, "/")
+	if i := strings.LastIndex(ref, ":"); i > slash && i > len(convert.LayoutPrefix)-1 {
+		return ref + suffix, nil
+	}
+	return "", fmt.Errorf("%q: a destination needs a tag (REF:TAG or oci-layout:DIR:TAG)", ref)
 }
 
-// env is one cold machine: a fresh containerd and, for lazypull modes, a
-// fresh snapshotter with an empty cache.
-type env struct {
-	dir string
-	c   *lab.Containerd
-	sn  *lab.Snapshotter
-}
-
-func (r *Runner) startEnv(ctx context.Context, lazy bool, extraConfig string) (*env, error) {
-	dir, err := os.MkdirTemp("/tmp", "lpb-")
-	if err != nil {
-		return nil, err
+// warnIfNotLazy says so when the lazypull mode will pull an image without
+// eStargz layers (lazypull-snapshotter then unpacks them like a full pull).
+func (r *Runner) warnIfNotLazy(info *ImageInfo, m *ocispec.Manifest) {
+	if !r.hasMode(ModeLazy) {
+		return
 	}
-	e := &env{dir: dir}
-	proxies := map[string]string{}
-	if lazy {
-		e.sn, err = lab.StartSnapshotter(ctx, lab.SnapshotterConfig{
-			Binary: r.cfg.Snapshotter, Dir: filepath.Join(dir, "s"),
-			Config: extraConfig + r.cfg.SnapshotterConfig, LogLevel: "info",
-		})
-		if err != nil {
-			e.close()
-			return nil, fmt.Errorf("starting lazypull-snapshotter: %w", err)
-		}
-		proxies["lazypull"] = e.sn.Address()
-	}
-	e.c, err = lab.StartContainerd(ctx, lab.ContainerdConfig{Version: lab.Containerd2(), Dir: filepath.Join(dir, "c"), ProxySnapshotters: proxies, LogLevel: "warn"})
-	if err != nil {
-		e.close()
-		return nil, fmt.Errorf("starting containerd: %w", err)
-	}
-	return e, nil
-}
-
-func (e *env) close() {
-	if e.c != nil {
-		e.c.Close()
-	}
-	if e.sn != nil {
-		e.sn.Close()
-	}
-	os.RemoveAll(e.dir)
-}
-
-// record runs the lazy image once with read recording on and returns the
-// files read, in order, and the compressed size of the chunks read.
-func (r *Runner) record(ctx context.Context, spec images.Spec, ref string) ([]string, int64, error) {
-	recDir, err := os.MkdirTemp("", "lazypull-record-")
-	if err != nil {
-		return nil, 0, err
-	}
-	defer os.RemoveAll(recDir)
-	e, err := r.startEnv(ctx, true, fmt.Sprintf("record_dir = %q\n", recDir))
-	if err != nil {
-		return nil, 0, err
-	}
-	defer e.close()
-	ctx = namespaces.WithNamespace(ctx, "bench")
-	img, err := e.c.Pull(ctx, ref, "lazypull")
-	if err != nil {
-		return nil, 0, err
-	}
-	if _, _, err := runUntilReady(ctx, e.c, img, "lazypull", spec); err != nil {
-		return nil, 0, err
-	}
-	b, err := os.ReadFile(filepath.Join(recDir, lfs.RecordFileName(ref)))
-	if err != nil {
-		return nil, 0, fmt.Errorf("reading the record: %w", err)
-	}
-	seen := map[string]bool{}
-	var out []string
-	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		if l != "" && !seen[l] {
-			seen[l] = true
-			out = append(out, l)
+	for _, l := range m.Layers {
+		if l.Annotations[estargz.TOCDigestAnnotation] != "" {
+			return
 		}
 	}
-	// The compressed extents of the chunks read: what the workload needed.
-	cb, err := os.ReadFile(filepath.Join(recDir, lfs.RecordFileName(ref)+".chunks"))
-	if err != nil {
-		return nil, 0, fmt.Errorf("reading the chunk record: %w", err)
-	}
-	type extent struct {
-		layer    string
-		off, end int64
-	}
-	extents := map[extent]bool{}
-	var readBytes int64
-	for _, l := range strings.Split(strings.TrimSpace(string(cb)), "\n") {
-		var x extent
-		if _, err := fmt.Sscanf(l, "%s %d %d", &x.layer, &x.off, &x.end); err != nil {
-			continue
-		}
-		if !extents[x] {
-			extents[x] = true
-			readBytes += x.end - x.off
+	r.logf("%s: warning: no eStargz layer in %s; lazypull will unpack it like a full pull (use --convert)", info.Name, info.Source)
+}
+
+func (r *Runner) hasMode(m Mode) bool {
+	for _, x := range r.cfg.Modes {
+		if x == m {
+			return true
 		}
 	}
-	return out, readBytes, nil
+	return false
 }
 
-// measure runs one cold start.
-func (r *Runner) measure(ctx context.Context, spec images.Spec, mode Mode, ref string, px *wan.Proxy) (Sample, error) {
-	lazy := mode != ModeFull
-	e, err := r.startEnv(ctx, lazy, "")
-	if err != nil {
-		return Sample{}, err
-	}
-	defer e.close()
-	dropCaches()
-	sn := "overlayfs"
-	if lazy {
-		sn = "lazypull"
-	}
-	ctx = namespaces.WithNamespace(ctx, "bench")
-	px.ResetCounters()
-	start := time.Now()
-	img, err := e.c.Pull(ctx, ref, sn)
-	if err != nil {
-		return Sample{}, err
-	}
-	pulled := time.Now()
-	ready, line, err := runUntilReady(ctx, e.c, img, sn, spec)
-	if err != nil {
-		return Sample{}, err
-	}
-	_, recv := px.Bytes()
-	s := Sample{
-		Image: spec.Name, Mode: mode,
-		PullSeconds:   pulled.Sub(start).Seconds(),
-		ReadySeconds:  ready.Seconds(),
-		TotalSeconds:  pulled.Sub(start).Seconds() + ready.Seconds(),
-		BytesReceived: recv,
-		ReadyLine:     line,
-	}
-	if lazy {
-		s.PeakRSSBytes = peakRSS(e.sn.Pid())
-	}
-	return s, nil
-}
+// sanitize makes a repository path component out of a name.
+func sanitize(name string) string { return fileSafe(strings.ToLower(name)) }
 
-// limit measures the warm local time and computes the image's bound.
-func (r *Runner) limit(ctx context.Context, spec images.Spec, p wan.Profile) (Limit, error) {
-	info := r.infos[spec.Name]
-	e, err := r.startEnv(ctx, false, "")
-	if err != nil {
-		return Limit{}, err
-	}
-	defer e.close()
-	ctx = namespaces.WithNamespace(ctx, "bench")
-	img, err := e.c.Pull(ctx, r.reg.Ref(info.OriginalRef), "overlayfs")
-	if err != nil {
-		return Limit{}, err
-	}
-	var best time.Duration
-	for i := 0; i < 3; i++ {
-		d, _, err := runUntilReady(ctx, e.c, img, "overlayfs", spec)
-		if err != nil {
-			return Limit{}, err
-		}
-		if i > 0 && (best == 0 || d < best) { // the first run warms the page cache
-			best = d
+// fileSafe keeps letters, digits, '-', '.' and '_' and turns the rest
+// into '-'.
+func fileSafe(name string) string {
+	var b strings.Builder
+	for _, c := range name {
+		if (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_' {
+			b.WriteRune(c)
+		} else {
+			b.WriteByte('-')
 		}
 	}
-	readBytes := r.readBytes[spec.Name]
-	l := Limit{Image: spec.Name, Profile: p.Name, LocalSeconds: best.Seconds(), ReadBytes: readBytes}
-	l.Seconds = l.LocalSeconds + 3*p.RTT.Seconds()
-	if bps := p.BytesPerSecond(); bps > 0 {
-		l.Seconds += float64(readBytes) / bps
+	if b.Len() == 0 {
+		return "image"
 	}
-	return l, nil
+	return strings.Trim(b.String(), "-._")
 }
 
-// runUntilReady starts the workload and returns the time from task start
-// to its ready line.
-func runUntilReady(ctx context.Context, c *lab.Containerd, img client.Image, snapshotter string, spec images.Spec) (time.Duration, string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	defer cancel()
-	id := fmt.Sprintf("bench-%d", time.Now().UnixNano())
-	ctr, err := c.Client().NewContainer(ctx, id,
-		client.WithImage(img),
-		client.WithSnapshotter(snapshotter),
-		client.WithNewSnapshot(id+"-rootfs", img),
-		c.RuntimeOpt(),
-		client.WithNewSpec(oci.WithImageConfig(img), c.WithCgroup(), oci.WithProcessArgs(spec.Cmd...)),
-	)
-	if err != nil {
-		return 0, "", fmt.Errorf("creating the container: %w", err)
-	}
-	defer ctr.Delete(context.WithoutCancel(ctx), client.WithSnapshotCleanup)
-	watch := newLineWatcher(spec.Ready)
-	var stderr bytes.Buffer
-	task, err := ctr.NewTask(ctx, c.IO(nil, watch, &stderr))
-	if err != nil {
-		return 0, "", fmt.Errorf("creating the task: %w", err)
-	}
-	defer task.Delete(context.WithoutCancel(ctx), client.WithProcessKill)
-	exit, err := task.Wait(ctx)
-	if err != nil {
-		return 0, "", err
-	}
-	start := time.Now()
-	if err := task.Start(ctx); err != nil {
-		return 0, "", fmt.Errorf("starting the task: %w", err)
-	}
-	select {
-	case at := <-watch.ready:
-		return at.Sub(start), watch.line(), nil
-	case st := <-exit:
-		// The ready line may race the exit.
-		select {
-		case at := <-watch.ready:
-			return at.Sub(start), watch.line(), nil
-		case <-time.After(time.Second):
-		}
-		return 0, "", fmt.Errorf("workload exited with %d before its ready line; output:\n%s\n%s", st.ExitCode(), watch.output(), stderr.String())
-	case <-ctx.Done():
-		return 0, "", fmt.Errorf("no ready line: %w; output so far:\n%s", ctx.Err(), watch.output())
-	}
-}
-
-// lineWatcher timestamps the first output line starting with a prefix.
-type lineWatcher struct {
-	prefix string
-	ready  chan time.Time
-	mu     sync.Mutex
-	buf    bytes.Buffer
-	found  string
-	once   sync.Once
-}
-
-func newLineWatcher(prefix string) *lineWatcher {
-	return &lineWatcher{prefix: prefix, ready: make(chan time.Time, 1)}
-}
-
-func (w *lineWatcher) Write(p []byte) (int, error) {
-	now := time.Now()
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.buf.Write(p)
-	sc := bufio.NewScanner(bytes.NewReader(w.buf.Bytes()))
-	for sc.Scan() {
-		if strings.HasPrefix(sc.Text(), w.prefix) {
-			line := sc.Text()
-			w.once.Do(func() {
-				w.found = line
-				w.ready <- now
-			})
+func fillSizes(info *ImageInfo, m *ocispec.Manifest, esgz bool) {
+	var comp, uncomp int64
+	for _, l := range m.Layers {
+		comp += l.Size
+		if n, err := strconv.ParseInt(l.Annotations[estargz.UncompressedSizeAnnotation], 10, 64); err == nil && n > 0 {
+			uncomp += n
 		}
 	}
-	return len(p), nil
-}
-
-func (w *lineWatcher) line() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.found
-}
-
-func (w *lineWatcher) output() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.String()
-}
-
-// dropCaches empties the page cache so every start is cold.
-func dropCaches() {
-	_ = os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0o200)
-}
-
-// peakRSS returns a process's VmHWM in bytes.
-func peakRSS(pid int) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
-			f := strings.Fields(v)
-			if n, err := strconv.ParseInt(f[0], 10, 64); err == nil {
-				return n * 1024
-			}
+	if esgz {
+		info.EStargzBytes = comp
+		if uncomp > 0 {
+			info.UncompressedBytes = uncomp
 		}
+		return
 	}
-	return 0
+	info.Layers = len(m.Layers)
+	info.CompressedBytes = comp
+	if uncomp > 0 {
+		info.UncompressedBytes = uncomp
+	}
 }
 
-// copyImage copies a single-manifest image between stores.
-func copyImage(ctx context.Context, src, dst convert.Store) (*ocispec.Manifest, error) {
+// manifestOf returns the image's manifest for the platform.
+func (r *Runner) manifestOf(ctx context.Context, src convert.Store) (*ocispec.Manifest, error) {
+	_, raw, m, err := r.platformManifest(ctx, src)
+	_ = raw
+	return m, err
+}
+
+// platformManifest returns the store's manifest for the platform: the
+// root, or the best match of an index.
+func (r *Runner) platformManifest(ctx context.Context, src convert.Store) (ocispec.Descriptor, []byte, *ocispec.Manifest, error) {
 	desc, raw, err := src.Root(ctx)
 	if err != nil {
-		return nil, err
+		return ocispec.Descriptor{}, nil, nil, err
 	}
-	m, err := parseManifest(raw)
+	for depth := 0; depth < 4; depth++ {
+		idx, ok := parseIndex(desc.MediaType, raw)
+		if !ok {
+			m, err := parseManifest(raw)
+			if err != nil {
+				return ocispec.Descriptor{}, nil, nil, err
+			}
+			return desc, raw, m, nil
+		}
+		var best *ocispec.Descriptor
+		for i := range idx.Manifests {
+			d := &idx.Manifests[i]
+			if d.Platform == nil || !r.match.Match(*d.Platform) {
+				continue
+			}
+			if best == nil || r.match.Less(*d.Platform, *best.Platform) {
+				best = d
+			}
+		}
+		if best == nil {
+			return ocispec.Descriptor{}, nil, nil, fmt.Errorf("no manifest for the platform in the index of %s", src)
+		}
+		rc, err := src.Fetch(ctx, *best)
+		if err != nil {
+			return ocispec.Descriptor{}, nil, nil, err
+		}
+		raw, err = io.ReadAll(io.LimitReader(rc, 4<<20))
+		rc.Close()
+		if err != nil {
+			return ocispec.Descriptor{}, nil, nil, err
+		}
+		desc = *best
+	}
+	return ocispec.Descriptor{}, nil, nil, fmt.Errorf("%s: indexes nested too deep", src)
+}
+
+// copyImage copies the platform's manifest of src, with its blobs, to dst.
+func (r *Runner) copyImage(ctx context.Context, src, dst convert.Store) (*ocispec.Manifest, error) {
+	desc, raw, m, err := r.platformManifest(ctx, src)
 	if err != nil {
 		return nil, err
 	}
@@ -645,6 +832,7 @@ func copyImage(ctx context.Context, src, dst convert.Store) (*ocispec.Manifest, 
 			return nil, err
 		}
 	}
+	desc.Platform = nil
 	return m, dst.PushManifest(ctx, desc, raw, true)
 }
 
@@ -682,17 +870,30 @@ func summarize(res *Result) []Summary {
 	full := map[[2]string]float64{}
 	for _, k := range order {
 		ss := groups[k]
-		var pull, ready, total, bytes, rss []float64
+		var pull, ready, total, bytes, fg, bg, rss, reqs []float64
+		phases := map[string][]float64{}
 		for _, s := range ss {
 			pull = append(pull, s.PullSeconds)
 			ready = append(ready, s.ReadySeconds)
 			total = append(total, s.TotalSeconds)
 			bytes = append(bytes, float64(s.BytesReceived))
+			fg = append(fg, float64(s.ForegroundBytes))
+			bg = append(bg, float64(s.BackgroundBytes))
 			rss = append(rss, float64(s.PeakRSSBytes))
+			reqs = append(reqs, float64(len(s.Requests)))
+			for _, p := range s.Phases {
+				phases[p.Name] = append(phases[p.Name], p.Seconds)
+			}
 		}
 		sum := Summary{Image: k.img, Profile: k.prof, Mode: k.mode,
 			PullSeconds: median(pull), ReadySeconds: median(ready), TotalSeconds: median(total),
-			BytesReceived: int64(median(bytes)), PeakRSSBytes: int64(slicesMax(rss))}
+			BytesReceived: int64(median(bytes)), ForegroundBytes: int64(median(fg)), BackgroundBytes: int64(median(bg)),
+			Requests: int(median(reqs)), PeakRSSBytes: int64(slicesMax(rss))}
+		for _, name := range PhaseNames {
+			if v, ok := phases[name]; ok {
+				sum.Phases = append(sum.Phases, Phase{Name: name, Seconds: median(v)})
+			}
+		}
 		if k.mode == ModeFull {
 			full[[2]string{k.img, k.prof}] = sum.TotalSeconds
 		}

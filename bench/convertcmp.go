@@ -45,6 +45,9 @@ func (r *Runner) CompareConvert(ctx context.Context, spec images.Spec) (*Convert
 	if err != nil {
 		return nil, fmt.Errorf("ctr-remote not found (Debian package stargz-snapshotter): %w", err)
 	}
+	if r.builder == nil {
+		r.builder = &images.Builder{CacheDir: r.cfg.CacheDir, Log: r.log}
+	}
 	layout, err := r.builder.Build(ctx, spec)
 	if err != nil {
 		return nil, err
@@ -98,11 +101,11 @@ func (r *Runner) CompareConvert(ctx context.Context, spec images.Spec) (*Convert
 		return nil, err
 	}
 	defer reg.Close()
-	rs, err := convert.OpenStore(reg.Ref("bench/"+spec.Name+":orig"), r.remoteClient())
+	rs, err := convert.OpenStore(reg.Ref("bench/"+spec.Name+":orig"), r.remote)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := copyImage(ctx, src, rs); err != nil {
+	if _, err := r.copyImage(ctx, src, rs); err != nil {
 		return nil, err
 	}
 	c, err := lab.StartContainerd(ctx, lab.ContainerdConfig{Version: lab.Containerd16(), LogLevel: "warn"})

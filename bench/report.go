@@ -15,8 +15,11 @@ import (
 	"gonum.org/v1/plot/vg"
 )
 
-// Write stores the result in dir as results.json, results.md and one
-// chart per profile (cold-start-<profile>.svg).
+// Write stores the result in dir: results.json (every run), results.md
+// (medians and ratios), one chart of totals per profile
+// (cold-start-<profile>.svg), one request timeline per image, profile and
+// mode (timeline-<image>-<profile>-<mode>.svg, of the run closest to the
+// median) and report.html bundling them.
 func (res *Result) Write(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -37,12 +40,19 @@ func (res *Result) Write(dir string) error {
 		return err
 	}
 	for _, p := range res.Profiles {
-		if err := res.chart(p.Name, filepath.Join(dir, "cold-start-"+p.Name+".svg")); err != nil {
+		if err := res.chart(p.Name, filepath.Join(dir, chartFile(p.Name))); err != nil {
 			return fmt.Errorf("chart for %s: %w", p.Name, err)
 		}
 	}
-	return nil
+	for _, tl := range res.timelines() {
+		if err := os.WriteFile(filepath.Join(dir, tl.file), tl.svg, 0o644); err != nil {
+			return err
+		}
+	}
+	return res.writeHTML(filepath.Join(dir, "report.html"), dir)
 }
+
+func chartFile(profile string) string { return "cold-start-" + fileSafe(profile) + ".svg" }
 
 func (res *Result) limitOf(img, prof string) *Limit {
 	for i := range res.Limits {
@@ -56,22 +66,58 @@ func (res *Result) limitOf(img, prof string) *Limit {
 // Markdown writes the result tables.
 func (res *Result) Markdown(w io.Writer) {
 	fmt.Fprintf(w, "Cold start, median of the runs; containerd %s; measured %s.\n\n", res.Containerd, res.Started.Format("2006-01-02 15:04 UTC"))
-	fmt.Fprintln(w, "| image | layers | compressed | uncompressed | eStargz | start-up files |")
-	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|")
+	fmt.Fprintln(w, "| image | command | ready when | layers | compressed | uncompressed | eStargz | start-up files |")
+	fmt.Fprintln(w, "|---|---|---|---:|---:|---:|---:|---:|")
 	for _, im := range res.Images {
-		fmt.Fprintf(w, "| %s: %s | %d | %s | %s | %s | %d |\n", im.Name, im.Description, im.Layers,
+		name := im.Name
+		if im.Description != "" {
+			name += ": " + im.Description
+		}
+		cmd := strings.Join(im.Cmd, " ")
+		if cmd == "" {
+			cmd = "(the image's)"
+		}
+		ready := "exit"
+		if im.Ready != "" {
+			ready = "`" + im.Ready + "`"
+		}
+		fmt.Fprintf(w, "| %s | `%s` | %s | %d | %s | %s | %s | %d |\n", mdEscape(name), mdEscape(cmd), mdEscape(ready), im.Layers,
 			human(im.CompressedBytes), human(im.UncompressedBytes), human(im.EStargzBytes), im.PrioritizedFiles)
 	}
 	for _, p := range res.Profiles {
-		fmt.Fprintf(w, "\n### %s (RTT %s, %d Mbit/s)\n\n", p.Name, p.RTT, p.BitsPerSecond/1_000_000)
-		fmt.Fprintln(w, "| image | mode | pull s | run s | total s | vs full pull | vs limit | MB received | snapshotter peak RSS |")
-		fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|")
+		if p.Name == NoWAN {
+			fmt.Fprintf(w, "\n### %s (the registry and link as they are)\n\n", p.Name)
+		} else {
+			fmt.Fprintf(w, "\n### %s (RTT %s, %d Mbit/s)\n\n", p.Name, p.RTT, p.BitsPerSecond/1_000_000)
+		}
+		fmt.Fprintln(w, "| image | mode | pull s | run s | total s | vs full pull | vs limit | MB received | snapshotter MB foreground / background | requests | snapshotter peak RSS |")
+		fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, s := range res.Summary {
 			if s.Profile != p.Name {
 				continue
 			}
-			fmt.Fprintf(w, "| %s | %s | %.2f | %.2f | **%.2f** | %.2fx | %.2fx | %.1f | %s |\n", s.Image, s.Mode,
-				s.PullSeconds, s.ReadySeconds, s.TotalSeconds, s.VsFullPull, s.VsLimit, float64(s.BytesReceived)/1e6, mb(s.PeakRSSBytes))
+			fgbg := "-"
+			if s.ForegroundBytes+s.BackgroundBytes > 0 {
+				fgbg = fmt.Sprintf("%.1f / %.1f", float64(s.ForegroundBytes)/1e6, float64(s.BackgroundBytes)/1e6)
+			}
+			fmt.Fprintf(w, "| %s | %s | %.2f | %.2f | **%.2f** | %s | %s | %.1f | %s | %d | %s |\n", s.Image, s.Mode,
+				s.PullSeconds, s.ReadySeconds, s.TotalSeconds, ratio(s.VsFullPull), ratio(s.VsLimit), float64(s.BytesReceived)/1e6, fgbg, s.Requests, mb(s.PeakRSSBytes))
+		}
+		fmt.Fprint(w, "\nPhases (median seconds since the pull began):\n\n")
+		fmt.Fprintf(w, "| image | mode | %s |\n", strings.Join(PhaseNames, " | "))
+		fmt.Fprintf(w, "|---|---|%s\n", strings.Repeat("---:|", len(PhaseNames)))
+		for _, s := range res.Summary {
+			if s.Profile != p.Name || len(s.Phases) == 0 {
+				continue
+			}
+			var cells []string
+			for _, ph := range s.Phases {
+				cells = append(cells, fmt.Sprintf("%.2f", ph.Seconds))
+			}
+			fmt.Fprintf(w, "| %s | %s | %s |\n", s.Image, s.Mode, strings.Join(cells, " | "))
+		}
+		if !res.hasLimits(p.Name) {
+			continue
 		}
 		fmt.Fprintln(w, "\n| image | limit s | = local run s | + start-up bytes / bandwidth | + 3 RTT |")
 		fmt.Fprintln(w, "|---|---:|---:|---:|---:|")
@@ -87,6 +133,24 @@ func (res *Result) Markdown(w io.Writer) {
 		}
 	}
 }
+
+func (res *Result) hasLimits(profile string) bool {
+	for _, l := range res.Limits {
+		if l.Profile == profile {
+			return true
+		}
+	}
+	return false
+}
+
+func ratio(x float64) string {
+	if x == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2fx", x)
+}
+
+func mdEscape(s string) string { return strings.ReplaceAll(s, "|", "\\|") }
 
 func human(n int64) string {
 	switch {
@@ -106,13 +170,17 @@ func (res *Result) chart(profile, path string) error {
 	for _, im := range res.Images {
 		names = append(names, im.Name)
 	}
+	modes := res.modeNames()
 	p := plot.New()
 	p.Title.Text = "Pull + start to first useful output (" + profile + ")"
 	p.Y.Label.Text = "seconds, median"
 	p.Legend.Top = true
 	p.Legend.Left = true
 	p.Legend.XOffs = vg.Points(40)
-	series := append(append([]string{}, modeNames()...), "limit")
+	series := modes
+	if res.hasLimits(profile) {
+		series = append(series, "limit")
+	}
 	w := vg.Points(14)
 	for i, name := range series {
 		vals := make(plotter.Values, len(names))
@@ -144,13 +212,24 @@ func (res *Result) chart(profile, path string) error {
 	}
 	p.NominalX(names...)
 	p.Y.Max *= 1.35 // room for the legend above the bars
-	return p.Save(vg.Points(float64(max(520, 120*len(names)+200))), 4*vg.Inch, path)
+	return p.Save(vg.Points(float64(max(520, 30*len(series)*len(names)+200))), 4*vg.Inch, path)
 }
 
-func modeNames() []string {
+// modeNames lists the result's modes, in the order measured.
+func (res *Result) modeNames() []string {
 	var out []string
-	for _, m := range Modes {
-		out = append(out, string(m))
+	seen := map[Mode]bool{}
+	add := func(m Mode) {
+		if !seen[m] {
+			seen[m] = true
+			out = append(out, string(m))
+		}
+	}
+	for _, m := range res.Modes {
+		add(m)
+	}
+	for _, s := range res.Summary {
+		add(s.Mode)
 	}
 	return out
 }
@@ -165,7 +244,7 @@ func (res *Result) Table() string {
 			if s.Profile != p.Name {
 				continue
 			}
-			fmt.Fprintf(&b, "  %-8s %-19s %7.2fs %7.2fs %7.2fs %9.2fx %8.2fx %9.1f\n", s.Image, s.Mode, s.PullSeconds, s.ReadySeconds, s.TotalSeconds, s.VsFullPull, s.VsLimit, float64(s.BytesReceived)/1e6)
+			fmt.Fprintf(&b, "  %-8s %-19s %7.2fs %7.2fs %7.2fs %10s %9s %9.1f\n", s.Image, s.Mode, s.PullSeconds, s.ReadySeconds, s.TotalSeconds, ratio(s.VsFullPull), ratio(s.VsLimit), float64(s.BytesReceived)/1e6)
 		}
 		for _, l := range res.Limits {
 			if l.Profile == p.Name {

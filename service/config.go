@@ -134,7 +134,9 @@ type RegistryConfig struct {
 // MetricsConfig is the [metrics] section.
 type MetricsConfig struct {
 	// Address is a TCP address ("127.0.0.1:9090") on which Prometheus
-	// metrics are served at /metrics. Default "": no metrics endpoint.
+	// metrics are served at /metrics, and the log of registry requests
+	// (for lazypull bench timelines) at /debug/fetches. Default "": no
+	// metrics endpoint.
 	Address string `toml:"address"`
 }
 

@@ -38,6 +38,14 @@ type Options struct {
 	// Metrics, when set, receives the Prometheus metrics of fetches, the
 	// cache, FUSE operations and mounts.
 	Metrics prometheus.Registerer
+
+	// OnFetch, when set, is told about every registry request of a
+	// registry client built here (the daemon's fetch log).
+	OnFetch func(remote.FetchEvent)
+
+	// WrapObserver, when set, wraps the layers' fs.Observer (the metrics,
+	// or nil without them), to see fetches as the layers count them.
+	WrapObserver func(lfs.Observer) lfs.Observer
 }
 
 // Service is one wiring of the chunk cache, the registry client and the
@@ -100,6 +108,7 @@ func New(ctx context.Context, o Options) (*Service, error) {
 			RequestTimeout: time.Duration(cfg.Fetch.Timeout),
 			Retries:        remoteRetries(cfg.Fetch.Retries),
 			UserAgent:      ua,
+			OnFetch:        o.OnFetch,
 		})
 		if err != nil {
 			return fail(fmt.Errorf("registry client: %w", err))
@@ -123,12 +132,16 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		layerOpts.Observer = m
 		mountOpts.OnOp = m.FuseOp
 	}
+	if o.WrapObserver != nil {
+		layerOpts.Observer = o.WrapObserver(layerOpts.Observer)
+	}
 	fetch := lfs.FetchOptions{Prefetch: cfg.Fetch.Prefetch, Background: cfg.Fetch.BackgroundFetch}
 	if cfg.Verify.Policy == VerifyBackground {
 		s.verifier, err = newVerifier(filepath.Join(o.Root, "verify"), s.Registry, store, m)
 		if err != nil {
 			return fail(err)
 		}
+		s.verifier.observer = layerOpts.Observer
 		// The verification stream brings every chunk into the cache:
 		// a chunk-by-chunk background fetch would fetch them twice.
 		fetch.Background = false

@@ -55,6 +55,9 @@ type verifier struct {
 	registry *remote.Registry
 	store    *cache.Store
 	metrics  *metrics
+	// observer counts the verification stream as the layer's background
+	// fetch (metrics, fetch log); nil counts nothing.
+	observer lfs.Observer
 	// quiet is how long a layer's reads must have fetched nothing before
 	// its verification stream starts; maxWait bounds that wait.
 	quiet, maxWait time.Duration
@@ -244,8 +247,8 @@ func (v *verifier) check(ctx context.Context, layer *lfs.Layer, t verifyTarget) 
 	}{io.TeeReader(rc, &streamed), rc}
 	// The stream is this layer's background fetch: count it as one.
 	defer func() {
-		if v.metrics != nil {
-			v.metrics.Fetched(t.src.Digest, int64(streamed), time.Since(start), true, nil)
+		if v.observer != nil {
+			v.observer.Fetched(t.src.Digest, int64(streamed), time.Since(start), true, nil)
 		}
 	}()
 	res, err := estargz.CheckLayer(ctx, rc, layer.Compression(), layer.Index(), estargz.LayerDigests{Blob: t.src.Digest}, estargz.CheckOptions{

@@ -32,6 +32,7 @@ func TestMain(m *testing.M) {
 	}
 	os.Setenv("DOCKER_CONFIG", cfg)
 	code := m.Run()
+	cleanupBench()
 	os.RemoveAll(cfg)
 	os.Exit(code)
 }

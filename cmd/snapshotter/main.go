@@ -40,6 +40,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 
+	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/service"
 	"github.com/lazypull/lazypull/snapshot"
 )
@@ -162,12 +163,21 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	svc, err := service.New(ctx, service.Options{
+	// The fetch log (for lazypull bench) is kept only when the metrics
+	// endpoint that serves it is on.
+	opts := service.Options{
 		Config:    dc.cfg,
 		Root:      root,
 		UserAgent: "lazypull-snapshotter/" + versionString(),
 		Metrics:   reg,
-	})
+	}
+	var fetches *fetchLog
+	if dc.cfg.Metrics.Address != "" {
+		fetches = &fetchLog{}
+		opts.OnFetch = fetches.onFetch
+		opts.WrapObserver = func(o lfs.Observer) lfs.Observer { return loggingObserver{Observer: o, log: fetches} }
+	}
+	svc, err := service.New(ctx, opts)
 	if err != nil {
 		return fmt.Errorf("setting up the layer file system: %w", err)
 	}
@@ -209,6 +219,7 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.Handle("/debug/fetches", fetches)
 		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			if err := metrics.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
