@@ -280,11 +280,10 @@ func TestParseTOCDeepNamesAreCheap(t *testing.T) {
 	for i := range 500 {
 		toc.Entries = append(toc.Entries, &TOCEntry{Name: fmt.Sprintf("%c", 'a'+i%26) + strings.Repeat(fmt.Sprintf("/%d", i), 4000/(len(fmt.Sprint(i))+1)), Type: TypeFifo})
 	}
-	start := time.Now()
+	// What bounds the work is the implied-directory limit: the TOC is
+	// refused once its names imply too many directories (the speed of
+	// indexing is BenchmarkOpen's business, not a timed unit test's).
 	_, err := ParseTOC(tocJSON(t, &toc), testPayloadEnd, Limits{})
-	if d := time.Since(start); d > 10*time.Second {
-		t.Errorf("ParseTOC took %v", d)
-	}
 	wantErr(t, err, ErrTOCTooLarge, "directories")
 	// A few of them are fine.
 	toc.Entries = toc.Entries[:10]
