@@ -1,6 +1,7 @@
 package remote
 
 import (
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -148,3 +149,48 @@ func isDockerHub(host string) bool {
 	}
 	return false
 }
+
+// Credential is what a [CredentialSource] returns for one registry host.
+// The zero value means anonymous access.
+type Credential struct {
+	// Username and Secret are a user and password, or, with an empty
+	// Username, an identity (refresh) token.
+	Username string
+	Secret   string
+	// RegistryToken, when set, is a bearer token sent as is in the
+	// Authorization header of every request (CRI's registry_token); the
+	// other fields are then ignored.
+	RegistryToken string
+}
+
+// CredentialSource supplies credentials per image repository, for
+// registries where different images need different credentials (kubelet
+// pull secrets, credential-provider plugins). See [Options.Keychain].
+type CredentialSource interface {
+	// Credentials returns the credentials to use for host (the host being
+	// contacted, a mirror or the registry) when reading repo (the
+	// normalised repository name with its domain, e.g.
+	// "docker.io/library/alpine").
+	Credentials(ctx context.Context, repo, host string) (Credential, error)
+	// Refresh drops whatever the source cached for repo and host, so that
+	// the next Credentials call obtains fresh credentials. The Registry
+	// calls it when a registry rejects the credentials (401 or 403).
+	Refresh(repo, host string)
+}
+
+// String hides the secrets, so a Credential printed by mistake leaks
+// nothing.
+func (c Credential) String() string {
+	switch {
+	case c.RegistryToken != "":
+		return "registry token (redacted)"
+	case c.Username != "":
+		return "user " + c.Username + " (password redacted)"
+	case c.Secret != "":
+		return "identity token (redacted)"
+	}
+	return "anonymous"
+}
+
+// GoString hides the secrets like String.
+func (c Credential) GoString() string { return "remote.Credential{" + c.String() + "}" }
