@@ -6,9 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"strings"
+	"sync"
 
+	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/errdefs"
 	"github.com/docker/docker-credential-helpers/client"
 	"github.com/docker/docker-credential-helpers/credentials"
@@ -194,3 +197,99 @@ func (c Credential) String() string {
 
 // GoString hides the secrets like String.
 func (c Credential) GoString() string { return "remote.Credential{" + c.String() + "}" }
+
+// authorizer authorizes the requests of one repository (or, without a
+// Keychain, of every repository) to one endpoint. It wraps containerd's
+// docker authorizer (challenges, token fetches and their cache) and adds
+// CRI registry tokens, which that authorizer cannot send.
+type authorizer struct {
+	docker   docker.Authorizer
+	keychain CredentialSource // nil without Options.Keychain
+	repo     string           // repository name with domain, for the keychain
+	host     string           // endpoint host
+
+	mu    sync.Mutex
+	token string // registry token in use
+}
+
+// Authorize adds the Authorization header to req.
+func (a *authorizer) Authorize(ctx context.Context, req *http.Request) error {
+	a.mu.Lock()
+	tok := a.token
+	a.mu.Unlock()
+	if tok != "" {
+		req.Header.Set("Authorization", "Bearer "+tok)
+		return nil
+	}
+	return a.docker.Authorize(ctx, req)
+}
+
+// AddResponses answers the challenges of the last response.
+func (a *authorizer) AddResponses(ctx context.Context, responses []*http.Response) error {
+	if a.keychain != nil {
+		c, err := a.keychain.Credentials(ctx, a.repo, a.host)
+		if err == nil && c.RegistryToken != "" {
+			a.mu.Lock()
+			same := a.token == c.RegistryToken
+			a.token = c.RegistryToken
+			a.mu.Unlock()
+			if same {
+				return fmt.Errorf("the registry rejected the registry token: %w", errdefs.ErrUnauthenticated)
+			}
+			return nil
+		}
+	}
+	return a.docker.AddResponses(ctx, responses)
+}
+
+// authorizer returns the authorizer for requests of repo (the path,
+// without domain) to ep, creating it on first use.
+func (r *Registry) authorizer(ep *endpoint, repo string) *authorizer {
+	key := ""
+	if r.opts.Keychain != nil {
+		key = repo
+	}
+	ep.mu.Lock()
+	defer ep.mu.Unlock()
+	if a, ok := ep.auths[key]; ok {
+		return a
+	}
+	a := &authorizer{keychain: r.opts.Keychain, repo: ep.refHost + "/" + repo, host: ep.host.Host}
+	creds := r.creds
+	if a.keychain != nil {
+		creds = func(host string) (string, string, error) {
+			// The docker authorizer gives no context; the keychain bounds
+			// its own work (plugin timeouts).
+			c, err := a.keychain.Credentials(context.Background(), a.repo, host)
+			return c.Username, c.Secret, err
+		}
+	}
+	a.docker = docker.NewDockerAuthorizer(
+		docker.WithAuthClient(ep.authClient),
+		docker.WithAuthHeader(http.Header{"User-Agent": {r.opts.UserAgent}}),
+		docker.WithAuthCreds(creds),
+	)
+	ep.auths[key] = a
+	return a
+}
+
+// dropAuthorizer forgets a, the authorizer whose credentials the registry
+// rejected, with its cached tokens, and makes the keychain forget the
+// credentials behind them. When a was already replaced (another request
+// saw the rejection first), nothing happens, so a burst of rejected
+// requests refreshes once.
+func (r *Registry) dropAuthorizer(ep *endpoint, repo string, a *authorizer) {
+	key := ""
+	if r.opts.Keychain != nil {
+		key = repo
+	}
+	ep.mu.Lock()
+	current := ep.auths[key] == a
+	if current {
+		delete(ep.auths, key)
+	}
+	ep.mu.Unlock()
+	if current && r.opts.Keychain != nil {
+		r.opts.Keychain.Refresh(a.repo, a.host)
+	}
+}

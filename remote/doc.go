@@ -8,11 +8,16 @@
 // registry host named in a reference, the list of endpoints containerd's
 // hosts.toml directory describes (mirrors first, then the server; see
 // [Options.HostsDir]). Each endpoint has one tuned HTTP transport (keep-alive,
-// many idle connections per host, HTTP/2 where the server offers it) and one
-// containerd docker.Authorizer, which answers WWW-Authenticate challenges
+// many idle connections per host, HTTP/2 where the server offers it) and
+// a containerd docker.Authorizer, which answers WWW-Authenticate challenges
 // (anonymous or credentialed bearer tokens, basic auth) and caches tokens
 // until they expire. Credentials come from the docker config.json users
-// already have, including credential stores and helpers.
+// already have, including credential stores and helpers, or from a
+// [CredentialSource] ([Options.Keychain]; package keychain has the one for
+// Kubernetes nodes), which gets one authorizer per repository. A 401 (or a
+// 403 to a request that carried credentials) is retried once with a fresh
+// authorizer after the source is told to refresh, so rotated passwords and
+// revoked tokens do not break long-lived lazy mounts.
 //
 // Everything above the authorizer is ours, because lazy range reads need
 // things an image puller does not:

@@ -57,6 +57,13 @@ type Options struct {
 	// an identity (refresh) token; empty strings mean anonymous.
 	Credentials func(host string) (username, secret string, err error)
 
+	// Keychain, when set, supplies credentials per repository (and wins
+	// over Credentials and DockerConfig): each repository read gets its own
+	// authorizer asking the keychain, and when a registry rejects the
+	// credentials (401 or 403), the request is retried once after
+	// Keychain.Refresh with freshly obtained credentials.
+	Keychain CredentialSource
+
 	// PlainHTTP forces plain HTTP for every host. Without it, hosts use
 	// https unless hosts.toml says otherwise, except localhost and loopback
 	// addresses with a port other than 443, which try HTTPS and fall back
@@ -122,6 +129,7 @@ type FetchEvent struct {
 type Registry struct {
 	opts  Options
 	hosts docker.RegistryHosts
+	creds func(host string) (username, secret string, err error)
 
 	mu    sync.Mutex
 	cache map[string][]*endpoint // by reference domain
@@ -167,14 +175,12 @@ func New(opts Options) (*Registry, error) {
 		creds = DockerCredentials(opts.DockerConfig)
 	}
 
-	r := &Registry{opts: opts, cache: map[string][]*endpoint{}}
+	r := &Registry{opts: opts, creds: creds, cache: map[string][]*endpoint{}}
+	// Authorizers are ours (see authorizer), not the ones ConfigureHosts
+	// makes.
 	hostOpts := config.HostOptions{
 		HostDir:      config.HostDirFromRoot(opts.HostsDir),
-		Credentials:  creds,
 		UpdateClient: r.tuneClient,
-		AuthorizerOpts: []docker.AuthorizerOpt{
-			docker.WithAuthHeader(http.Header{"User-Agent": {opts.UserAgent}}),
-		},
 	}
 	if opts.PlainHTTP {
 		hostOpts.DefaultScheme = "http"
@@ -229,9 +235,13 @@ func (r *Registry) tuneClient(c *http.Client) error {
 // endpoint is one place a repository can be reached: a mirror or the
 // registry itself, as hosts.toml describes it.
 type endpoint struct {
-	host    docker.RegistryHost
-	client  *http.Client // host.Client, not following redirects
-	refHost string       // the domain named in the reference
+	host       docker.RegistryHost
+	client     *http.Client // host.Client, not following redirects
+	authClient *http.Client // host.Client as configured, for token requests
+	refHost    string       // the domain named in the reference
+
+	mu    sync.Mutex
+	auths map[string]*authorizer // by repository path ("" for all without a Keychain)
 }
 
 func (e *endpoint) mirror() bool {
@@ -273,13 +283,16 @@ func (r *Registry) endpoints(spec refSpec, c docker.HostCapabilities) ([]*endpoi
 				h.Scheme = "http"
 			}
 			client := &http.Client{Transport: http.DefaultTransport}
+			authClient := http.DefaultClient
 			if h.Client != nil {
 				c := *h.Client
 				client = &c
+				authClient = h.Client
 			}
 			client.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 			client.Timeout = 0
-			all = append(all, &endpoint{host: h, client: client, refHost: spec.domain})
+			h.Authorizer = nil
+			all = append(all, &endpoint{host: h, client: client, authClient: authClient, refHost: spec.domain, auths: map[string]*authorizer{}})
 		}
 		r.mu.Lock()
 		if cached, ok := r.cache[spec.domain]; ok {

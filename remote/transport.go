@@ -40,7 +40,51 @@ type response struct {
 // follows redirects for GET and HEAD, without the registry's credentials
 // when the redirect leaves the registry host. ctx is the attempt's context.
 // The caller closes the returned body.
+//
+// When the registry rejects the credentials (401, or 403 to a request that
+// carried credentials, from the registry itself rather than from a
+// redirect target), the endpoint's authorizer
+// for the repository is dropped, the keychain refreshed, and the request
+// sent once more with freshly obtained credentials.
 func (r *Registry) send(ctx context.Context, ep *endpoint, q *request) (*response, error) {
+	a := r.authorizer(ep, q.repo)
+	resp, err := r.sendAuthorized(ctx, ep, q, a)
+	if !q.replayable() || !credentialsRejected(resp, err) || ctx.Err() != nil {
+		return resp, err
+	}
+	if resp != nil {
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+	}
+	log.G(ctx).WithField("host", ep.host.Host).WithField("repo", ep.refHost+"/"+q.repo).
+		Info("remote: registry rejected the credentials, retrying once with fresh ones")
+	r.dropAuthorizer(ep, q.repo, a)
+	return r.sendAuthorized(ctx, ep, q, r.authorizer(ep, q.repo))
+}
+
+// credentialsRejected reports whether send's outcome is the registry
+// refusing our credentials.
+func credentialsRejected(resp *response, err error) bool {
+	if err != nil {
+		e, ok := errors.AsType[*Error](err)
+		return ok && (e.Status == http.StatusUnauthorized || errors.Is(e.class, errdefs.ErrUnauthenticated))
+	}
+	if resp.redirected {
+		return false
+	}
+	switch resp.StatusCode {
+	case http.StatusUnauthorized:
+		return true
+	case http.StatusForbidden:
+		// Only a request that carried credentials can be refused for
+		// them; an anonymous 403 is the registry's policy.
+		return resp.Request != nil && resp.Request.Header.Get("Authorization") != ""
+	}
+	return false
+}
+
+// sendAuthorized is one attempt of send with authorizer a.
+func (r *Registry) sendAuthorized(ctx context.Context, ep *endpoint, q *request, a *authorizer) (*response, error) {
 	scope := "repository:" + q.repo + ":pull"
 	if q.push {
 		scope += ",push"
@@ -59,17 +103,15 @@ func (r *Registry) send(ctx context.Context, ep *endpoint, q *request) (*respons
 		for k, v := range ep.host.Header {
 			req.Header[k] = append([]string(nil), v...)
 		}
-		if ep.host.Authorizer != nil {
-			if err := ep.host.Authorizer.Authorize(ctx, req); err != nil {
-				q.closeBody()
-				return nil, authError(err)
-			}
+		if err := a.Authorize(ctx, req); err != nil {
+			q.closeBody()
+			return nil, authError(err)
 		}
 		resp, err = ep.client.Do(req)
 		if err != nil {
 			return nil, err
 		}
-		if resp.StatusCode != http.StatusUnauthorized || ep.host.Authorizer == nil {
+		if resp.StatusCode != http.StatusUnauthorized {
 			break
 		}
 		// Answer the challenge, at most twice: once for the first
@@ -80,7 +122,7 @@ func (r *Registry) send(ctx context.Context, ep *endpoint, q *request) (*respons
 			return nil, statusError(resp, body)
 		}
 		challenges = append(challenges, resp)
-		if err := ep.host.Authorizer.AddResponses(ctx, challenges); err != nil {
+		if err := a.AddResponses(ctx, challenges); err != nil {
 			e := statusError(resp, body)
 			e.Err = fmt.Errorf("authentication failed: %w", err)
 			return nil, e
@@ -102,8 +144,8 @@ func (r *Registry) send(ctx context.Context, ep *endpoint, q *request) (*respons
 		if err != nil {
 			return nil, err
 		}
-		if sameHost && ep.host.Authorizer != nil {
-			if err := ep.host.Authorizer.Authorize(ctx, req); err != nil {
+		if sameHost {
+			if err := a.Authorize(ctx, req); err != nil {
 				return nil, authError(err)
 			}
 		}

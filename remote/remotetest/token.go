@@ -53,7 +53,10 @@ func (r *Registry) serveToken(w http.ResponseWriter, req *http.Request) {
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
 		return
 	}
-	if authed && (user != r.cfg.user || pass != r.cfg.pass) {
+	r.mu.Lock()
+	wantUser, wantPass := r.cfg.user, r.cfg.pass
+	r.mu.Unlock()
+	if authed && (user != wantUser || pass != wantPass) {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusUnauthorized)
 		w.Write([]byte(`{"errors":[{"code":"UNAUTHORIZED","message":"incorrect username or password"}]}`))
@@ -134,4 +137,13 @@ func (r *Registry) signToken(subject string, grants []access, ttl time.Duration)
 	rr.FillBytes(sig[:32])
 	ss.FillBytes(sig[32:])
 	return signing + "." + enc.EncodeToString(sig), nil
+}
+
+// SetPassword changes the password the token server accepts (with
+// [WithTokenAuth]), as a credential rotation does. Tokens issued before
+// stay valid until they expire.
+func (r *Registry) SetPassword(password string) {
+	r.mu.Lock()
+	r.cfg.pass = password
+	r.mu.Unlock()
 }
