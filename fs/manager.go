@@ -377,6 +377,32 @@ func (m *Manager) Lookup(mountpoint string) (*Mount, bool) {
 	return mnt, ok
 }
 
+// LayerSize returns the uncompressed size of the layer mounted at
+// mountpoint as its TOC describes it: the size of the layer's tar stream
+// (a 512-byte header per entry, file contents padded to 512 bytes, the
+// two closing blocks; eStargz landmarks left out), which is what unpacking
+// it would have taken. ok is
+// false when nothing is mounted there.
+func (m *Manager) LayerSize(mountpoint string) (size int64, ok bool) {
+	mnt, ok := m.Lookup(mountpoint)
+	if !ok || mnt.Layer() == nil || mnt.Layer().Index() == nil {
+		return 0, false
+	}
+	seen := map[*estargz.Node]bool{}
+	mnt.Layer().Index().Walk(func(name string, n *estargz.Node) bool {
+		if name == "" || name == estargz.PrefetchLandmark || name == estargz.NoPrefetchLandmark {
+			return true // the root has no entry; landmarks are the converter's
+		}
+		size += 512
+		if n.Type == estargz.TypeReg && !seen[n] {
+			seen[n] = true // further names are hardlinks: header only
+			size += (n.Size + 511) &^ 511
+		}
+		return true
+	})
+	return size + 1024, true
+}
+
 // Unmount unmounts the layer at mountpoint.
 func (m *Manager) Unmount(ctx context.Context, mountpoint string) error {
 	m.mu.Lock()

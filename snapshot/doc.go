@@ -51,8 +51,9 @@
 // LayerFS.Check on each of them and remounts the layer if it is unhealthy;
 // if that fails too, the call fails with errdefs.ErrUnavailable naming the
 // layer. Removing a remote snapshot unmounts it. Usage of a remote snapshot is
-// taken from LabelUncompressedSize when present (otherwise 0); the FUSE tree
-// is never walked.
+// the layer's uncompressed size, recorded at commit: from the LayerFS when
+// it is a LayerSizer (from the verified TOC), else from
+// LabelUncompressedSize when present, else 0; the FUSE tree is never walked.
 //
 // On start-up New first lazily unmounts whatever is still mounted on
 // <root>/snapshots/<id>/fs (a crashed daemon leaves dead FUSE mounts behind,

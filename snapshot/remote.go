@@ -30,6 +30,17 @@ type LayerFS interface {
 	Unmount(ctx context.Context, mountpoint string) error
 }
 
+// LayerSizer is implemented by a LayerFS that knows the uncompressed size
+// of the layers it mounts (from their verified TOC). The snapshotter then
+// records that size as the Usage of the remote snapshot (and in
+// LabelUncompressedSize), so that containerd and kubelet's image
+// filesystem stats count lazily served layers as if they were unpacked.
+type LayerSizer interface {
+	// LayerSize returns the uncompressed size of the layer mounted at
+	// mountpoint; ok is false when it is unknown.
+	LayerSize(mountpoint string) (size int64, ok bool)
+}
+
 // Labels read or written by the snapshotter. Those starting with
 // "containerd.io/snapshot/" are passed on by containerd from the layer
 // descriptor's annotations.
@@ -43,7 +54,9 @@ const (
 	// DiffID against the chain ID it is committed under.
 	LabelParentChainID = "containerd.io/snapshot/lazypull.parent-chain-id"
 	// LabelUncompressedSize is the layer's uncompressed size in bytes,
-	// reported as the Usage of a remote snapshot. Optional.
+	// reported as the Usage of a remote snapshot when the LayerFS is no
+	// LayerSizer. Optional; the snapshotter sets it on remote snapshots
+	// from the LayerSizer.
 	LabelUncompressedSize = "containerd.io/snapshot/lazypull.uncompressed-size"
 
 	// LabelCRIImageRef is the image reference set by CRI (or by
@@ -233,8 +246,16 @@ func (s *Snapshotter) prepareTarget(ctx context.Context, key, parent, target str
 	committed := maps.Clone(labels)
 	committed[LabelRemote] = "true"
 	var usage snapshots.Usage
-	if n, err := strconv.ParseInt(labels[LabelUncompressedSize], 10, 64); err == nil && n >= 0 {
-		usage.Size = n
+	if sz, ok := s.layers.(LayerSizer); ok {
+		if n, ok := sz.LayerSize(mp); ok && n >= 0 {
+			usage.Size = n
+			committed[LabelUncompressedSize] = strconv.FormatInt(n, 10)
+		}
+	}
+	if usage.Size == 0 {
+		if n, err := strconv.ParseInt(labels[LabelUncompressedSize], 10, 64); err == nil && n >= 0 {
+			usage.Size = n
+		}
 	}
 	err = s.withTx(ctx, true, func(ctx context.Context) error {
 		_, err := storage.CommitActive(ctx, key, target, usage, snapshots.WithLabels(committed))

@@ -761,3 +761,27 @@ func TestHelperFUSEServer(t *testing.T) {
 	fmt.Println("fuse-ready")
 	server.Wait()
 }
+
+// sizedLayerFS is a fakeLayerFS that knows its layers' sizes.
+type sizedLayerFS struct {
+	*fakeLayerFS
+	size int64
+}
+
+func (s sizedLayerFS) LayerSize(string) (int64, bool) { return s.size, true }
+
+func TestRemoteUsageFromLayerSizer(t *testing.T) {
+	ctx := testContext(t)
+	lfs := newFakeLayerFS()
+	lfs.addLayer(t, digest1, map[string]string{"a": "x"})
+	sn := newTestSnapshotter(t, ctx, t.TempDir(), sizedLayerFS{lfs, 987_654})
+	prepareRemote(t, ctx, sn, chain1, "", digest1)
+	u, err := sn.Usage(ctx, chain1)
+	if err != nil || u.Size != 987_654 {
+		t.Fatalf("Usage = %+v, %v; want the LayerSizer's 987654 over the label's 1234", u, err)
+	}
+	info, err := sn.Stat(ctx, chain1)
+	if err != nil || info.Labels[LabelUncompressedSize] != "987654" {
+		t.Fatalf("label %q, %v", info.Labels[LabelUncompressedSize], err)
+	}
+}
