@@ -157,6 +157,12 @@ func (p *Proxy) Close() error {
 	return err
 }
 
+// Stop stops serving at once, cancelling calls in flight, for when Close
+// takes too long; Close returns promptly after it.
+func (p *Proxy) Stop() {
+	p.server.Stop()
+}
+
 // forward relays one call, in both directions, to containerd.
 func (p *Proxy) forward(_ any, ss grpc.ServerStream) error {
 	method, ok := grpc.MethodFromServerStream(ss)

@@ -43,6 +43,16 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //
 //	[metrics]
 //	address = ""
+//
+//	[cri]
+//	enable = false
+//	address = "/run/lazypull/cri.sock"
+//	containerd_address = "/run/containerd/containerd.sock"
+//
+//	[credential_providers]
+//	config = ""
+//	bin_dir = ""
+//	timeout = "1m"
 type Config struct {
 	// Root is the snapshotter's state directory (metadata.db, snapshots/).
 	// Default "": the --root flag's value (/var/lib/lazypull). An explicit
@@ -67,6 +77,36 @@ type Config struct {
 	Registry RegistryConfig `toml:"registry"`
 	Verify   VerifyConfig   `toml:"verify"`
 	Metrics  MetricsConfig  `toml:"metrics"`
+
+	CRI                 CRIConfig                 `toml:"cri"`
+	CredentialProviders CredentialProvidersConfig `toml:"credential_providers"`
+}
+
+// CRIConfig is the [cri] section: the CRI image-service proxy kubelet's
+// image endpoint points at (see docs/kubernetes.md).
+type CRIConfig struct {
+	// Enable serves the proxy. Default false.
+	Enable bool `toml:"enable"`
+	// Address is the unix socket the proxy serves on. Default
+	// "/run/lazypull/cri.sock".
+	Address string `toml:"address"`
+	// ContainerdAddress is containerd's CRI socket the proxy forwards to.
+	// Default "/run/containerd/containerd.sock".
+	ContainerdAddress string `toml:"containerd_address"`
+}
+
+// CredentialProvidersConfig is the [credential_providers] section: the
+// kubelet credential-provider exec plugins the daemon runs itself.
+type CredentialProvidersConfig struct {
+	// Config is a kubelet CredentialProviderConfig file (the one
+	// kubelet's --image-credential-provider-config names). Default "":
+	// no plugins.
+	Config string `toml:"config"`
+	// BinDir holds the plugins (kubelet's
+	// --image-credential-provider-bin-dir). Required with Config.
+	BinDir string `toml:"bin_dir"`
+	// Timeout bounds one plugin run. Default "1m"; must be positive.
+	Timeout Duration `toml:"timeout"`
 }
 
 // VerifyConfig is the [verify] section: proving lazily served layers.
@@ -177,6 +217,13 @@ func DefaultConfig() *Config {
 			HostsDir: "/etc/containerd/certs.d",
 		},
 		Verify: VerifyConfig{Policy: VerifyBackground},
+		CRI: CRIConfig{
+			Address:           "/run/lazypull/cri.sock",
+			ContainerdAddress: "/run/containerd/containerd.sock",
+		},
+		CredentialProviders: CredentialProvidersConfig{
+			Timeout: Duration(time.Minute),
+		},
 	}
 }
 
@@ -226,6 +273,15 @@ func (c *Config) Validate() error {
 	case VerifyBackground, VerifyOff:
 	default:
 		errs = append(errs, fmt.Errorf("verify.policy must be %q or %q (%q)", VerifyBackground, VerifyOff, c.Verify.Policy))
+	}
+	if c.CRI.Enable && (c.CRI.Address == "" || c.CRI.ContainerdAddress == "") {
+		errs = append(errs, errors.New("cri.address and cri.containerd_address must be set when cri.enable is true"))
+	}
+	if c.CredentialProviders.Config != "" && c.CredentialProviders.BinDir == "" {
+		errs = append(errs, errors.New("credential_providers.bin_dir must be set with credential_providers.config"))
+	}
+	if c.CredentialProviders.Timeout <= 0 {
+		errs = append(errs, fmt.Errorf("credential_providers.timeout must be positive (%s)", time.Duration(c.CredentialProviders.Timeout)))
 	}
 	return errors.Join(errs...)
 }

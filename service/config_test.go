@@ -49,6 +49,16 @@ policy = "off"
 
 [metrics]
 address = "127.0.0.1:9999"
+
+[cri]
+enable = true
+address = "/run/lp/cri.sock"
+containerd_address = "/run/k3s/containerd.sock"
+
+[credential_providers]
+config = "/etc/kubernetes/credential-providers.yaml"
+bin_dir = "/usr/libexec/kubernetes/credential-providers"
+timeout = "10s"
 `)
 	cfg, err := LoadConfig(p, true)
 	if err != nil {
@@ -62,6 +72,12 @@ address = "127.0.0.1:9999"
 		Registry:        RegistryConfig{HostsDir: "/etc/hosts.d", DockerConfig: "/root/.docker/config.json"},
 		Verify:          VerifyConfig{Policy: VerifyOff},
 		Metrics:         MetricsConfig{Address: "127.0.0.1:9999"},
+		CRI:             CRIConfig{Enable: true, Address: "/run/lp/cri.sock", ContainerdAddress: "/run/k3s/containerd.sock"},
+		CredentialProviders: CredentialProvidersConfig{
+			Config:  "/etc/kubernetes/credential-providers.yaml",
+			BinDir:  "/usr/libexec/kubernetes/credential-providers",
+			Timeout: Duration(10 * time.Second),
+		},
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Fatalf("got %+v\nwant %+v", cfg, want)
@@ -119,4 +135,16 @@ func writeConfig(dir, content string) string {
 		panic(err)
 	}
 	return p
+}
+
+func TestKubernetesConfigValidation(t *testing.T) {
+	for name, body := range map[string]string{
+		"cri without address":       "[cri]\nenable = true\naddress = \"\"\n",
+		"providers without bin dir": "[credential_providers]\nconfig = \"/etc/cp.yaml\"\n",
+		"zero plugin timeout":       "[credential_providers]\ntimeout = \"0s\"\n",
+	} {
+		if _, err := LoadConfig(writeConfig(t.TempDir(), body), true); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
 }

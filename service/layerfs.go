@@ -38,7 +38,10 @@ type LayerFS struct {
 // maxPreloads is how many neighbour TOCs are preloaded at a time.
 const maxPreloads = 4
 
-var _ snapshot.LayerFS = (*LayerFS)(nil)
+var (
+	_ snapshot.LayerFS    = (*LayerFS)(nil)
+	_ snapshot.LayerSizer = (*LayerFS)(nil)
+)
 
 // NewLayerFS returns a LayerFS mounting layers with mgr.
 func NewLayerFS(mgr *lfs.Manager, allowUnverified bool) *LayerFS {
@@ -162,4 +165,10 @@ func (l *LayerFS) Unmount(ctx context.Context, mountpoint string) error {
 		l.verifier.stop(mountpoint)
 	}
 	return l.mgr.Unmount(ctx, mountpoint)
+}
+
+// LayerSize implements snapshot.LayerSizer: the uncompressed size of the
+// layer mounted at mountpoint, from its TOC.
+func (l *LayerFS) LayerSize(mountpoint string) (int64, bool) {
+	return l.mgr.LayerSize(mountpoint)
 }

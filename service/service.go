@@ -12,6 +12,7 @@ import (
 
 	"github.com/lazypull/lazypull/cache"
 	lfs "github.com/lazypull/lazypull/fs"
+	"github.com/lazypull/lazypull/keychain"
 	"github.com/lazypull/lazypull/remote"
 )
 
@@ -59,6 +60,10 @@ type Service struct {
 	Registry *remote.Registry
 	// Manager mounts and tracks layers.
 	Manager *lfs.Manager
+	// Captured holds the credentials the CRI proxy captures from kubelet's
+	// pulls; the registry client built here tries them first when
+	// [cri] or [credential_providers] is configured.
+	Captured *keychain.Captured
 
 	readLog  *lfs.ReadLog
 	verifier *verifier // nil when verify.policy is off
@@ -90,7 +95,7 @@ func New(ctx context.Context, o Options) (*Service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening the chunk cache %s: %w", cacheDir, err)
 	}
-	s := &Service{Config: cfg, Store: store, Registry: o.Registry}
+	s := &Service{Config: cfg, Store: store, Registry: o.Registry, Captured: keychain.NewCaptured()}
 	fail := func(err error) (*Service, error) {
 		if cerr := s.Close(); cerr != nil {
 			err = errors.Join(err, cerr)
@@ -102,9 +107,14 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		if ua == "" {
 			ua = remote.DefaultUserAgent
 		}
+		kc, err := s.keychain(ctx)
+		if err != nil {
+			return fail(err)
+		}
 		s.Registry, err = remote.New(remote.Options{
 			HostsDir:       cfg.Registry.HostsDir,
 			DockerConfig:   cfg.Registry.DockerConfig,
+			Keychain:       kc,
 			RequestTimeout: time.Duration(cfg.Fetch.Timeout),
 			Retries:        remoteRetries(cfg.Fetch.Retries),
 			UserAgent:      ua,
@@ -163,6 +173,29 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		m.mounts = func() int { return len(s.Manager.Mounts()) }
 	}
 	return s, nil
+}
+
+// keychain returns the Kubernetes credential chain (CRI-captured, then
+// credential-provider plugins, then the docker config) when the config
+// asks for CRI or plugins, and nil (the docker config alone) otherwise.
+func (s *Service) keychain(ctx context.Context) (remote.CredentialSource, error) {
+	cfg := s.Config
+	if !cfg.CRI.Enable && cfg.CredentialProviders.Config == "" {
+		return nil, nil
+	}
+	var providers keychain.Source
+	if cfg.CredentialProviders.Config != "" {
+		p, err := keychain.LoadProviders(ctx, keychain.ProvidersOptions{
+			ConfigPath: cfg.CredentialProviders.Config,
+			BinDir:     cfg.CredentialProviders.BinDir,
+			Timeout:    time.Duration(cfg.CredentialProviders.Timeout),
+		})
+		if err != nil {
+			return nil, err
+		}
+		providers = p
+	}
+	return keychain.New(s.Captured, providers, keychain.DockerConfig(cfg.Registry.DockerConfig)), nil
 }
 
 // LayerFS returns the adapter the snapshotter mounts remote snapshots with.

@@ -40,7 +40,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 
+	"github.com/lazypull/lazypull/cri"
 	lfs "github.com/lazypull/lazypull/fs"
+	"github.com/lazypull/lazypull/keychain"
 	"github.com/lazypull/lazypull/service"
 	"github.com/lazypull/lazypull/snapshot"
 )
@@ -207,8 +209,16 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
 
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve(l) }()
+
+	var proxy *cri.Proxy
+	if c := dc.cfg.CRI; c.Enable {
+		if proxy, err = startCRIProxy(ctx, c, svc.Captured, errc); err != nil {
+			srv.Stop()
+			return err
+		}
+	}
 
 	var metrics *http.Server
 	if addr := dc.cfg.Metrics.Address; addr != "" {
@@ -239,6 +249,11 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 	}
 	stopped := make(chan struct{})
 	go func() {
+		if proxy != nil {
+			if err := proxy.Close(); err != nil {
+				log.G(ctx).WithError(err).Warn("closing the CRI proxy")
+			}
+		}
 		srv.GracefulStop()
 		close(stopped)
 	}()
@@ -246,6 +261,9 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 	case <-stopped:
 	case <-time.After(gracefulTimeout):
 		log.G(ctx).Warn("calls still in progress after the graceful timeout; stopping")
+		if proxy != nil {
+			proxy.Stop()
+		}
 		srv.Stop()
 		<-stopped
 	}
@@ -255,6 +273,27 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 		cancel()
 	}
 	return serveErr
+}
+
+// startCRIProxy serves the CRI image-service proxy ([cri]) until Close;
+// a serving failure goes to errc.
+func startCRIProxy(ctx context.Context, c service.CRIConfig, captured *keychain.Captured, errc chan<- error) (*cri.Proxy, error) {
+	l, err := cri.Listen(c.Address)
+	if err != nil {
+		return nil, err
+	}
+	p, err := cri.New(cri.Options{Containerd: c.ContainerdAddress, Captured: captured})
+	if err != nil {
+		l.Close()
+		return nil, err
+	}
+	go func() {
+		if err := p.Serve(l); err != nil {
+			errc <- fmt.Errorf("cri proxy: %w", err)
+		}
+	}()
+	log.G(ctx).WithField("address", c.Address).WithField("containerd", c.ContainerdAddress).Info("serving the CRI image service proxy")
+	return p, nil
 }
 
 // listen opens the unix socket at address, creating its directory and
