@@ -42,3 +42,21 @@ fi
 modprobe fuse 2>/dev/null || true
 modprobe overlay 2>/dev/null || true
 [ -c /dev/fuse ] || { echo "install-deps: /dev/fuse is missing; FUSE mounts cannot work here" >&2; exit 1; }
+
+# Kubernetes node tests (integration/k8s_test.go): Debian's CNI plugins
+# (/usr/lib/cni) for pod sandboxes, and crictl built from cri-tools' Go
+# module into the same private prefix.
+CRI_TOOLS_VERSION="${CRI_TOOLS_VERSION:-v1.37.0}"
+if ! dpkg-query -W -f='${Status}' containernetworking-plugins 2>/dev/null | grep -q "install ok installed"; then
+	echo "install-deps: apt-get install containernetworking-plugins"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get install -y -qq --no-install-recommends containernetworking-plugins >/dev/null 2>&1 ||
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends containernetworking-plugins >/dev/null; }
+fi
+if [ ! -x "$PREFIX/bin/crictl" ] || ! "$PREFIX/bin/crictl" --version 2>/dev/null | grep -q "$CRI_TOOLS_VERSION"; then
+	echo "install-deps: building crictl $CRI_TOOLS_VERSION into $PREFIX/bin"
+	mkdir -p "$PREFIX/bin"
+	GOBIN="$PREFIX/bin" GOFLAGS=-buildvcs=false go install \
+		-ldflags "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRI_TOOLS_VERSION" \
+		"sigs.k8s.io/cri-tools/cmd/crictl@$CRI_TOOLS_VERSION"
+fi
