@@ -23,12 +23,18 @@ import (
 
 func newRegistryClient(t *testing.T, k remote.CredentialSource) *remote.Registry {
 	t.Helper()
+	return newRegistryClientRecheck(t, k, 0)
+}
+
+func newRegistryClientRecheck(t *testing.T, k remote.CredentialSource, recheck time.Duration) *remote.Registry {
+	t.Helper()
 	r, err := remote.New(remote.Options{
-		HostsDir:       t.TempDir(),
-		DockerConfig:   filepath.Join(t.TempDir(), "none.json"),
-		Keychain:       k,
-		RetryBackoff:   5 * time.Millisecond,
-		RequestTimeout: 5 * time.Second,
+		HostsDir:          t.TempDir(),
+		DockerConfig:      filepath.Join(t.TempDir(), "none.json"),
+		Keychain:          k,
+		RetryBackoff:      5 * time.Millisecond,
+		RequestTimeout:    5 * time.Second,
+		CredentialRecheck: recheck,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -250,5 +256,63 @@ func TestForbiddenWithCredentialsRetriedOnce(t *testing.T) {
 	}
 	if src.refreshes != 2 {
 		t.Fatalf("%d refreshes, want 2", src.refreshes)
+	}
+}
+
+// When a plugin's cached answer expires, a long-lived reader picks up the
+// plugin's new credentials by itself, before the registry refuses the old
+// ones.
+func TestExpiredPluginAnswerRefreshedWhileReading(t *testing.T) {
+	reg := remotetest.NewRegistry(t, remotetest.WithTokenAuth("alice", "one", false, time.Minute))
+	data := layerData(100_000)
+	img := reg.PushImage(t, "private/app", "v1", remotetest.Layer{Data: data})
+	pl := newPlugin(t, "test-plugin")
+	pl.answers(t, response("Registry", "", map[string][2]string{reg.Host(): {"alice", "one"}}))
+	cfg := strings.Replace(oneProvider, `"127.0.0.1:5000"`, `"`+reg.Host()+`"`, 1)
+	clock := &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	providers, err := LoadProviders(context.Background(), ProvidersOptions{ConfigPath: writeConfig(t, cfg), BinDir: pl.dir, Now: clock.now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const recheck = 20 * time.Millisecond
+	r := newRegistryClientRecheck(t, New(providers), recheck)
+	b, err := r.OpenBlob(context.Background(), img.Ref, img.Layers[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := readRange(t, b, data, 0, 100); err != nil {
+		t.Fatal(err)
+	}
+	// Still fresh: a recheck finds the cached answer, nothing changes.
+	time.Sleep(2 * recheck)
+	reg.ResetRequests()
+	if err := readRange(t, b, data, 1000, 100); err != nil {
+		t.Fatal(err)
+	}
+	if n := pl.ncalls(t); n != 1 {
+		t.Fatalf("plugin runs = %d, want 1", n)
+	}
+	if n := tokenRequests(reg); n != 0 {
+		t.Fatalf("%d token requests with unchanged credentials", n)
+	}
+
+	reg.SetPassword("two")
+	pl.answers(t, response("Registry", "", map[string][2]string{reg.Host(): {"alice", "two"}}))
+	clock.advance(11 * time.Minute) // the plugin's answer expires
+	time.Sleep(2 * recheck)
+	reg.ResetRequests()
+	if err := readRange(t, b, data, 50_000, 100); err != nil {
+		t.Fatal(err)
+	}
+	if n := pl.ncalls(t); n != 2 {
+		t.Fatalf("plugin runs = %d, want 2", n)
+	}
+	if n := tokenRequests(reg); n != 1 {
+		t.Fatalf("%d token requests, want 1 with the new password", n)
+	}
+	for _, q := range reg.Requests() {
+		if q.Path == "/token" && q.Status != http.StatusOK {
+			t.Fatalf("token request answered %d", q.Status)
+		}
 	}
 }

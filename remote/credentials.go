@@ -10,9 +10,11 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"github.com/docker/docker-credential-helpers/client"
 	"github.com/docker/docker-credential-helpers/credentials"
 )
@@ -202,26 +204,39 @@ func (c Credential) GoString() string { return "remote.Credential{" + c.String()
 // Keychain, of every repository) to one endpoint. It wraps containerd's
 // docker authorizer (challenges, token fetches and their cache) and adds
 // CRI registry tokens, which that authorizer cannot send.
+//
+// containerd's authorizer keeps the credentials it got at the first
+// challenge and refreshes expired bearer tokens with them for ever. With
+// a Keychain, the authorizer therefore asks the keychain again at most
+// every Options.CredentialRecheck while requests flow, and starts over
+// with a fresh docker authorizer when the answer changed (a plugin's
+// cached answer expired and the plugin gave new credentials, kubelet
+// pulled again with new ones).
 type authorizer struct {
-	docker   docker.Authorizer
 	keychain CredentialSource // nil without Options.Keychain
 	repo     string           // repository name with domain, for the keychain
 	host     string           // endpoint host
+	recheck  time.Duration
+	build    func(a *authorizer) docker.Authorizer
 
-	mu    sync.Mutex
-	token string // registry token in use
+	mu      sync.Mutex
+	docker  docker.Authorizer
+	cred    Credential // the keychain's last answer
+	checked time.Time  // when cred was obtained; zero before the first challenge
+	token   string     // registry token in use
 }
 
 // Authorize adds the Authorization header to req.
 func (a *authorizer) Authorize(ctx context.Context, req *http.Request) error {
+	a.maybeRecheck(ctx)
 	a.mu.Lock()
-	tok := a.token
+	tok, d := a.token, a.docker
 	a.mu.Unlock()
 	if tok != "" {
 		req.Header.Set("Authorization", "Bearer "+tok)
 		return nil
 	}
-	return a.docker.Authorize(ctx, req)
+	return d.Authorize(ctx, req)
 }
 
 // AddResponses answers the challenges of the last response.
@@ -231,7 +246,7 @@ func (a *authorizer) AddResponses(ctx context.Context, responses []*http.Respons
 		if err == nil && c.RegistryToken != "" {
 			a.mu.Lock()
 			same := a.token == c.RegistryToken
-			a.token = c.RegistryToken
+			a.token, a.cred, a.checked = c.RegistryToken, c, time.Now()
 			a.mu.Unlock()
 			if same {
 				return fmt.Errorf("the registry rejected the registry token: %w", errdefs.ErrUnauthenticated)
@@ -239,7 +254,54 @@ func (a *authorizer) AddResponses(ctx context.Context, responses []*http.Respons
 			return nil
 		}
 	}
-	return a.docker.AddResponses(ctx, responses)
+	a.mu.Lock()
+	d := a.docker
+	a.mu.Unlock()
+	return d.AddResponses(ctx, responses)
+}
+
+// credentials is the docker authorizer's credential callback.
+func (a *authorizer) credentials(host string) (string, string, error) {
+	// The docker authorizer gives no context; the keychain bounds its
+	// own work (plugin timeouts).
+	c, err := a.keychain.Credentials(context.Background(), a.repo, host)
+	if err != nil {
+		return "", "", err
+	}
+	a.mu.Lock()
+	a.cred, a.checked = c, time.Now()
+	a.mu.Unlock()
+	return c.Username, c.Secret, nil
+}
+
+// maybeRecheck asks the keychain again when the last answer is older than
+// the recheck interval, and starts over when the credentials changed.
+func (a *authorizer) maybeRecheck(ctx context.Context) {
+	if a.keychain == nil {
+		return
+	}
+	a.mu.Lock()
+	due := !a.checked.IsZero() && time.Since(a.checked) >= a.recheck
+	if due {
+		a.checked = time.Now() // one recheck at a time
+	}
+	a.mu.Unlock()
+	if !due {
+		return
+	}
+	c, err := a.keychain.Credentials(ctx, a.repo, a.host)
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("repo", a.repo).Debug("remote: credential recheck failed; keeping the current credentials")
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if c == a.cred {
+		return
+	}
+	log.G(ctx).WithField("repo", a.repo).WithField("host", a.host).Debug("remote: credentials changed; authorizing afresh")
+	a.cred, a.token = c, c.RegistryToken
+	a.docker = a.build(a)
 }
 
 // authorizer returns the authorizer for requests of repo (the path,
@@ -254,21 +316,24 @@ func (r *Registry) authorizer(ep *endpoint, repo string) *authorizer {
 	if a, ok := ep.auths[key]; ok {
 		return a
 	}
-	a := &authorizer{keychain: r.opts.Keychain, repo: ep.refHost + "/" + repo, host: ep.host.Host}
-	creds := r.creds
-	if a.keychain != nil {
-		creds = func(host string) (string, string, error) {
-			// The docker authorizer gives no context; the keychain bounds
-			// its own work (plugin timeouts).
-			c, err := a.keychain.Credentials(context.Background(), a.repo, host)
-			return c.Username, c.Secret, err
-		}
+	a := &authorizer{
+		keychain: r.opts.Keychain,
+		repo:     ep.refHost + "/" + repo,
+		host:     ep.host.Host,
+		recheck:  r.opts.CredentialRecheck,
 	}
-	a.docker = docker.NewDockerAuthorizer(
-		docker.WithAuthClient(ep.authClient),
-		docker.WithAuthHeader(http.Header{"User-Agent": {r.opts.UserAgent}}),
-		docker.WithAuthCreds(creds),
-	)
+	a.build = func(a *authorizer) docker.Authorizer {
+		creds := r.creds
+		if a.keychain != nil {
+			creds = a.credentials
+		}
+		return docker.NewDockerAuthorizer(
+			docker.WithAuthClient(ep.authClient),
+			docker.WithAuthHeader(http.Header{"User-Agent": {r.opts.UserAgent}}),
+			docker.WithAuthCreds(creds),
+		)
+	}
+	a.docker = a.build(a)
 	ep.auths[key] = a
 	return a
 }

@@ -29,6 +29,8 @@ const (
 	DefaultRangeGap       = 64 << 10
 	DefaultMaxWholeBlob   = 16 << 20
 	DefaultUserAgent      = "lazypull"
+
+	DefaultCredentialRecheck = 5 * time.Second
 )
 
 // maxBackoff caps the exponential backoff between attempts, and
@@ -63,6 +65,13 @@ type Options struct {
 	// credentials (401 or 403), the request is retried once after
 	// Keychain.Refresh with freshly obtained credentials.
 	Keychain CredentialSource
+
+	// CredentialRecheck is how often, at most, a repository's credentials
+	// are asked of the Keychain again while it is being read, so that
+	// credentials that changed (expired plugin answers, a new pull with
+	// new credentials) are used before the registry rejects the old ones.
+	// Default DefaultCredentialRecheck.
+	CredentialRecheck time.Duration
 
 	// PlainHTTP forces plain HTTP for every host. Without it, hosts use
 	// https unless hosts.toml says otherwise, except localhost and loopback
@@ -166,6 +175,9 @@ func New(opts Options) (*Registry, error) {
 	}
 	if opts.UserAgent == "" {
 		opts.UserAgent = DefaultUserAgent
+	}
+	if opts.CredentialRecheck <= 0 {
+		opts.CredentialRecheck = DefaultCredentialRecheck
 	}
 	creds := opts.Credentials
 	if creds == nil {
