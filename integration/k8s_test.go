@@ -541,3 +541,105 @@ func TestK8sCRIPullRunLazy(t *testing.T) {
 
 	n.checkNoSecrets(t, reg)
 }
+
+// TestK8sCredentialProviderAfterRestart: the daemon runs a kubelet
+// credential-provider exec plugin configured with
+// contrib/kubernetes/credential-provider-config.yaml. After a daemon
+// restart (the credentials captured from the CRI pull are gone), the
+// plugin supplies the credentials the lazy reads of a running image need,
+// and it is asked again once its answer's cache duration has passed.
+func TestK8sCredentialProviderAfterRestart(t *testing.T) {
+	img := threeLayerImage(t)
+	cv := convertImage(t, img, estargz.Gzip)
+	reg, hostsDir, pause := k8sRegistries(t, 3*time.Second)
+	ref := pushPrivate(t, reg, "private/app", "v1", cv.image)
+
+	// The plugin: records each request and answers with the registry's
+	// credentials, cached per registry for 2s.
+	binDir := t.TempDir()
+	calls := filepath.Join(binDir, "calls")
+	plugin := fmt.Sprintf(`#!/bin/sh
+read -r request
+echo "$request" >> %q
+cat <<'EOF_RESPONSE'
+{"apiVersion":"credentialprovider.kubelet.k8s.io/v1","kind":"CredentialProviderResponse","cacheKeyType":"Registry","cacheDuration":"2s","auth":{%q:{"username":%q,"password":%q}}}
+EOF_RESPONSE
+`, calls, reg.Host(), k8sUser, k8sPassword)
+	if err := os.WriteFile(filepath.Join(binDir, "test-provider"), []byte(plugin), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	root, err := testenv.ModuleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	example, err := os.ReadFile(filepath.Join(root, "contrib", "kubernetes", "credential-provider-config.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cpConfig := strings.NewReplacer(
+		"ecr-credential-provider", "test-provider",
+		`"*.dkr.ecr.*.amazonaws.com"`, `"`+reg.Host()+`"`,
+		`defaultCacheDuration: "12h"`, `defaultCacheDuration: "2s"`,
+	).Replace(string(example))
+	cpPath := filepath.Join(t.TempDir(), "credential-provider-config.yaml")
+	if err := os.WriteFile(cpPath, []byte(cpConfig), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n := startK8sNode(t, hostsDir, pause, k8sNodeOptions{SnapshotterConfig: fmt.Sprintf(`
+[credential_providers]
+config = %q
+bin_dir = %q
+timeout = "20s"
+`, cpPath, binDir)})
+	ncalls := func() int {
+		b, err := os.ReadFile(calls)
+		if os.IsNotExist(err) {
+			return 0
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Count(string(b), "\n")
+	}
+
+	// kubelet pulls with the credentials it got from the same plugin.
+	n.mustCrictl(t, "pull", "--creds", k8sUser+":"+k8sPassword, ref)
+	if got := len(n.remoteSnapshots(t)); got != len(cv.manifest.Layers) {
+		t.Fatalf("%d remote snapshots, want %d", got, len(cv.manifest.Layers))
+	}
+	before := ncalls()
+
+	// A restart forgets the captured credentials.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := n.sn.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	out, pod1, _ := n.runPod(t, "after-restart", ref, "cat", "/etc/motd")
+	if out != "layer 3" {
+		t.Fatalf("output %q", out)
+	}
+	afterRestart := ncalls()
+	if afterRestart <= before {
+		t.Fatalf("plugin runs: %d before the restart, %d after; want the lazy reads to run it", before, afterRestart)
+	}
+	b, _ := os.ReadFile(calls)
+	if !strings.Contains(string(b), `"image":"`+reg.Host()+`/private/app"`) || !strings.Contains(string(b), `"kind":"CredentialProviderRequest"`) {
+		t.Fatalf("plugin requests: %s", b)
+	}
+
+	// Past the answer's cache duration (and the client's recheck
+	// interval), reading unfetched data asks the plugin again.
+	time.Sleep(6 * time.Second)
+	blobSum := fmt.Sprintf("%x", sha256.Sum256(blobContent()))
+	out, pod2, _ := n.runPod(t, "after-expiry", ref, "sha256sum", "/data/blob")
+	if want := blobSum + "  /data/blob"; out != want {
+		t.Fatalf("output %q, want %q", out, want)
+	}
+	if got := ncalls(); got <= afterRestart {
+		t.Fatalf("plugin runs: %d, want more than %d after its cache duration", got, afterRestart)
+	}
+	n.removePod(t, pod1)
+	n.removePod(t, pod2)
+	n.checkNoSecrets(t, reg)
+}
