@@ -18,6 +18,7 @@ import (
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/proxy"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
@@ -642,4 +643,64 @@ timeout = "20s"
 	n.removePod(t, pod1)
 	n.removePod(t, pod2)
 	n.checkNoSecrets(t, reg)
+}
+
+// TestK8sTransferServiceCtrPull: with the documented containerd 2.x config
+// (unpack_config for lazypull, enable_remote_snapshot_annotations), a
+// plain `ctr image pull --snapshotter lazypull`, which pulls through the
+// Transfer Service, mounts every layer lazily; with --local (client-side
+// pull, no image labels) the same image falls back to a normal pull.
+func TestK8sTransferServiceCtrPull(t *testing.T) {
+	img := threeLayerImage(t)
+	cv := convertImage(t, img, estargz.Gzip)
+	_, hostsDir, pause := k8sRegistries(t, time.Minute)
+	public := testenv.NewRegistry(t)
+	if _, err := public.WriteHostsDir(hostsDir); err != nil {
+		t.Fatal(err)
+	}
+	ref := push(t, public, "transfer/app:v1", cv.image)
+	// Another conversion (other layer blobs and chain IDs) for the local
+	// pull, so that it cannot reuse the first pull's snapshots.
+	cvLocal := convertImage(t, img, estargz.Zstd)
+	localRef := push(t, public, "transfer/local:v1", cvLocal.image)
+	n := startK8sNode(t, hostsDir, pause, k8sNodeOptions{})
+	ctr := filepath.Join(testenv.ToolsDir(), "bin", "ctr")
+	pull := func(args ...string) {
+		t.Helper()
+		full := append([]string{"--address", n.ctdSock, "--namespace", "transfer", "image", "pull", "--snapshotter", lazypullName, "--hosts-dir", hostsDir}, args...)
+		if out, err := exec.Command(ctr, full...).CombinedOutput(); err != nil {
+			t.Fatalf("ctr %s: %v\n%s", strings.Join(full, " "), err, out)
+		}
+	}
+
+	pull(ref)
+	remote := n.remoteSnapshots(t)
+	if len(remote) != len(cv.manifest.Layers) {
+		t.Fatalf("%d remote snapshots after a Transfer Service pull, want %d", len(remote), len(cv.manifest.Layers))
+	}
+	for name, labels := range remote {
+		if labels[snapshot.LabelCRIImageRef] != ref {
+			t.Errorf("snapshot %s: image ref label %q", name, labels[snapshot.LabelCRIImageRef])
+		}
+	}
+
+	// --local: no image reference reaches the snapshotter; the layers are
+	// unpacked normally, a clean fallback.
+	committed := func() int {
+		c := 0
+		for _, info := range n.backendSnapshots(t, context.Background()) {
+			if info.Kind == snapshots.KindCommitted && info.Labels[snapshot.LabelRemote] == "" {
+				c++
+			}
+		}
+		return c
+	}
+	before := committed()
+	pull("--local", localRef)
+	if got := len(n.remoteSnapshots(t)); got != len(cv.manifest.Layers) {
+		t.Fatalf("%d remote snapshots after a local pull, want still %d", got, len(cv.manifest.Layers))
+	}
+	if after := committed(); after-before != len(cvLocal.manifest.Layers) {
+		t.Fatalf("unpacked snapshots: %d before the local pull, %d after; want %d more", before, after, len(cvLocal.manifest.Layers))
+	}
 }
