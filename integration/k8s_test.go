@@ -75,11 +75,10 @@ func crictlBinary(t *testing.T) string {
 }
 
 // startK8sNode starts the daemon (CRI proxy enabled, background fetch
-// off) and containerd 2.4 with CRI, both reaching the registries in
+// off) and containerd of version v with CRI, both reaching the registries in
 // hostsDir, with pause (a busybox image sleeping) as the sandbox image.
-func startK8sNode(t *testing.T, hostsDir, pause string, o k8sNodeOptions) *k8sNode {
+func startK8sNode(t *testing.T, v testenv.Version, hostsDir, pause string, o k8sNodeOptions) *k8sNode {
 	t.Helper()
-	v := testenv.Containerd2()
 	if err := v.Check(); err != nil {
 		t.Fatal(err)
 	}
@@ -131,14 +130,18 @@ containerd_address = %q
 }
 
 // containerdConfig is the containerd config: the test's own paths and
-// plugins, then contrib/kubernetes/containerd-2.x.toml.
-func (n *k8sNode) containerdConfig(t *testing.T, hostsDir, pause string) string {
+// plugins, then contrib/kubernetes/containerd-2.x.toml (or -1.x.toml).
+func (n *k8sNode) containerdConfig(t *testing.T, v testenv.Version, hostsDir, pause string) string {
 	t.Helper()
 	root, err := testenv.ModuleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	contrib, err := os.ReadFile(filepath.Join(root, "contrib", "kubernetes", "containerd-2.x.toml"))
+	contribFile := "containerd-2.x.toml"
+	if v.ConfigVersion < 3 {
+		contribFile = "containerd-1.x.toml"
+	}
+	contrib, err := os.ReadFile(filepath.Join(root, "contrib", "kubernetes", contribFile))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,6 +168,25 @@ func (n *k8sNode) containerdConfig(t *testing.T, hostsDir, pause string) string 
 		t.Fatal(err)
 	}
 	q := func(s string) string { return fmt.Sprintf("%q", s) }
+	if v.ConfigVersion < 3 {
+		base := strings.Join([]string{
+			"version = 2",
+			"root = " + q(filepath.Join(n.dir, "root")),
+			"state = " + q(filepath.Join(n.dir, "state")),
+			`disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]`,
+			`required_plugins = ["io.containerd.grpc.v1.cri"]`,
+			"[grpc]\n  address = " + q(n.ctdSock),
+			"[ttrpc]\n  address = " + q(n.ctdSock+".ttrpc"),
+			"[debug]\n  address = \"\"",
+			"[metrics]\n  address = \"\"",
+			"[plugins.\"io.containerd.internal.v1.opt\"]\n  path = " + q(filepath.Join(n.dir, "opt")),
+			"[plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  sandbox_image = " + q(pause),
+			"[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  conf_dir = " + q(cni) + "\n  bin_dir = \"/usr/lib/cni\"",
+			"[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = " + q(hostsDir),
+			"",
+		}, "\n")
+		return base + strings.Join(snippet, "\n")
+	}
 	base := strings.Join([]string{
 		"version = 3",
 		"root = " + q(filepath.Join(n.dir, "root")),
@@ -191,7 +213,7 @@ func (n *k8sNode) containerdConfig(t *testing.T, hostsDir, pause string) string 
 func (n *k8sNode) startContainerd(t *testing.T, v testenv.Version, hostsDir, pause string) {
 	t.Helper()
 	cfgPath := filepath.Join(n.dir, "config.toml")
-	if err := os.WriteFile(cfgPath, []byte(n.containerdConfig(t, hostsDir, pause)), 0o600); err != nil {
+	if err := os.WriteFile(cfgPath, []byte(n.containerdConfig(t, v, hostsDir, pause)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	logf, err := os.Create(n.ctdLog)
@@ -442,10 +464,16 @@ func (n *k8sNode) checkNoSecrets(t *testing.T, reg *remotetest.Registry) {
 func TestK8sCRIPullRunLazy(t *testing.T) {
 	img := threeLayerImage(t)
 	cv := convertImage(t, img, estargz.Gzip)
+	forEachVersion(t, func(t *testing.T, v testenv.Version) {
+		testK8sCRIPullRunLazy(t, v, cv)
+	})
+}
+
+func testK8sCRIPullRunLazy(t *testing.T, v testenv.Version, cv *converted) {
 	const tokenTTL = 3 * time.Second
 	reg, hostsDir, pause := k8sRegistries(t, tokenTTL)
 	ref := pushPrivate(t, reg, "private/app", "v1", cv.image)
-	n := startK8sNode(t, hostsDir, pause, k8sNodeOptions{})
+	n := startK8sNode(t, v, hostsDir, pause, k8sNodeOptions{})
 
 	// No credentials: containerd's clear refusal, through the proxy.
 	if out, err := n.crictl(t, "pull", ref); err == nil || !strings.Contains(out, "authorization") {
@@ -511,6 +539,12 @@ func TestK8sCRIPullRunLazy(t *testing.T) {
 			t.Fatalf("imagefsinfo %q: %v", raw, err)
 		}
 		fs := info.Status.ImageFilesystems[0]
+		if v.ConfigVersion < 3 {
+			// containerd 1.6.20 predates proxy plugin exports: it names
+			// a directory of its own (see docs/kubernetes.md).
+			t.Logf("imagefsinfo on %s: %s", v.Name, raw)
+			break
+		}
 		if fs.FsID.Mountpoint != n.sn.Root() {
 			t.Fatalf("imagefsinfo mountpoint %q, want lazypull's root %q", fs.FsID.Mountpoint, n.sn.Root())
 		}
@@ -586,7 +620,7 @@ EOF_RESPONSE
 	if err := os.WriteFile(cpPath, []byte(cpConfig), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	n := startK8sNode(t, hostsDir, pause, k8sNodeOptions{SnapshotterConfig: fmt.Sprintf(`
+	n := startK8sNode(t, testenv.Containerd2(), hostsDir, pause, k8sNodeOptions{SnapshotterConfig: fmt.Sprintf(`
 [credential_providers]
 config = %q
 bin_dir = %q
@@ -663,7 +697,7 @@ func TestK8sTransferServiceCtrPull(t *testing.T) {
 	// pull, so that it cannot reuse the first pull's snapshots.
 	cvLocal := convertImage(t, img, estargz.Zstd)
 	localRef := push(t, public, "transfer/local:v1", cvLocal.image)
-	n := startK8sNode(t, hostsDir, pause, k8sNodeOptions{})
+	n := startK8sNode(t, testenv.Containerd2(), hostsDir, pause, k8sNodeOptions{})
 	ctr := filepath.Join(testenv.ToolsDir(), "bin", "ctr")
 	pull := func(args ...string) {
 		t.Helper()
