@@ -83,3 +83,33 @@ func TestNew(t *testing.T) {
 		t.Fatalf("the chunk cache is not under the root: %v", err)
 	}
 }
+
+func TestNewKubernetesCredentials(t *testing.T) {
+	ctx := context.Background()
+	cfg := DefaultConfig()
+	cfg.CredentialProviders.Config = filepath.Join(t.TempDir(), "missing.yaml")
+	cfg.CredentialProviders.BinDir = t.TempDir()
+	if _, err := New(ctx, Options{Root: t.TempDir(), Config: cfg}); err == nil || !strings.Contains(err.Error(), "missing.yaml") {
+		t.Fatalf("New with a missing credential provider config: %v", err)
+	}
+
+	cfg = DefaultConfig()
+	cfg.CRI.Enable = true
+	svc, err := New(ctx, Options{Root: t.TempDir(), Config: cfg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	if svc.Captured == nil {
+		t.Fatal("no credential store for the CRI proxy")
+	}
+	kc, err := svc.keychain(ctx)
+	if err != nil || kc == nil {
+		t.Fatalf("keychain with [cri] enabled: %v %v", kc, err)
+	}
+	plain := DefaultConfig()
+	s2 := &Service{Config: plain}
+	if kc, err := s2.keychain(ctx); err != nil || kc != nil {
+		t.Fatalf("keychain without [cri] or plugins: %v %v", kc, err)
+	}
+}
