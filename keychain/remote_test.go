@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -316,3 +317,46 @@ func TestExpiredPluginAnswerRefreshedWhileReading(t *testing.T) {
 		}
 	}
 }
+
+// Concurrent first requests of one repository share one token fetch
+// without a data race (containerd's authorizer has one when its callers
+// are not serialized per scope).
+func TestConcurrentFirstReads(t *testing.T) {
+	reg := remotetest.NewRegistry(t, remotetest.WithTokenAuth("alice", "one", false, time.Minute))
+	data := layerData(10_000)
+	img := reg.PushImage(t, "private/app", "v1", remotetest.Layer{Data: data})
+	src := &lockedSource{cred: remote.Credential{Username: "alice", Secret: "one"}}
+	r := newRegistryClient(t, src)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Go(func() {
+			b, err := r.OpenBlob(context.Background(), img.Ref, img.Layers[0])
+			if err == nil {
+				p := make([]byte, 10)
+				_, err = b.ReadAt(context.Background(), p, 0)
+			}
+			errs <- err
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// lockedSource is a fixed CredentialSource safe for concurrent use.
+type lockedSource struct {
+	mu   sync.Mutex
+	cred remote.Credential
+}
+
+func (l *lockedSource) Credentials(context.Context, string, string) (remote.Credential, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.cred, nil
+}
+func (l *lockedSource) Refresh(string, string) {}

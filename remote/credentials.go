@@ -224,6 +224,7 @@ type authorizer struct {
 	cred    Credential // the keychain's last answer
 	checked time.Time  // when cred was obtained; zero before the first challenge
 	token   string     // registry token in use
+	scopes  map[string]*sync.Mutex
 }
 
 // Authorize adds the Authorization header to req.
@@ -236,7 +237,29 @@ func (a *authorizer) Authorize(ctx context.Context, req *http.Request) error {
 		req.Header.Set("Authorization", "Bearer "+tok)
 		return nil
 	}
+	// containerd's authorizer (2.4.2) writes a token's expiry after the
+	// fetch without the lock under which concurrent callers of the same
+	// scope read it: a data race. Calls for one scope are serialized here;
+	// they would wait for the fetch in flight anyway.
+	mu := a.scopeLock(strings.Join(docker.GetTokenScopes(ctx, nil), " "))
+	mu.Lock()
+	defer mu.Unlock()
 	return d.Authorize(ctx, req)
+}
+
+// scopeLock returns the mutex serializing Authorize calls for scope.
+func (a *authorizer) scopeLock(scope string) *sync.Mutex {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.scopes == nil {
+		a.scopes = map[string]*sync.Mutex{}
+	}
+	mu, ok := a.scopes[scope]
+	if !ok {
+		mu = &sync.Mutex{}
+		a.scopes[scope] = mu
+	}
+	return mu
 }
 
 // AddResponses answers the challenges of the last response.
