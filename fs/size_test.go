@@ -3,20 +3,20 @@ package fs_test
 import (
 	"testing"
 
-	"github.com/lazypull/lazypull/fs/fstest"
+	"github.com/lazypull/lazypull/internal/fixture"
 )
 
 // LayerSize is the layer's tar size as the TOC describes it, whatever
 // the converter; it is what kubelet sees as the remote snapshot's usage.
 func TestLayerSize(t *testing.T) {
 	e := newEnv(t, envOptions{})
-	fx := newFixture(t, []fstest.Entry{
-		fstest.Dir("etc", 0o755),
-		fstest.Reg("etc/big", 0o644, fstest.Random(1, 100_000)),
-		fstest.Reg("etc/small", 0o644, []byte("x")),
-		fstest.Reg("etc/empty", 0o644, nil),
-		fstest.Hardlink("etc/link", "etc/big"),
-		fstest.Symlink("s", "etc/small"),
+	fx := newFixture(t, []fixture.Entry{
+		fixture.Dir("etc", 0o755),
+		fixture.Reg("etc/big", 0o644, fixture.Random(1, 100_000)),
+		fixture.Reg("etc/small", 0o644, []byte("x")),
+		fixture.Reg("etc/empty", 0o644, nil),
+		fixture.Hardlink("etc/link", "etc/big"),
+		fixture.Symlink("s", "etc/small"),
 	})
 	// Headers: etc, etc/big, etc/empty, etc/link, etc/small, s; contents
 	// padded to 512; two closing blocks.

@@ -25,7 +25,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/lazypull/lazypull/estargz"
-	"github.com/lazypull/lazypull/integration/testenv"
+	"github.com/lazypull/lazypull/internal/fixture"
+	"github.com/lazypull/lazypull/internal/lab"
 	"github.com/lazypull/lazypull/remote/remotetest"
 	"github.com/lazypull/lazypull/snapshot"
 )
@@ -47,7 +48,7 @@ const (
 
 // k8sNode is containerd with CRI, lazypull-snapshotter and crictl.
 type k8sNode struct {
-	*lazyEnv  // sn, backend; no testenv.Containerd (it has no CRI)
+	*lazyEnv  // sn, backend; no lab.Containerd (it has no CRI)
 	dir       string
 	ctdSock   string
 	criSock   string
@@ -67,7 +68,7 @@ var k8sNodes atomic.Int32
 // crictlBinary is crictl as hack/install-deps.sh builds it.
 func crictlBinary(t *testing.T) string {
 	t.Helper()
-	p := filepath.Join(testenv.ToolsDir(), "bin", "crictl")
+	p := filepath.Join(lab.ToolsDir(), "bin", "crictl")
 	if _, err := os.Stat(p); err != nil {
 		t.Fatalf("crictl: %v (run hack/install-deps.sh as root)", err)
 	}
@@ -77,7 +78,7 @@ func crictlBinary(t *testing.T) string {
 // startK8sNode starts the daemon (CRI proxy enabled, background fetch
 // off) and containerd of version v with CRI, both reaching the registries in
 // hostsDir, with pause (a busybox image sleeping) as the sandbox image.
-func startK8sNode(t *testing.T, v testenv.Version, hostsDir, pause string, o k8sNodeOptions) *k8sNode {
+func startK8sNode(t *testing.T, v lab.Version, hostsDir, pause string, o k8sNodeOptions) *k8sNode {
 	t.Helper()
 	if err := v.Check(); err != nil {
 		t.Fatal(err)
@@ -113,7 +114,7 @@ enable = true
 address = %q
 containerd_address = %q
 %s`, t.Name(), hostsDir, n.criSock, n.ctdSock, o.SnapshotterConfig)
-	sn := testenv.NewSnapshotter(t, testenv.SnapshotterConfig{
+	sn := lab.NewSnapshotter(t, lab.SnapshotterConfig{
 		Binary:   lazypullSnapshotter(t),
 		Config:   cfg,
 		LogLevel: "debug",
@@ -131,9 +132,9 @@ containerd_address = %q
 
 // containerdConfig is the containerd config: the test's own paths and
 // plugins, then contrib/kubernetes/containerd-2.x.toml (or -1.x.toml).
-func (n *k8sNode) containerdConfig(t *testing.T, v testenv.Version, hostsDir, pause string) string {
+func (n *k8sNode) containerdConfig(t *testing.T, v lab.Version, hostsDir, pause string) string {
 	t.Helper()
-	root, err := testenv.ModuleRoot()
+	root, err := lab.ModuleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -210,7 +211,7 @@ func (n *k8sNode) containerdConfig(t *testing.T, v testenv.Version, hostsDir, pa
 	return base + strings.Join(snippet, "\n")
 }
 
-func (n *k8sNode) startContainerd(t *testing.T, v testenv.Version, hostsDir, pause string) {
+func (n *k8sNode) startContainerd(t *testing.T, v lab.Version, hostsDir, pause string) {
 	t.Helper()
 	cfgPath := filepath.Join(n.dir, "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(n.containerdConfig(t, v, hostsDir, pause)), 0o600); err != nil {
@@ -384,13 +385,13 @@ func (n *k8sNode) remoteSnapshots(t *testing.T) map[string]map[string]string {
 }
 
 // pauseImage pushes a busybox image that sleeps, for pod sandboxes.
-func pauseImage(t *testing.T, reg *testenv.Registry) string {
+func pauseImage(t *testing.T, reg *lab.Registry) string {
 	t.Helper()
-	base, err := testenv.BusyboxLayer()
+	base, err := fixture.BusyboxLayer()
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := testenv.BuildImage(ocispec.ImageConfig{Env: []string{"PATH=/bin"}, Entrypoint: []string{"/bin/sleep", "100000"}}, base)
+	img, err := fixture.BuildImage(ocispec.ImageConfig{Env: []string{"PATH=/bin"}, Entrypoint: []string{"/bin/sleep", "100000"}}, base)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -398,7 +399,7 @@ func pauseImage(t *testing.T, reg *testenv.Registry) string {
 }
 
 // pushPrivate pushes a converted image to the token-auth registry.
-func pushPrivate(t *testing.T, reg *remotetest.Registry, repo, tag string, img *testenv.Image) string {
+func pushPrivate(t *testing.T, reg *remotetest.Registry, repo, tag string, img *fixture.Image) string {
 	t.Helper()
 	for _, l := range img.Layers {
 		reg.PushBlob(t, repo, l.Data)
@@ -414,7 +415,7 @@ func pushPrivate(t *testing.T, reg *remotetest.Registry, repo, tag string, img *
 func k8sRegistries(t *testing.T, tokenTTL time.Duration) (private *remotetest.Registry, hostsDir, pause string) {
 	t.Helper()
 	private = remotetest.NewRegistry(t, remotetest.WithTokenAuth(k8sUser, k8sPassword, false, tokenTTL))
-	public := testenv.NewRegistry(t)
+	public := lab.NewRegistry(t)
 	hostsDir, err := public.WriteHostsDir(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -464,12 +465,12 @@ func (n *k8sNode) checkNoSecrets(t *testing.T, reg *remotetest.Registry) {
 func TestK8sCRIPullRunLazy(t *testing.T) {
 	img := threeLayerImage(t)
 	cv := convertImage(t, img, estargz.Gzip)
-	forEachVersion(t, func(t *testing.T, v testenv.Version) {
+	forEachVersion(t, func(t *testing.T, v lab.Version) {
 		testK8sCRIPullRunLazy(t, v, cv)
 	})
 }
 
-func testK8sCRIPullRunLazy(t *testing.T, v testenv.Version, cv *converted) {
+func testK8sCRIPullRunLazy(t *testing.T, v lab.Version, cv *converted) {
 	const tokenTTL = 3 * time.Second
 	reg, hostsDir, pause := k8sRegistries(t, tokenTTL)
 	ref := pushPrivate(t, reg, "private/app", "v1", cv.image)
@@ -603,7 +604,7 @@ EOF_RESPONSE
 	if err := os.WriteFile(filepath.Join(binDir, "test-provider"), []byte(plugin), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	root, err := testenv.ModuleRoot()
+	root, err := lab.ModuleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -620,7 +621,7 @@ EOF_RESPONSE
 	if err := os.WriteFile(cpPath, []byte(cpConfig), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	n := startK8sNode(t, testenv.Containerd2(), hostsDir, pause, k8sNodeOptions{SnapshotterConfig: fmt.Sprintf(`
+	n := startK8sNode(t, lab.Containerd2(), hostsDir, pause, k8sNodeOptions{SnapshotterConfig: fmt.Sprintf(`
 [credential_providers]
 config = %q
 bin_dir = %q
@@ -688,7 +689,7 @@ func TestK8sTransferServiceCtrPull(t *testing.T) {
 	img := threeLayerImage(t)
 	cv := convertImage(t, img, estargz.Gzip)
 	_, hostsDir, pause := k8sRegistries(t, time.Minute)
-	public := testenv.NewRegistry(t)
+	public := lab.NewRegistry(t)
 	if _, err := public.WriteHostsDir(hostsDir); err != nil {
 		t.Fatal(err)
 	}
@@ -697,8 +698,8 @@ func TestK8sTransferServiceCtrPull(t *testing.T) {
 	// pull, so that it cannot reuse the first pull's snapshots.
 	cvLocal := convertImage(t, img, estargz.Zstd)
 	localRef := push(t, public, "transfer/local:v1", cvLocal.image)
-	n := startK8sNode(t, testenv.Containerd2(), hostsDir, pause, k8sNodeOptions{})
-	ctr := filepath.Join(testenv.ToolsDir(), "bin", "ctr")
+	n := startK8sNode(t, lab.Containerd2(), hostsDir, pause, k8sNodeOptions{})
+	ctr := filepath.Join(lab.ToolsDir(), "bin", "ctr")
 	pull := func(args ...string) {
 		t.Helper()
 		full := append([]string{"--address", n.ctdSock, "--namespace", "transfer", "image", "pull", "--snapshotter", lazypullName, "--hosts-dir", hostsDir}, args...)
