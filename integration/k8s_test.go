@@ -76,7 +76,7 @@ func crictlBinary(t *testing.T) string {
 }
 
 // startK8sNode starts the daemon (CRI proxy enabled, background fetch
-// off) and containerd of version v with CRI, both reaching the registries in
+// and whole-layer verification off) and containerd of version v with CRI, both reaching the registries in
 // hostsDir, with pause (a busybox image sleeping) as the sandbox image.
 func startK8sNode(t *testing.T, v lab.Version, hostsDir, pause string, o k8sNodeOptions) *k8sNode {
 	t.Helper()
@@ -105,6 +105,11 @@ read_timeout = "20s"
 
 [registry]
 hosts_dir = %q
+
+# Off, like background fetch, so that only reads fetch: the reads after a
+# token expired or after a plugin's cache duration are the test.
+[verify]
+policy = "off"
 
 [metrics]
 address = "127.0.0.1:0"
