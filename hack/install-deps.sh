@@ -60,3 +60,19 @@ if [ ! -x "$PREFIX/bin/crictl" ] || ! "$PREFIX/bin/crictl" --version 2>/dev/null
 		-ldflags "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRI_TOOLS_VERSION" \
 		"sigs.k8s.io/cri-tools/cmd/crictl@$CRI_TOOLS_VERSION"
 fi
+# critest is a Go test binary: build it in a scratch module that requires
+# cri-tools at the same version.
+if [ ! -x "$PREFIX/bin/critest" ] || [ ! -f "$PREFIX/bin/critest.version" ] || [ "$(cat "$PREFIX/bin/critest.version")" != "$CRI_TOOLS_VERSION" ]; then
+	echo "install-deps: building critest $CRI_TOOLS_VERSION into $PREFIX/bin"
+	scratch="$(mktemp -d)"
+	(
+		cd "$scratch"
+		go mod init critestbuild >/dev/null 2>&1
+		printf '//go:build tools\n\npackage tools\n\nimport _ "sigs.k8s.io/cri-tools/pkg/validate"\n' >tools.go
+		go get "sigs.k8s.io/cri-tools@$CRI_TOOLS_VERSION" >/dev/null 2>&1
+		go mod tidy >/dev/null 2>&1
+		GOFLAGS=-buildvcs=false go test -c -o "$PREFIX/bin/critest" sigs.k8s.io/cri-tools/cmd/critest
+	)
+	rm -rf "$scratch"
+	echo "$CRI_TOOLS_VERSION" >"$PREFIX/bin/critest.version"
+fi
