@@ -54,6 +54,7 @@ type k8sNode struct {
 	criSock   string
 	ctdLog    string
 	crictlOut *strings.Builder
+	overlayfs bool
 	mu        sync.Mutex
 }
 
@@ -61,6 +62,9 @@ type k8sNode struct {
 type k8sNodeOptions struct {
 	// SnapshotterConfig is appended to the daemon's config.
 	SnapshotterConfig string
+	// Overlayfs makes overlayfs CRI's snapshotter instead of lazypull
+	// (containerd 2.x only), for reference runs.
+	Overlayfs bool
 }
 
 var k8sNodes atomic.Int32
@@ -131,6 +135,7 @@ containerd_address = %q
 	t.Cleanup(func() { conn.Close() })
 	n.lazyEnv = &lazyEnv{sn: sn, backend: proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), lazypullName)}
 
+	n.overlayfs = o.Overlayfs
 	n.startContainerd(t, v, hostsDir, pause)
 	return n
 }
@@ -213,7 +218,15 @@ func (n *k8sNode) containerdConfig(t *testing.T, v lab.Version, hostsDir, pause 
 		"[plugins.\"io.containerd.transfer.v1.local\"]\n  config_path = " + q(hostsDir),
 		"",
 	}, "\n")
-	return base + strings.Join(snippet, "\n")
+	cfg := base + strings.Join(snippet, "\n")
+	if n.overlayfs {
+		cri := "snapshotter = \"lazypull\"\n  disable_snapshot_annotations"
+		if !strings.Contains(cfg, cri) {
+			t.Fatal("no CRI snapshotter line in the contrib config")
+		}
+		cfg = strings.Replace(cfg, cri, "snapshotter = \"overlayfs\"\n  disable_snapshot_annotations", 1)
+	}
+	return cfg
 }
 
 func (n *k8sNode) startContainerd(t *testing.T, v lab.Version, hostsDir, pause string) {
@@ -743,4 +756,147 @@ func TestK8sTransferServiceCtrPull(t *testing.T) {
 	if after := committed(); after-before != len(cvLocal.manifest.Layers) {
 		t.Fatalf("unpacked snapshots: %d before the local pull, %d after; want %d more", before, after, len(cvLocal.manifest.Layers))
 	}
+}
+
+// TestK8sCritestSubset runs a subset of critest v1.37.0's conformance
+// specs with lazypull as CRI snapshotter and its proxy as image endpoint,
+// and the same subset with overlayfs and containerd as image endpoint: the
+// same specs must pass. The subset is what runs offline with one locally
+// built image (critest's image tests name fixed gcr.io images and
+// digests; networking and streaming need images or ports of their own):
+// see k8sCritestFocus and docs/kubernetes.md.
+func TestK8sCritestSubset(t *testing.T) {
+	critest := filepath.Join(lab.ToolsDir(), "bin", "critest")
+	if _, err := os.Stat(critest); err != nil {
+		t.Fatalf("critest: %v (run hack/install-deps.sh as root)", err)
+	}
+	// busybox with every applet (critest runs top, sh, echo...).
+	base, err := fixture.BusyboxLayer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bb, err := fixture.BusyboxPath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, err := exec.Command(bb, "--list").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	for _, a := range fixture.BusyboxApplets {
+		have[a] = true
+	}
+	for _, a := range strings.Fields(string(list)) {
+		if !have[a] && a != "busybox" {
+			base.Symlink("bin/"+a, "busybox")
+		}
+	}
+	img, err := fixture.BuildImage(fixture.DefaultConfig(), base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cv := convertImage(t, img, estargz.Gzip)
+
+	run := func(t *testing.T, overlay bool) map[string]string {
+		_, hostsDir, pause := k8sRegistries(t, time.Minute)
+		public := lab.NewRegistry(t)
+		if _, err := public.WriteHostsDir(hostsDir); err != nil {
+			t.Fatal(err)
+		}
+		ref := push(t, public, "critest/busybox:v1", cv.image)
+		n := startK8sNode(t, lab.Containerd2(), hostsDir, pause, k8sNodeOptions{Overlayfs: overlay})
+		images := n.writeJSON(t, "test-images.json", map[string]string{"defaultTestContainerImage": ref, "webServerTestImage": ref})
+		imageEndpoint := n.criSock
+		if overlay {
+			imageEndpoint = n.ctdSock
+		}
+		report := filepath.Join(n.dir, "critest-report.json")
+		cmd := exec.Command(critest,
+			"--runtime-endpoint", "unix://"+n.ctdSock,
+			"--image-endpoint", "unix://"+imageEndpoint,
+			"--test-images-file", images,
+			"--ginkgo.focus", k8sCritestFocus,
+			"--ginkgo.skip", k8sCritestSkip,
+			"--ginkgo.no-color",
+			"--ginkgo.json-report", report,
+		)
+		cmd.Dir = n.dir
+		out, err := cmd.CombinedOutput()
+		t.Logf("critest (overlayfs=%v): %v\n%s", overlay, err, tail(out, 3000))
+		b, rerr := os.ReadFile(report)
+		if rerr != nil {
+			t.Fatalf("critest report: %v", rerr)
+		}
+		var suites []struct {
+			SpecReports []struct {
+				ContainerHierarchyTexts []string
+				LeafNodeText            string
+				State                   string
+			}
+		}
+		if err := json.Unmarshal(b, &suites); err != nil {
+			t.Fatal(err)
+		}
+		states := map[string]string{}
+		for _, s := range suites {
+			for _, r := range s.SpecReports {
+				if r.LeafNodeText == "" {
+					continue // suite setup nodes
+				}
+				states[strings.Join(append(r.ContainerHierarchyTexts, r.LeafNodeText), " ")] = r.State
+			}
+		}
+		if !overlay {
+			if got := len(n.remoteSnapshots(t)); got != len(cv.manifest.Layers) {
+				t.Errorf("%d remote snapshots after critest, want %d (the test image lazy)", got, len(cv.manifest.Layers))
+			}
+		}
+		return states
+	}
+	var lazy, overlay map[string]string
+	t.Run("lazypull", func(t *testing.T) { lazy = run(t, false) })
+	t.Run("overlayfs", func(t *testing.T) { overlay = run(t, true) })
+	if lazy == nil || overlay == nil {
+		t.Fatal("a critest run did not complete")
+	}
+	passed := 0
+	for spec, state := range overlay {
+		if state == "passed" {
+			passed++
+		}
+		if lazy[spec] != state {
+			t.Errorf("%s: %s with lazypull, %s with overlayfs", spec, lazy[spec], state)
+		}
+	}
+	for spec := range lazy {
+		if _, ok := overlay[spec]; !ok {
+			t.Errorf("%s ran only with lazypull", spec)
+		}
+	}
+	if passed < 15 {
+		t.Errorf("only %d specs passed with overlayfs: %v", passed, overlay)
+	}
+	for spec, state := range lazy {
+		if state != "skipped" {
+			t.Logf("%-8s %s", state, spec)
+		}
+	}
+}
+
+// The critest specs run, and those left out of them: image specs pull
+// fixed gcr.io images and digests; networking, streaming, port-forward,
+// multi-container and security-context specs need more images, ports or
+// kernel features than this offline runner has.
+const (
+	k8sCritestFocus = `PodSandbox runtime should support basic operations|Container runtime should support basic operations|Container runtime should support log|Runtime info`
+	k8sCritestSkip  = `listing stats|metrics`
+)
+
+// tail returns the last n bytes of b.
+func tail(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[len(b)-n:]
+	}
+	return b
 }
