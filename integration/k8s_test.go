@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -900,4 +901,153 @@ func tail(b []byte, n int) []byte {
 		return b[len(b)-n:]
 	}
 	return b
+}
+
+// TestK8sPullThroughMirror: Debian's docker-registry in proxy
+// (pull-through cache) mode sits in front of the registry as a hosts.toml
+// mirror, the way Spegel, Dragonfly or a registry cache sit on a cluster.
+// Lazy reads go to the mirror (its access log shows the range requests it
+// answered with 206 once it caches the blobs); with the mirror killed,
+// reads of data never fetched before continue from the upstream registry.
+func TestK8sPullThroughMirror(t *testing.T) {
+	img := threeLayerImage(t)
+	cv := convertImage(t, img, estargz.Gzip)
+	_, hostsDir, pause := k8sRegistries(t, time.Minute)
+	upstream := lab.NewRegistry(t)
+	ref := push(t, upstream, "mirror/app:v1", cv.image)
+
+	// The mirror: docker-registry with proxy.remoteurl = upstream.
+	mirrorDir := t.TempDir()
+	port := freePort(t)
+	mirrorHost := fmt.Sprintf("127.0.0.1:%d", port)
+	cfg := fmt.Sprintf(`version: 0.1
+log:
+  level: info
+storage:
+  filesystem:
+    rootdirectory: %s
+  delete:
+    enabled: true
+http:
+  addr: %s
+proxy:
+  remoteurl: %s
+`, filepath.Join(mirrorDir, "data"), mirrorHost, upstream.URL())
+	cfgPath := filepath.Join(mirrorDir, "config.yml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mirrorLog := filepath.Join(mirrorDir, "registry.log")
+	logf, err := os.Create(mirrorLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	mirror := exec.Command("/usr/bin/docker-registry", "serve", cfgPath)
+	mirror.Stdout, mirror.Stderr = logf, logf
+	if err := mirror.Start(); err != nil {
+		t.Fatalf("docker-registry (Debian's docker-registry package, hack/install-deps.sh): %v", err)
+	}
+	mirrorDone := make(chan struct{})
+	go func() { mirror.Wait(); close(mirrorDone) }()
+	t.Cleanup(func() {
+		mirror.Process.Kill()
+		<-mirrorDone
+		if t.Failed() {
+			b, _ := os.ReadFile(mirrorLog)
+			t.Logf("==== mirror log ====\n%s", tail(b, 8000))
+		}
+	})
+	waitHTTP(t, "http://"+mirrorHost+"/v2/")
+
+	// hosts.toml: the mirror first, the registry as the server.
+	d := filepath.Join(hostsDir, upstream.Host())
+	if err := os.MkdirAll(d, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	toml := fmt.Sprintf("server = %q\n\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", upstream.URL(), "http://"+mirrorHost)
+	if err := os.WriteFile(filepath.Join(d, "hosts.toml"), []byte(toml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	n := startK8sNode(t, lab.Containerd2(), hostsDir, pause, k8sNodeOptions{})
+	n.mustCrictl(t, "pull", ref)
+	if got := len(n.remoteSnapshots(t)); got != len(cv.manifest.Layers) {
+		t.Fatalf("%d remote snapshots, want %d", got, len(cv.manifest.Layers))
+	}
+	// The first reads make the mirror fetch and cache the blobs (it
+	// answers them whole); after a daemon restart, reads are ranges the
+	// mirror serves from its cache.
+	if out, pod, _ := n.runPod(t, "warm", ref, "cat", "/etc/motd"); out != "layer 3" {
+		t.Fatalf("output %q", out)
+	} else {
+		n.removePod(t, pod)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := n.sn.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	upstream.ResetRequests()
+	if out, pod, _ := n.runPod(t, "via-mirror", ref, "cat", "/etc/greeting"); out != "hello from layer 2" {
+		t.Fatalf("output %q", out)
+	} else {
+		n.removePod(t, pod)
+	}
+	mlog, _ := os.ReadFile(mirrorLog)
+	if !strings.Contains(string(mlog), "/blobs/sha256:") || !strings.Contains(string(mlog), "http.response.status=206") {
+		t.Fatalf("the mirror's log shows no range request answered with 206:\n%s", tail(mlog, 4000))
+	}
+	for _, q := range upstream.BlobRequests() {
+		if q.Range != "" {
+			t.Fatalf("a range read went to the upstream registry while the mirror was up: %+v", q)
+		}
+	}
+
+	// The mirror dies: reads of data never fetched go to the registry.
+	mirror.Process.Kill()
+	<-mirrorDone
+	blobSum := fmt.Sprintf("%x", sha256.Sum256(blobContent()))
+	out, pod, _ := n.runPod(t, "mirror-gone", ref, "sha256sum", "/data/blob")
+	if want := blobSum + "  /data/blob"; out != want {
+		t.Fatalf("output %q, want %q", out, want)
+	}
+	n.removePod(t, pod)
+	ranges := 0
+	for _, q := range upstream.BlobRequests() {
+		if q.Range != "" && q.Status == http.StatusPartialContent {
+			ranges++
+		}
+	}
+	if ranges == 0 {
+		t.Fatalf("no range read reached the upstream registry after the mirror died: %+v", upstream.Requests())
+	}
+}
+
+// freePort returns a TCP port that was free on 127.0.0.1 a moment ago.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// waitHTTP waits until url answers.
+func waitHTTP(t *testing.T, url string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		resp, err := http.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s does not answer: %v", url, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
