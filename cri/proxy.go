@@ -28,6 +28,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/containerd/log"
 	"google.golang.org/grpc"
@@ -164,7 +165,7 @@ func (p *Proxy) Stop() {
 }
 
 // forward relays one call, in both directions, to containerd.
-func (p *Proxy) forward(_ any, ss grpc.ServerStream) error {
+func (p *Proxy) forward(_ any, ss grpc.ServerStream) (retErr error) {
 	method, ok := grpc.MethodFromServerStream(ss)
 	if !ok {
 		return status.Error(codes.Internal, "cri proxy: no method in stream")
@@ -177,6 +178,14 @@ func (p *Proxy) forward(_ any, ss grpc.ServerStream) error {
 	if err != nil {
 		return err
 	}
+
+	// A failed pull puts back the credentials it displaced.
+	var undo atomic.Pointer[func()]
+	defer func() {
+		if u := undo.Load(); u != nil && retErr != nil {
+			(*u)()
+		}
+	}()
 
 	// Client to containerd.
 	upErr := make(chan error, 1)
@@ -192,7 +201,9 @@ func (p *Proxy) forward(_ any, ss grpc.ServerStream) error {
 				return
 			}
 			if method == PullImageMethod {
-				p.capture(ctx, f.data)
+				if u := p.capture(ctx, f.data); u != nil {
+					undo.Store(&u)
+				}
 			}
 			if err := cs.SendMsg(f); err != nil {
 				// containerd's status comes from RecvMsg below.
@@ -237,18 +248,19 @@ func (p *Proxy) forward(_ any, ss grpc.ServerStream) error {
 	}
 }
 
-// capture stores the credentials of a PullImage request. A request that
-// does not decode is forwarded anyway (containerd will answer it); nothing
-// about its content is logged.
-func (p *Proxy) capture(ctx context.Context, raw []byte) {
+// capture stores the credentials of a PullImage request and returns the
+// function putting back what they replaced (nil when nothing was stored).
+// A request that does not decode is forwarded anyway (containerd will
+// answer it); nothing about its content is logged.
+func (p *Proxy) capture(ctx context.Context, raw []byte) func() {
 	var req runtimeapi.PullImageRequest
 	if err := proto.Unmarshal(raw, &req); err != nil || req.GetImage().GetImage() == "" {
 		log.G(ctx).Debug("cri proxy: PullImage request without a decodable image; not capturing credentials")
-		return
+		return nil
 	}
 	image := req.GetImage().GetImage()
 	a := req.GetAuth()
-	err := p.captured.Put(image, keychain.AuthConfig{
+	undo, err := p.captured.Swap(image, keychain.AuthConfig{
 		Username:      a.GetUsername(),
 		Password:      a.GetPassword(),
 		Auth:          a.GetAuth(),
@@ -259,9 +271,10 @@ func (p *Proxy) capture(ctx context.Context, raw []byte) {
 	if err != nil {
 		// The error names the image and what is wrong, never the secret.
 		log.G(ctx).WithError(err).Warn("cri proxy: credentials of a pull not captured")
-		return
+		return nil
 	}
 	log.G(ctx).WithField("image", image).WithField("credentials", a != nil).Debug("cri proxy: pull")
+	return undo
 }
 
 // frame is one gRPC message, undecoded.

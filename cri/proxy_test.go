@@ -266,6 +266,19 @@ func TestProxyAgainstContainerdCRI(t *testing.T) {
 		t.Fatalf("captured %v %v %v", got, ok, err)
 	}
 
+	// A pull with a wrong password fails and leaves the working
+	// credentials in place.
+	if _, err := images.PullImage(cctx, &runtimeapi.PullImageRequest{
+		Image: &runtimeapi.ImageSpec{Image: img.Ref},
+		Auth:  &runtimeapi.AuthConfig{Username: "alice", Password: "wrong"},
+	}); err == nil {
+		t.Fatal("pull with a wrong password succeeded")
+	}
+	got, ok, err = captured.Lookup(cctx, reg.Host()+"/private/app", reg.Host())
+	if err != nil || !ok || got.Secret != password {
+		t.Fatalf("after a failed pull, captured %v %v %v", got, ok, err)
+	}
+
 	// The captured credentials work for lazy reads of the image's layers.
 	r, err := remote.New(remote.Options{HostsDir: t.TempDir(), PlainHTTP: true, Keychain: keychain.New(captured)})
 	if err != nil {

@@ -48,24 +48,54 @@ func NewCaptured() *Captured {
 // have been pulled with credentials. A malformed auth field is an error
 // and stores nothing.
 func (c *Captured) Put(image string, a AuthConfig) error {
+	_, err := c.Swap(image, a)
+	return err
+}
+
+// Swap is Put, returning a function that puts back what the pull
+// replaced, for a pull that failed (its credentials may be wrong, and must
+// not displace working ones). The function does nothing when another pull
+// replaced the entries meanwhile.
+func (c *Captured) Swap(image string, a AuthConfig) (undo func(), err error) {
 	repo, err := RepoName(image)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	cred, err := a.credential()
 	if err != nil {
-		return fmt.Errorf("pull of %s: %w", repo, err)
+		return nil, fmt.Errorf("pull of %s: %w", repo, err)
 	}
+	host := canonicalHost(domainOf(repo))
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	oldRepo, hadRepo := c.byRepo[repo]
+	oldHost, hadHost := c.byHost[host]
+	e := capturedCred{cred: cred, server: normalizeServer(a.ServerAddress)}
 	if cred == (remote.Credential{}) {
 		delete(c.byRepo, repo)
-		return nil
+	} else {
+		c.byRepo[repo] = e
+		c.byHost[host] = e
 	}
-	e := capturedCred{cred: cred, server: normalizeServer(a.ServerAddress)}
-	c.byRepo[repo] = e
-	c.byHost[canonicalHost(domainOf(repo))] = e
-	return nil
+	undo = func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if cur, ok := c.byRepo[repo]; (ok && cur == e) || (!ok && cred == (remote.Credential{})) {
+			if hadRepo {
+				c.byRepo[repo] = oldRepo
+			} else {
+				delete(c.byRepo, repo)
+			}
+		}
+		if cur, ok := c.byHost[host]; ok && cur == e && cred != (remote.Credential{}) {
+			if hadHost {
+				c.byHost[host] = oldHost
+			} else {
+				delete(c.byHost, host)
+			}
+		}
+	}
+	return undo, nil
 }
 
 // Lookup returns the credentials captured for repo, else for its registry

@@ -137,3 +137,37 @@ func TestKeychainOrder(t *testing.T) {
 		t.Fatal("Refresh did not reach every source")
 	}
 }
+
+func TestCapturedSwapUndo(t *testing.T) {
+	ctx := context.Background()
+	c := NewCaptured()
+	lookup := func(repo string) string {
+		t.Helper()
+		got, _, _ := c.Lookup(ctx, repo, "reg.io")
+		return got.Secret
+	}
+	c.Put("reg.io/app", AuthConfig{Username: "u", Password: "good"})
+	undo, err := c.Swap("reg.io/app:v2", AuthConfig{Username: "u", Password: "bad"})
+	if err != nil || lookup("reg.io/app") != "bad" || lookup("reg.io/other") != "bad" {
+		t.Fatalf("after Swap: %q %q %v", lookup("reg.io/app"), lookup("reg.io/other"), err)
+	}
+	undo()
+	if lookup("reg.io/app") != "good" || lookup("reg.io/other") != "good" {
+		t.Fatalf("after undo: %q %q", lookup("reg.io/app"), lookup("reg.io/other"))
+	}
+
+	// A newer pull wins over an older pull's undo.
+	undo, _ = c.Swap("reg.io/app", AuthConfig{Username: "u", Password: "bad"})
+	c.Put("reg.io/app", AuthConfig{Username: "u", Password: "newer"})
+	undo()
+	if lookup("reg.io/app") != "newer" {
+		t.Fatalf("undo clobbered a newer pull: %q", lookup("reg.io/app"))
+	}
+
+	// Undoing a first pull leaves nothing.
+	undo, _ = c.Swap("reg.io/fresh", AuthConfig{Username: "u", Password: "x"})
+	undo()
+	if got, ok, _ := c.Lookup(ctx, "reg.io/fresh", "reg.io"); ok && got.Secret == "x" {
+		t.Fatal("undo of a first pull left its credentials")
+	}
+}
