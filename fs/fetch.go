@@ -43,7 +43,7 @@ func (l *Layer) fetchForeground(ctx context.Context, name string, group []estarg
 		if l.timedOut == nil {
 			l.timedOut = make(map[digest.Digest]timedOutFetch)
 		}
-		l.timedOut[primary] = timedOutFetch{at: time.Now(), err: err}
+		l.timedOut[primary] = timedOutFetch{at: l.sched.clock.Now(), err: err}
 	} else {
 		delete(l.timedOut, primary)
 	}

@@ -121,7 +121,7 @@ func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk
 	l.timedOutMu.Lock()
 	f, ok := l.timedOut[c.Digest]
 	l.timedOutMu.Unlock()
-	if ok && time.Since(f.at) < timedOutMemo {
+	if ok && l.sched.clock.Now().Sub(f.at) < timedOutMemo {
 		return nil, f.err
 	}
 	done := l.sched.foreground()

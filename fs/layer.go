@@ -25,6 +25,21 @@ import (
 	"github.com/lazypull/lazypull/estargz"
 )
 
+// Tuning defaults of the fetch engine, shared by the library, the CLI's
+// flags and the daemon's configuration.
+const (
+	// DefaultFetchTimeout bounds one foreground fetch (LayerOptions.FetchTimeout).
+	DefaultFetchTimeout = 60 * time.Second
+	// DefaultReadAhead is LayerOptions.ReadAhead's default.
+	DefaultReadAhead = 512 << 10
+	// DefaultDirReadAhead is LayerOptions.DirReadAhead's default.
+	DefaultDirReadAhead = 4 << 20
+	// DefaultRangeSize is FetchOptions.RangeSize's default.
+	DefaultRangeSize = 1 << 20
+	// DefaultPrefetchParallel is FetchOptions.PrefetchParallel's default.
+	DefaultPrefetchParallel = 3
+)
+
 // LayerOptions tune a Layer.
 type LayerOptions struct {
 	// FetchTimeout bounds one foreground fetch, retries included: a read
@@ -39,8 +54,9 @@ type LayerOptions struct {
 	// the blob are fetched alongside it (default 512 KiB; negative
 	// disables all read-ahead).
 	ReadAhead int64
-	// Scheduler arbitrates with other layers' background fetches. Nil
-	// means a private one.
+	// Scheduler arbitrates with other layers' background fetches, and
+	// its Clock is the layer's. Nil means a private one with
+	// DefaultMaxBackground and the system clock.
 	Scheduler *Scheduler
 	// Observer receives fetch and cache events. May be nil.
 	Observer Observer
@@ -115,17 +131,17 @@ type Layer struct {
 // was read (and verified) already.
 func NewLayer(dgst digest.Digest, index *estargz.Index, comp estargz.Compression, open BlobOpener, store Store, opts LayerOptions) *Layer {
 	if opts.FetchTimeout <= 0 {
-		opts.FetchTimeout = 60 * time.Second
+		opts.FetchTimeout = DefaultFetchTimeout
 	}
 	if opts.ReadAhead == 0 {
-		opts.ReadAhead = 512 << 10
+		opts.ReadAhead = DefaultReadAhead
 	}
 	if opts.DirReadAhead == 0 {
-		opts.DirReadAhead = 4 << 20
+		opts.DirReadAhead = DefaultDirReadAhead
 	}
 	sched := opts.Scheduler
 	if sched == nil {
-		sched = NewScheduler(2)
+		sched = NewScheduler(DefaultMaxBackground)
 	}
 	l := &Layer{
 		digest:   dgst,

@@ -93,7 +93,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 		return nil, errors.New("fs: manager needs a chunk store")
 	}
 	if opts.Layer.Scheduler == nil {
-		opts.Layer.Scheduler = NewScheduler(1)
+		opts.Layer.Scheduler = NewScheduler(DefaultMaxBackground)
 	}
 	if err := os.MkdirAll(filepath.Join(opts.Root, "layers"), 0o700); err != nil {
 		return nil, fmt.Errorf("fs: creating metadata dir: %w", err)

@@ -44,10 +44,10 @@ func (l *Layer) StartFetching(ctx context.Context, o FetchOptions) {
 		return
 	}
 	if o.RangeSize <= 0 {
-		o.RangeSize = 1 << 20
+		o.RangeSize = DefaultRangeSize
 	}
 	if o.PrefetchParallel <= 0 {
-		o.PrefetchParallel = 3
+		o.PrefetchParallel = DefaultPrefetchParallel
 	}
 	l.bgMu.Lock()
 	defer l.bgMu.Unlock()
@@ -119,10 +119,7 @@ func (l *Layer) fetchChunks(ctx context.Context, cs []estargz.Chunk, rangeSize i
 		if background {
 			size = l.sched.backgroundRange(rangeSize)
 		}
-		j := i + 1
-		for j < len(cs) && cs[j].End-cs[i].Offset <= size {
-			j++
-		}
+		j := windowEnd(cs, i, size)
 		window := cs[i:j]
 		i = j
 		if background {
@@ -171,32 +168,80 @@ func (l *Layer) fetchChunks(ctx context.Context, cs []estargz.Chunk, rangeSize i
 	return firstErr
 }
 
+// windowEnd returns the end of the request window that starts at cs[i]:
+// the chunks from i on that end within size compressed bytes of cs[i]'s
+// start, and always at least cs[i] itself (a chunk larger than size is
+// fetched alone).
+func windowEnd(cs []estargz.Chunk, i int, size int64) int {
+	j := i + 1
+	for j < len(cs) && cs[j].End-cs[i].Offset <= size {
+		j++
+	}
+	return j
+}
+
 // Scheduler lets foreground reads win over background fetches across
 // layers: a background request starts only when no foreground fetch has
 // been in flight for a quiet period, and at most a fixed number run at
-// once.
+// once. One Scheduler is shared by all the layers of a Manager.
 type Scheduler struct {
-	mu      sync.Mutex
-	fg      int
-	lastFg  time.Time     // when the last foreground fetch ended
-	idle    chan struct{} // closed while fg == 0
-	bg      chan struct{}
-	quiet   time.Duration
-	nowFunc func() time.Time
+	clock Clock
+	quiet time.Duration
+
+	mu     sync.Mutex
+	fg     int           // foreground fetches in flight
+	lastFg time.Time     // when the last foreground fetch ended
+	idle   chan struct{} // closed while fg == 0
+	bg     chan struct{} // a token per background request in flight
 }
 
 // DefaultQuietPeriod is how long background fetching waits after the last
 // foreground fetch: a workload that is reading tends to read again soon.
 const DefaultQuietPeriod = 100 * time.Millisecond
 
-// NewScheduler returns a Scheduler allowing maxBackground concurrent
-// background requests.
-func NewScheduler(maxBackground int) *Scheduler {
-	idle := make(chan struct{})
-	close(idle)
-	return &Scheduler{idle: idle, bg: make(chan struct{}, max(1, maxBackground)), quiet: DefaultQuietPeriod, nowFunc: time.Now}
+// DefaultMaxBackground is how many background requests a Scheduler lets
+// run at once unless told otherwise: one keeps the link free for reads.
+const DefaultMaxBackground = 1
+
+// Background requests start at minBackgroundRange after foreground
+// activity and double for every backgroundGrowthStep of quiet, up to the
+// configured range size.
+const (
+	minBackgroundRange   = 256 << 10
+	backgroundGrowthStep = 250 * time.Millisecond
+)
+
+// SchedulerOption configures a Scheduler.
+type SchedulerOption func(*Scheduler)
+
+// WithClock makes the Scheduler (and the layers using it) read time from
+// c instead of the system clock; tests use it to drive time.
+func WithClock(c Clock) SchedulerOption { return func(s *Scheduler) { s.clock = c } }
+
+// WithQuietPeriod sets how long background requests wait after the last
+// foreground fetch (default DefaultQuietPeriod).
+func WithQuietPeriod(d time.Duration) SchedulerOption {
+	return func(s *Scheduler) {
+		if d >= 0 {
+			s.quiet = d
+		}
+	}
 }
 
+// NewScheduler returns a Scheduler allowing maxBackground concurrent
+// background requests (at least one).
+func NewScheduler(maxBackground int, opts ...SchedulerOption) *Scheduler {
+	idle := make(chan struct{})
+	close(idle)
+	s := &Scheduler{clock: systemClock{}, quiet: DefaultQuietPeriod, idle: idle, bg: make(chan struct{}, max(1, maxBackground))}
+	for _, o := range opts {
+		o(s)
+	}
+	return s
+}
+
+// foreground marks a foreground fetch in flight until the returned
+// function is called.
 func (s *Scheduler) foreground() func() {
 	s.mu.Lock()
 	if s.fg == 0 {
@@ -207,7 +252,7 @@ func (s *Scheduler) foreground() func() {
 	return func() {
 		s.mu.Lock()
 		s.fg--
-		s.lastFg = s.nowFunc()
+		s.lastFg = s.clock.Now()
 		if s.fg == 0 {
 			close(s.idle)
 		}
@@ -215,35 +260,58 @@ func (s *Scheduler) foreground() func() {
 	}
 }
 
-// backgroundRange sizes the next background request: small (256 KiB)
-// right after foreground activity, so that a read arriving behind it on a
-// slow link waits little, doubling for every 250 ms of quiet up to max.
-func (s *Scheduler) backgroundRange(max int64) int64 {
+// backgroundRange sizes the next background request (see
+// backgroundRangeSize).
+func (s *Scheduler) backgroundRange(limit int64) int64 {
 	s.mu.Lock()
-	quiet := s.nowFunc().Sub(s.lastFg)
+	quiet := s.clock.Now().Sub(s.lastFg)
 	s.mu.Unlock()
-	size := int64(256 << 10)
-	for steps := quiet / (250 * time.Millisecond); steps > 0 && size < max; steps-- {
+	return backgroundRangeSize(quiet, limit)
+}
+
+// backgroundRangeSize is the size of a background request after quiet
+// time without foreground fetches: small (minBackgroundRange) right after
+// foreground activity, so that a read arriving behind it on a slow link
+// waits little, doubling for every backgroundGrowthStep of quiet up to
+// limit.
+func backgroundRangeSize(quiet time.Duration, limit int64) int64 {
+	size := int64(minBackgroundRange)
+	for steps := quiet / backgroundGrowthStep; steps > 0 && size < limit; steps-- {
 		size *= 2
 	}
-	return min(size, max)
+	return min(size, limit)
+}
+
+// quietLeft is how much longer background requests must wait, given when
+// the last foreground fetch ended: zero or less means they may go (if no
+// foreground fetch is in flight).
+func quietLeft(now, lastFg time.Time, quiet time.Duration) time.Duration {
+	return quiet - now.Sub(lastFg)
 }
 
 // background waits for a background slot while foreground fetches are in
-// flight or ended less than the quiet period ago.
+// flight or ended less than the quiet period ago, and returns the function
+// that gives the slot back.
 func (s *Scheduler) background(ctx context.Context) (func(), error) {
 	for {
 		s.mu.Lock()
-		idle, wait := s.idle, s.quiet-s.nowFunc().Sub(s.lastFg)
+		idle, wait := s.idle, quietLeft(s.clock.Now(), s.lastFg, s.quiet)
 		s.mu.Unlock()
 		select {
 		case <-idle:
-		case <-ctx.Done():
-			return nil, ctx.Err()
+		default:
+			// A foreground fetch is in flight: wait for it to end, then
+			// look again, since its end starts a new quiet period.
+			select {
+			case <-idle:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			continue
 		}
 		if wait > 0 {
 			select {
-			case <-time.After(wait):
+			case <-s.clock.After(wait):
 			case <-ctx.Done():
 				return nil, ctx.Err()
 			}
@@ -260,6 +328,7 @@ func (s *Scheduler) background(ctx context.Context) (func(), error) {
 		if !busy {
 			return func() { <-s.bg }, nil
 		}
+		// A reader started while we waited for the slot: yield to it.
 		<-s.bg
 	}
 }
