@@ -98,7 +98,7 @@ type Layer struct {
 	dec    *estargz.Decoder
 	sched  *Scheduler
 
-	openBlob BlobOpener
+	openBlob OpenFunc
 	blobMu   sync.Mutex
 	blob     Blob
 
@@ -129,7 +129,7 @@ type Layer struct {
 
 // NewLayer returns a Layer for the blob with the given digest, whose index
 // was read (and verified) already.
-func NewLayer(dgst digest.Digest, index *estargz.Index, comp estargz.Compression, open BlobOpener, store Store, opts LayerOptions) *Layer {
+func NewLayer(dgst digest.Digest, index *estargz.Index, comp estargz.Compression, open OpenFunc, store Store, opts LayerOptions) *Layer {
 	if opts.FetchTimeout <= 0 {
 		opts.FetchTimeout = DefaultFetchTimeout
 	}

@@ -229,3 +229,22 @@ func (b *Blob) ReadRanges(ctx context.Context, ranges []Range) ([][]byte, error)
 func (b *Blob) annotate(err error) error {
 	return asError(err).with("read", "", b.spec.name(), b.desc.Digest.String(), "")
 }
+
+// RangeReader is the part of a Blob that reads ranges, as an alias of an
+// interface type literal: packages that must not import this one (fs)
+// declare the identical type, so that *Registry satisfies their interfaces
+// through OpenRangeReader.
+type RangeReader = interface {
+	ReadAt(ctx context.Context, p []byte, off int64) (int, error)
+	Size() int64
+}
+
+// OpenRangeReader is OpenBlob for callers that only read ranges: with it,
+// *Registry satisfies fs.BlobOpener.
+func (r *Registry) OpenRangeReader(ctx context.Context, ref string, desc ocispec.Descriptor) (RangeReader, error) {
+	b, err := r.OpenBlob(ctx, ref, desc)
+	if err != nil {
+		return nil, err // not a typed nil in the interface
+	}
+	return b, nil
+}
