@@ -74,26 +74,28 @@ func (l *Layer) fetchGroup(ctx context.Context, name string, group []estargz.Chu
 			if i == 0 {
 				fname = name
 			}
-			l.resolve(g, nil, l.verifyError(fname, g, err))
+			l.resolve(g, nil, l.verifyError(ctx, fname, g, err))
 			continue
 		}
 		if err := l.store.Add(g.Digest, data); err != nil {
-			log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("caching chunk failed; serving it uncached")
+			log.G(ctx).WithError(err).WithFields(log.Fields{"layer": l.digest, "chunk": g.Digest}).Warn("caching chunk failed; serving it uncached")
 		}
 		l.resolve(g, data, nil)
 	}
 	return nil
 }
 
-func (l *Layer) verifyError(name string, c estargz.Chunk, err error) error {
+// verifyError counts, reports and logs chunk c of file name failing
+// verification with err, and returns the error for its readers.
+func (l *Layer) verifyError(ctx context.Context, name string, c estargz.Chunk, err error) error {
 	l.verifyFailures.Add(1)
 	if o := l.opts.Observer; o != nil {
 		o.VerifyFailed(l.digest)
 	}
-	log.L.WithError(err).WithFields(log.Fields{
+	log.G(ctx).WithError(err).WithFields(log.Fields{
 		"layer": l.digest, "file": name, "offset": c.FileOffset, "blobOffset": c.Offset,
 	}).Error("chunk failed verification; refusing to serve it")
-	return fmt.Errorf("layer %s: file %q offset %d: %w: %w", l.digest, name, c.FileOffset, ErrVerify, err)
+	return fmt.Errorf("layer %s: file %q offset %d: chunk %w: %w", l.digest, name, c.FileOffset, ErrVerify, err)
 }
 
 // fetchRange reads blob bytes [start, end).

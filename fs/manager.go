@@ -210,6 +210,9 @@ func (m *Manager) fetchMeta(ctx context.Context, src LayerSource, parse bool) (*
 	}
 	t0 := time.Now()
 	f, tocJSON, err := estargz.ReadTOC(readerAt{ctx, blob}, blob.Size(), estargz.OpenOptions{TOCDigest: src.TOCDigest, Limits: m.opts.Limits})
+	if errors.Is(err, estargz.ErrDigest) {
+		return nil, nil, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify, err)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
 	}
@@ -335,7 +338,7 @@ func (m *Manager) prepared(ctx context.Context, src LayerSource) (*estargz.Index
 		return nil, nil, p.err
 	}
 	if src.TOCDigest != "" && p.meta.TOCDigest != src.TOCDigest {
-		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest,
+		return nil, nil, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify,
 			&estargz.Error{Kind: estargz.ErrDigest, Offset: -1, Msg: fmt.Sprintf("TOC digest is %s, the layer says %s", p.meta.TOCDigest, src.TOCDigest)})
 	}
 	return p.ix, p.meta, nil
