@@ -19,7 +19,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -108,7 +107,8 @@ func Build(ctx context.Context, dst io.Writer, src io.Reader, opts BuildOptions)
 		return nil, err
 	}
 	defer closeIn()
-	counted := &countingReader{r: in, progress: opts.Progress}
+	read := &progressCounter{progress: opts.Progress}
+	counted := io.TeeReader(in, read)
 
 	var entries entrySource
 	var missing []string
@@ -125,7 +125,8 @@ func Build(ctx context.Context, dst io.Writer, src io.Reader, opts BuildOptions)
 		entries = &streamSource{tr: tar.NewReader(counted)}
 	}
 
-	b := &builder{opts: opts, newCompressor: mk, out: &hashingWriter{w: dst, h: sha256.New()}, diff: sha256.New()}
+	b := &builder{opts: opts, newCompressor: mk, outDigest: digest.SHA256.Digester(), diff: digest.SHA256.Digester()}
+	b.out = io.MultiWriter(dst, b.outDigest.Hash(), &b.outSize)
 	toc, err := b.run(ctx, entries)
 	if err != nil {
 		return nil, err
@@ -139,7 +140,7 @@ func Build(ctx context.Context, dst io.Writer, src io.Reader, opts BuildOptions)
 	}
 	res.MissingPrioritized = missing
 	if opts.Progress != nil {
-		opts.Progress(counted.n)
+		opts.Progress(read.n)
 	}
 	return res, nil
 }
@@ -215,4 +216,21 @@ func skipInputEntry(h *tar.Header) bool {
 
 func landmarkHeader(name string) *tar.Header {
 	return &tar.Header{Name: name, Typeflag: tar.TypeReg, Size: 1, Mode: 0o644, Format: tar.FormatUSTAR}
+}
+
+// progressCounter counts the input bytes that an io.TeeReader copies to it
+// and reports the count every 4 MiB.
+type progressCounter struct {
+	n        int64
+	reported int64
+	progress func(int64)
+}
+
+func (c *progressCounter) Write(p []byte) (int, error) {
+	c.n += int64(len(p))
+	if c.progress != nil && c.n-c.reported >= 4<<20 {
+		c.reported = c.n
+		c.progress(c.n)
+	}
+	return len(p), nil
 }

@@ -11,10 +11,10 @@ import (
 	"archive/tar"
 	"context"
 	"fmt"
-	"hash"
 	"io"
 	"sync"
 
+	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/semaphore"
 )
@@ -33,8 +33,10 @@ type segment struct {
 type builder struct {
 	opts          BuildOptions
 	newCompressor func() (memberCompressor, error)
-	out           *hashingWriter
-	diff          hash.Hash
+	out           io.Writer       // the blob: dst, outDigest and outSize
+	outDigest     digest.Digester // of the blob
+	outSize       byteCount       // bytes of the blob written so far
+	diff          digest.Digester // of the decompressed blob (the DiffID)
 	plainSize     int64
 	bufs          sync.Pool
 
@@ -176,9 +178,9 @@ func (b *builder) writeSegments() error {
 			return fmt.Errorf("estargz: compressing: %w", s.err)
 		}
 		for _, e := range s.entries {
-			e.Offset = b.out.n
+			e.Offset = int64(b.outSize)
 		}
-		b.diff.Write(s.plain)
+		b.diff.Hash().Write(s.plain)
 		b.plainSize += int64(len(s.plain))
 		if _, err := b.out.Write(s.compressed); err != nil {
 			return fmt.Errorf("estargz: writing blob: %w", err)
@@ -215,4 +217,12 @@ func (b *builder) produce(src entrySource, toc *TOC) error {
 	// gzip: the TOC entry and the end-of-archive blocks follow in their
 	// own member, written by finish.
 	return tw.Flush()
+}
+
+// byteCount counts the bytes written to it.
+type byteCount int64
+
+func (c *byteCount) Write(p []byte) (int, error) {
+	*c += byteCount(len(p))
+	return len(p), nil
 }

@@ -10,7 +10,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"os"
 )
@@ -97,38 +96,6 @@ func spool(ctx context.Context, r io.Reader, dir string) (*spoolFile, error) {
 	sp.entries = kept
 	ok = true
 	return sp, nil
-}
-
-// hashingWriter counts and hashes what passes through.
-type hashingWriter struct {
-	w io.Writer
-	h hash.Hash
-	n int64
-}
-
-func (w *hashingWriter) Write(p []byte) (int, error) {
-	n, err := w.w.Write(p)
-	w.h.Write(p[:n])
-	w.n += int64(n)
-	return n, err
-}
-
-// countingReader counts bytes read and reports progress every 4 MiB.
-type countingReader struct {
-	r        io.Reader
-	n        int64
-	reported int64
-	progress func(int64)
-}
-
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	if c.progress != nil && c.n-c.reported >= 4<<20 {
-		c.reported = c.n
-		c.progress(c.n)
-	}
-	return n, err
 }
 
 // ctxReader fails reads once ctx is done, so that copying one large

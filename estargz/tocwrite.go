@@ -81,7 +81,7 @@ func (b *builder) writeEntry(tw *tar.Writer, h *tar.Header, payload io.Reader, t
 		return nil
 	}
 
-	file := sha256.New()
+	file := digest.SHA256.Digester()
 	first := true
 	for written := int64(0); written < h.Size; {
 		size := min(b.opts.ChunkSize, h.Size-written)
@@ -108,11 +108,11 @@ func (b *builder) writeEntry(tw *tar.Writer, h *tar.Header, payload io.Reader, t
 		data := b.cur.plain[start:]
 		sum := sha256.Sum256(data)
 		chunk.ChunkDigest = digest.NewDigestFromBytes(digest.SHA256, sum[:]).String()
-		file.Write(data)
+		file.Hash().Write(data)
 		b.pinned = false
 		written += size
 	}
-	ent.Digest = digest.NewDigest(digest.SHA256, file).String()
+	ent.Digest = file.Digest().String()
 	return nil
 }
 
@@ -141,7 +141,7 @@ func (b *builder) finish(toc *TOC) (*BuildResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	tocOff := b.out.n
+	tocOff := int64(b.outSize)
 	ann := map[string]string{TOCDigestAnnotation: digest.FromBytes(tocJSON).String()}
 	switch b.opts.Compression {
 	case Zstd:
@@ -174,7 +174,7 @@ func (b *builder) finish(toc *TOC) (*BuildResult, error) {
 		if err != nil {
 			return nil, fmt.Errorf("estargz: compressing TOC: %w", err)
 		}
-		b.diff.Write(plain.Bytes())
+		b.diff.Hash().Write(plain.Bytes())
 		b.plainSize += int64(plain.Len())
 		if _, err := b.out.Write(compressed); err != nil {
 			return nil, fmt.Errorf("estargz: writing TOC: %w", err)
@@ -186,10 +186,10 @@ func (b *builder) finish(toc *TOC) (*BuildResult, error) {
 	ann[UncompressedSizeAnnotation] = strconv.FormatInt(b.plainSize, 10)
 	return &BuildResult{
 		Compression:      b.opts.Compression,
-		Digest:           digest.NewDigest(digest.SHA256, b.out.h),
-		Size:             b.out.n,
+		Digest:           b.outDigest.Digest(),
+		Size:             int64(b.outSize),
 		TOCDigest:        digest.FromBytes(tocJSON),
-		DiffID:           digest.NewDigest(digest.SHA256, b.diff),
+		DiffID:           b.diff.Digest(),
 		UncompressedSize: b.plainSize,
 		Entries:          len(toc.Entries),
 		Annotations:      ann,

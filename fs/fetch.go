@@ -7,9 +7,11 @@
 package fs
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/containerd/log"
@@ -55,10 +57,10 @@ func (l *Layer) fetchForeground(ctx context.Context, name string, group []estarg
 // request's error; a chunk that fails verification is counted, logged and
 // resolved with its error while the others go on.
 func (l *Layer) fetchGroup(ctx context.Context, name string, group []estargz.Chunk, background bool) error {
-	start, end := group[0].Offset, group[0].End
-	for _, g := range group {
-		start, end = min(start, g.Offset), max(end, g.End)
-	}
+	// The group is in claim order (a directory's chunks, then those that
+	// follow in the blob), not necessarily in blob order.
+	start := slices.MinFunc(group, func(a, b estargz.Chunk) int { return cmp.Compare(a.Offset, b.Offset) }).Offset
+	end := slices.MaxFunc(group, func(a, b estargz.Chunk) int { return cmp.Compare(a.End, b.End) }).End
 	buf, err := l.fetchRange(ctx, start, end, background)
 	if err != nil {
 		err = fmt.Errorf("layer %s: file %q: %w", l.digest, name, err)

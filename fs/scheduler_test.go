@@ -2,10 +2,12 @@ package fs
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -249,10 +251,10 @@ func TestBackgroundFetchRequestSizes(t *testing.T) {
 			}
 			l.WaitFetching()
 			reqs := rb.requests()
-			var biggest int64
-			for _, q := range reqs {
-				biggest = max(biggest, q[1])
+			if len(reqs) == 0 {
+				t.Fatal("background fetch made no request")
 			}
+			biggest := slices.MaxFunc(reqs, func(a, b [2]int64) int { return cmp.Compare(a[1], b[1]) })[1]
 			if biggest > c.maxSize {
 				t.Errorf("a request of %d bytes, want at most %d", biggest, c.maxSize)
 			}

@@ -88,12 +88,12 @@ func (b *Blob) rangeOnce(ctx context.Context, ep *endpoint, direct *url.URL, rg 
 	t0 := time.Now()
 	ev := FetchEvent{Op: "range", Host: ep.host.Host, Repo: b.spec.name(), Digest: b.desc.Digest,
 		Offset: rg.Offset, Length: rg.Length, Attempt: attempt, Redirected: direct != nil}
-	cr := &countingReader{}
+	var received byteCount
 	defer func() {
 		if err != nil {
 			err = transportError(ctx, actx, err, b.r.opts.RequestTimeout).with("read", ev.Host, b.spec.name(), b.desc.Digest.String(), rg.String())
 		}
-		ev.Bytes, ev.Err, ev.Duration = cr.n, err, time.Since(t0)
+		ev.Bytes, ev.Err, ev.Duration = int64(received), err, time.Since(t0)
 		b.r.emit(ev)
 	}()
 
@@ -114,13 +114,13 @@ func (b *Blob) rangeOnce(ctx context.Context, ep *endpoint, direct *url.URL, rg 
 	}
 	defer drainClose(resp.Body)
 	ev.Status, ev.Host, ev.Redirected = resp.StatusCode, resp.url.Host, resp.redirected
-	cr.r = wd.reader(resp.Body)
+	body := io.TeeReader(wd.reader(resp.Body), &received)
 
 	switch resp.StatusCode {
 	case http.StatusPartialContent:
-		data, err = b.readPartial(resp.Response, cr, rg)
+		data, err = b.readPartial(resp.Response, body, rg)
 	case http.StatusOK:
-		data, err = b.readWhole(ctx, resp.Response, cr, rg)
+		data, err = b.readWhole(ctx, resp.Response, body, rg)
 	default:
 		return nil, statusError(resp.Response, nil)
 	}
@@ -280,13 +280,11 @@ func drainClose(rc io.ReadCloser) {
 	rc.Close()
 }
 
-type countingReader struct {
-	r io.Reader
-	n int64
-}
+// byteCount counts the bytes written to it (the other end of an
+// io.TeeReader).
+type byteCount int64
 
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
+func (c *byteCount) Write(p []byte) (int, error) {
+	*c += byteCount(len(p))
+	return len(p), nil
 }
