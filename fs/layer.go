@@ -98,15 +98,18 @@ type Layer struct {
 	dec    *estargz.Decoder
 	sched  *Scheduler
 
+	// The blob, opened at the first fetch (getBlob).
 	openBlob OpenFunc
 	blobMu   sync.Mutex
 	blob     Blob
 
 	chunks []estargz.Chunk // every distinct chunk, in blob order
 
+	// Read-ahead (readahead.go).
 	dirIndex   atomic.Pointer[dirIndex] // nil until built
 	plainBytes int64                    // total size of the distinct chunks
 
+	// In-flight sharing and foreground fetches (inflight.go, fetch.go).
 	pmu     sync.Mutex
 	pending map[digest.Digest]*inflight // chunks being fetched
 	raBusy  atomic.Bool                 // a read-ahead fetch is in flight
@@ -117,10 +120,12 @@ type Layer struct {
 
 	fetchedBytes, requests, hits, misses, verifyFailures, fetchNanos, bgBytes atomic.Int64
 
+	// Recording (record.go) and passthrough assembly (passthrough.go).
 	readSeen   sync.Map // *estargz.Node -> *atomic.Int64 bytes read (-1: recorded), when recording
 	chunkSeen  sync.Map // chunk digest -> struct{}, when recording
 	assembling sync.Map // file digest -> struct{}, while assembled for passthrough
 
+	// Prefetch and background fetch (scheduler.go), stopped by Close.
 	bgMu     sync.Mutex // guards closed, bgCancel and bgDone
 	closed   bool
 	bgCancel context.CancelFunc
