@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/errgroup"
@@ -81,10 +82,10 @@ func (s *Store) openDisk(dir string, limit int64, maxFiles int) error {
 	// Leftovers of Adds interrupted by a crash. Nobody else can be writing
 	// here: we hold the lock.
 	if err := os.RemoveAll(s.tmpDir); err != nil {
-		log.L.WithError(err).Warnf("cache: cannot clean %s", s.tmpDir)
+		log.L.WithError(err).WithField("path", s.tmpDir).Warn("cannot clean the cache's temporary directory")
 	}
 	if err := os.Mkdir(s.tmpDir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
-		log.L.WithError(err).Warnf("cache: cannot create %s; disk tier is read-only", s.tmpDir)
+		log.L.WithError(err).WithField("path", s.tmpDir).Warn("cannot create the cache's temporary directory; disk tier is read-only")
 	}
 
 	s.disk = newLRU[*diskEntry](limit)
@@ -133,7 +134,7 @@ func (s *Store) evictScanned(found []scanned, limit int64) []scanned {
 	for _, f := range found[:drop] {
 		g.Go(func() error {
 			if err := os.Remove(s.entryPath(f.key)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-				log.L.WithError(err).WithField("digest", f.key).Warn("cache: cannot remove evicted entry")
+				log.L.WithError(err).WithField("digest", f.key).Warn("cannot remove evicted cache entry")
 			}
 			return nil
 		})
@@ -219,7 +220,7 @@ func (s *Store) scanDir(alg digest.Algorithm, empty digest.Digest, dir, prefix s
 		ents, err = f.ReadDir(-1) // unsorted, unlike os.ReadDir
 	}
 	if err != nil {
-		log.L.WithError(err).Warnf("cache: skipping %s", dir)
+		log.L.WithError(err).WithField("path", dir).Warn("skipping unreadable cache directory")
 		return nil
 	}
 	out := make([]scanned, 0, len(ents))
@@ -235,7 +236,7 @@ func (s *Store) scanDir(alg digest.Algorithm, empty digest.Digest, dir, prefix s
 		d := digest.NewDigestFromEncoded(alg, name)
 		if size == 0 && d != empty {
 			s.corrupt.Add(1)
-			log.L.WithField("digest", d).Warn("cache: discarding empty disk entry")
+			log.L.WithField("digest", d).Warn("discarding empty cache disk entry")
 			os.Remove(filepath.Join(dir, name))
 			continue
 		}
@@ -301,7 +302,7 @@ func (s *Store) writeDisk(d digest.Digest, data []byte) (n *lruNode[*diskEntry],
 	defer func() {
 		if err != nil {
 			s.writeErrors.Add(1)
-			err = fmt.Errorf("cache: storing %s on disk: %w", d, err)
+			err = fmt.Errorf("cache: storing %s on disk: %w", d, classifyWrite(err))
 		}
 	}()
 	pattern := d.Encoded()[:16] + "-*"
@@ -378,7 +379,7 @@ func (s *Store) releaseDisk(n *lruNode[*diskEntry]) {
 		return
 	}
 	if err := os.Remove(s.entryPath(n.key)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		log.L.WithError(err).WithField("digest", n.key).Warn("cache: cannot remove evicted entry")
+		log.L.WithError(err).WithField("digest", n.key).Warn("cannot remove evicted cache entry")
 	}
 }
 
@@ -397,7 +398,7 @@ func (s *Store) persistUse(n *lruNode[*diskEntry]) {
 func (s *Store) discard(n *lruNode[*diskEntry], why string) error {
 	if s.disk.remove(n) {
 		s.corrupt.Add(1)
-		log.L.WithField("digest", n.key).Warnf("cache: discarding corrupt disk entry: %s", why)
+		log.L.WithFields(log.Fields{"digest": n.key, "reason": why}).Warn("discarding corrupt cache disk entry")
 	}
 	return fmt.Errorf("%w: %s: %s on disk, discarded", ErrNotFound, n.key, why)
 }
@@ -406,7 +407,7 @@ func (s *Store) discard(n *lruNode[*diskEntry], why string) error {
 func (s *Store) lose(n *lruNode[*diskEntry]) error {
 	if s.disk.remove(n) {
 		s.lost.Add(1)
-		log.L.WithField("digest", n.key).Warn("cache: disk entry deleted behind our back")
+		log.L.WithField("digest", n.key).Warn("cache disk entry deleted behind our back")
 	}
 	return fmt.Errorf("%w: %s: file missing", ErrNotFound, n.key)
 }
@@ -637,7 +638,7 @@ func (s *Store) AddFrom(d digest.Digest, size int64, r io.Reader) (err error) {
 		return ErrClosed
 	}
 	if err := d.Validate(); err != nil {
-		return fmt.Errorf("cache: add %q: %w", d, err)
+		return fmt.Errorf("cache: add %q: %w: %w", d, errdefs.ErrInvalidArgument, err)
 	}
 	if s.disk == nil {
 		return fmt.Errorf("cache: add %s (%d bytes) without a disk tier: %w", d, size, ErrTooLarge)
@@ -664,7 +665,7 @@ func (s *Store) streamDisk(d digest.Digest, size int64, r io.Reader) (n *lruNode
 	defer func() {
 		if err != nil {
 			s.writeErrors.Add(1)
-			err = fmt.Errorf("cache: storing %s on disk: %w", d, err)
+			err = fmt.Errorf("cache: storing %s on disk: %w", d, classifyWrite(err))
 		}
 	}()
 	f, err := os.CreateTemp(s.tmpDir, d.Encoded()[:16]+"-*")
@@ -678,7 +679,7 @@ func (s *Store) streamDisk(d digest.Digest, size int64, r io.Reader) (n *lruNode
 		err = cerr
 	}
 	if err == nil && (written != size || !v.Verified()) {
-		err = fmt.Errorf("content (%d of %d bytes) does not match its digest", written, size)
+		err = fmt.Errorf("%w (%d of %d bytes)", ErrCorrupt, written, size)
 	}
 	if err == nil {
 		n, err = s.commitDisk(string(d), size, tmp)

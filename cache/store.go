@@ -22,25 +22,6 @@ const (
 	DefaultMaxOpenFiles         = 256
 )
 
-var (
-	// ErrNotFound is returned (possibly wrapped) when an entry is in neither
-	// tier, including when an on-disk entry was found corrupt or missing and
-	// discarded. It also satisfies errdefs.IsNotFound.
-	ErrNotFound = fmt.Errorf("cache entry %w", errdefs.ErrNotFound)
-
-	// ErrTooLarge is returned by Add when an entry is larger than the tier
-	// that should persist it (the disk tier, or the memory tier of a
-	// memory-only store) can ever hold.
-	ErrTooLarge = errors.New("cache: entry larger than cache limit")
-
-	// ErrClosed is returned by operations on a closed Store.
-	ErrClosed = errors.New("cache: store is closed")
-
-	// ErrLocked is returned by Open when another Store, in this or another
-	// process, has the directory open.
-	ErrLocked = errors.New("cache: directory in use by another store")
-)
-
 // Options configure a Store. The zero value is a 64 MiB memory-only cache.
 type Options struct {
 	// Dir is the root of the disk tier, e.g. <daemon root>/cache. It is
@@ -149,7 +130,7 @@ func (s *Store) Add(d digest.Digest, data []byte) error {
 		return ErrClosed
 	}
 	if err := d.Validate(); err != nil {
-		return fmt.Errorf("cache: add %q: %w", d, err)
+		return fmt.Errorf("cache: add %q: %w: %w", d, errdefs.ErrInvalidArgument, err)
 	}
 	key := string(d)
 	size := int64(len(data))
@@ -206,7 +187,7 @@ func (s *Store) ReadAt(d digest.Digest, p []byte, off int64) (int, error) {
 		return 0, ErrClosed
 	}
 	if off < 0 {
-		return 0, fmt.Errorf("cache: read %s: negative offset %d", d, off)
+		return 0, fmt.Errorf("cache: read %s: negative offset %d: %w", d, off, errdefs.ErrInvalidArgument)
 	}
 	key := string(d)
 	if s.mem != nil {

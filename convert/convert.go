@@ -331,8 +331,8 @@ func (c *converter) convertLayer(ctx context.Context, l ocispec.Descriptor, diff
 	defer os.Remove(tmp.Name())
 	defer tmp.Close()
 
-	vr := &verifyingReader{r: rc, v: l.Digest.Verifier()}
-	in := &progressReader{r: vr, total: l.Size, report: func(done, total int64) {
+	verifier := l.Digest.Verifier()
+	in := &progressReader{r: io.TeeReader(rc, verifier), total: l.Size, report: func(done, total int64) {
 		c.progress(Event{Layer: l.Digest, Phase: PhaseConvert, Done: done, Total: total})
 	}}
 	bw := bufio.NewWriterSize(tmp, 1<<20)
@@ -345,7 +345,7 @@ func (c *converter) convertLayer(ctx context.Context, l ocispec.Descriptor, diff
 	if ctx.Err() == nil {
 		if _, derr := io.Copy(io.Discard, in); derr != nil && (err == nil || errdefs.IsDataLoss(derr)) {
 			return ocispec.Descriptor{}, "", fmt.Errorf("fetching: %w", derr)
-		} else if derr == nil && (vr.n != l.Size || !vr.v.Verified()) {
+		} else if derr == nil && (in.done != l.Size || !verifier.Verified()) {
 			return ocispec.Descriptor{}, "", fmt.Errorf("%w: source blob does not match its descriptor (%d bytes, digest %s)", errdefs.ErrDataLoss, l.Size, l.Digest)
 		}
 	}
@@ -415,19 +415,5 @@ func (p *progressReader) Read(b []byte) (int, error) {
 		p.lastReported = p.done
 		p.report(p.done, p.total)
 	}
-	return n, err
-}
-
-// verifyingReader digests what is read through it.
-type verifyingReader struct {
-	r io.Reader
-	v digest.Verifier
-	n int64
-}
-
-func (v *verifyingReader) Read(b []byte) (int, error) {
-	n, err := v.r.Read(b)
-	v.v.Write(b[:n])
-	v.n += int64(n)
 	return n, err
 }

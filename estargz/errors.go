@@ -3,6 +3,8 @@ package estargz
 import (
 	"errors"
 	"fmt"
+
+	"github.com/containerd/errdefs"
 )
 
 // Kinds of errors. Every error returned for bad input is an *Error whose
@@ -14,8 +16,9 @@ var (
 	ErrFormat = errors.New("malformed eStargz")
 	// ErrTOCTooLarge: the TOC exceeds the configured limit.
 	ErrTOCTooLarge = errors.New("TOC too large")
-	// ErrDigest: bytes do not match the digest recorded for them.
-	ErrDigest = errors.New("digest mismatch")
+	// ErrDigest: bytes do not match the digest recorded for them. It
+	// matches errdefs.ErrDataLoss too.
+	ErrDigest error = &kindError{msg: "digest mismatch", class: errdefs.ErrDataLoss}
 	// ErrUnsafePath: an entry name or link escapes the layer root.
 	ErrUnsafePath = errors.New("unsafe path")
 )
@@ -68,3 +71,14 @@ func errorf(kind error, entry string, off int64, format string, args ...any) *Er
 func wrapErr(kind error, entry string, off int64, err error, format string, args ...any) *Error {
 	return &Error{Kind: kind, Entry: entry, Offset: off, Msg: fmt.Sprintf(format, args...), Err: err}
 }
+
+// kindError is an error kind that belongs to a containerd errdefs class,
+// so that errors.Is(err, errdefs.ErrDataLoss) holds for an *Error of that
+// kind while its message stays the kind's own.
+type kindError struct {
+	msg   string
+	class error
+}
+
+func (k *kindError) Error() string { return k.msg }
+func (k *kindError) Unwrap() error { return k.class }

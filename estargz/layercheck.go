@@ -144,14 +144,6 @@ func CheckLayer(ctx context.Context, r io.Reader, comp Compression, ix *Index, w
 	return res, nil
 }
 
-// byteCount is an io.Writer that counts what is written to it.
-type byteCount int64
-
-func (c *byteCount) Write(p []byte) (int, error) {
-	*c += byteCount(len(p))
-	return len(p), nil
-}
-
 // layerChecker compares tar entries with an index as they stream by.
 type layerChecker struct {
 	ix      *Index

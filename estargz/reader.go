@@ -365,7 +365,7 @@ func (r *Reader) Verify() error {
 			return true
 		}
 		seen[n] = true
-		h := sha256.New()
+		h := digest.SHA256.Digester()
 		var buf []byte
 		for _, c := range n.Chunks {
 			buf, err = r.ReadChunk(c, buf)
@@ -375,10 +375,10 @@ func (r *Reader) Verify() error {
 				}
 				return false
 			}
-			h.Write(buf)
+			h.Hash().Write(buf)
 		}
 		if n.Digest != "" {
-			if got := digest.NewDigest(digest.SHA256, h); got != n.Digest {
+			if got := h.Digest(); got != n.Digest {
 				err = errorf(ErrDigest, name, -1, "file content hashes to %s, TOC says %s", got, n.Digest)
 			}
 		}

@@ -2,7 +2,9 @@
 // file contents are fetched lazily from the layer's registry blob.
 //
 // A Layer couples a validated TOC (estargz.Index) with a Blob (ranged reads
-// of the compressed layer) and a chunk Store (the verified cache). Reading a
+// of the compressed layer) and a chunk Store (the verified cache). A Manager
+// opens blobs through a BlobOpener, the one thing fs needs from a registry
+// client (*remote.Registry is one). Reading a
 // file maps the byte range to chunks; each chunk is taken from the Store or
 // fetched — one ranged request, possibly extended over neighbouring chunks
 // (read-ahead) — decompressed, verified against its chunkDigest and only

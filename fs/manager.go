@@ -17,7 +17,6 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazypull/lazypull/estargz"
-	"github.com/lazypull/lazypull/remote"
 )
 
 // LayerSource identifies a layer to mount.
@@ -39,9 +38,10 @@ type ManagerOptions struct {
 	// Root holds per-layer metadata (the TOC and the footer), so layers
 	// can be mounted again after a restart without the registry.
 	Root string
-	// Registry reads blobs. It may be nil when every layer mounted is
+	// Registry opens blobs (a *remote.Registry, or anything that can open
+	// a blob for ranged reads). It may be nil when every layer mounted is
 	// fully described by metadata under Root and cached.
-	Registry *remote.Registry
+	Registry BlobOpener
 	// Store is the chunk cache shared by all layers.
 	Store Store
 	// Layer, Mount and Fetch tune each layer.
@@ -93,7 +93,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 		return nil, errors.New("fs: manager needs a chunk store")
 	}
 	if opts.Layer.Scheduler == nil {
-		opts.Layer.Scheduler = NewScheduler(1)
+		opts.Layer.Scheduler = NewScheduler(DefaultMaxBackground)
 	}
 	if err := os.MkdirAll(filepath.Join(opts.Root, "layers"), 0o700); err != nil {
 		return nil, fmt.Errorf("fs: creating metadata dir: %w", err)
@@ -159,7 +159,7 @@ func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error
 		if m.opts.Registry == nil {
 			return nil, fmt.Errorf("no registry configured: %w", errdefs.ErrUnavailable)
 		}
-		return m.opts.Registry.OpenBlob(ctx, ref, desc)
+		return m.opts.Registry.OpenRangeReader(ctx, ref, desc)
 	}
 	lo := m.opts.Layer
 	if m.opts.Recorder != nil {
@@ -204,12 +204,15 @@ func (m *Manager) fetchMeta(ctx context.Context, src LayerSource, parse bool) (*
 	if m.opts.Registry == nil {
 		return nil, nil, fmt.Errorf("layer %s: no saved metadata and no registry: %w", src.Digest, errdefs.ErrUnavailable)
 	}
-	blob, err := m.opts.Registry.OpenBlob(ctx, src.Ref, ocispec.Descriptor{Digest: src.Digest, Size: src.Size})
+	blob, err := m.opts.Registry.OpenRangeReader(ctx, src.Ref, ocispec.Descriptor{Digest: src.Digest, Size: src.Size})
 	if err != nil {
 		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
 	}
 	t0 := time.Now()
-	f, tocJSON, err := estargz.ReadTOC(blob.ReaderAt(ctx), blob.Size(), estargz.OpenOptions{TOCDigest: src.TOCDigest, Limits: m.opts.Limits})
+	f, tocJSON, err := estargz.ReadTOC(readerAt{ctx, blob}, blob.Size(), estargz.OpenOptions{TOCDigest: src.TOCDigest, Limits: m.opts.Limits})
+	if errors.Is(err, estargz.ErrDigest) {
+		return nil, nil, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify, err)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
 	}
@@ -335,7 +338,7 @@ func (m *Manager) prepared(ctx context.Context, src LayerSource) (*estargz.Index
 		return nil, nil, p.err
 	}
 	if src.TOCDigest != "" && p.meta.TOCDigest != src.TOCDigest {
-		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest,
+		return nil, nil, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify,
 			&estargz.Error{Kind: estargz.ErrDigest, Offset: -1, Msg: fmt.Sprintf("TOC digest is %s, the layer says %s", p.meta.TOCDigest, src.TOCDigest)})
 	}
 	return p.ix, p.meta, nil
@@ -435,14 +438,6 @@ func (m *Manager) Close() error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// fileBlob serves a local blob file, for mounting a blob without a
-// registry.
-type fileBlob struct{ r io.ReaderAt }
-
-func (f fileBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
-	return f.r.ReadAt(p, off)
 }
 
 // OpenLocalLayer opens a local eStargz blob file as a Layer. Its TOC is

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/opencontainers/go-digest"
 
@@ -90,4 +91,46 @@ func (l *ReadLog) Close() error {
 		delete(l.files, name)
 	}
 	return err
+}
+
+// Recorder learns what a workload reads from a layer.
+type Recorder interface {
+	// FirstRead is called once per file, when the file counts as read:
+	// at its first read if it is small (RecordSmallFile), else once a
+	// quarter of it has been read — a program that maps a large library
+	// but touches a few pages of it should not make the whole library
+	// part of the start-up set.
+	FirstRead(layer digest.Digest, name string)
+	// ChunkRead is called once per chunk, at its first read.
+	ChunkRead(layer digest.Digest, c estargz.Chunk)
+}
+
+// RecordSmallFile is the size up to which a file counts as read at its
+// first read.
+const RecordSmallFile = 1 << 20
+
+// noteRead tells the Recorder that k more bytes of n were read.
+func (l *Layer) noteRead(n *estargz.Node, k int64) {
+	r := l.opts.Recorder
+	if r == nil {
+		return
+	}
+	v, _ := l.readSeen.LoadOrStore(n, new(atomic.Int64))
+	got := v.(*atomic.Int64)
+	if got.Load() < 0 {
+		return // recorded already
+	}
+	sum := got.Add(k)
+	if (n.Size <= RecordSmallFile || 4*sum >= n.Size) && got.CompareAndSwap(sum, -1) {
+		r.FirstRead(l.digest, n.Name)
+	}
+}
+
+// noteChunk tells the Recorder about the first read of chunk c.
+func (l *Layer) noteChunk(c estargz.Chunk) {
+	if r := l.opts.Recorder; r != nil {
+		if _, seen := l.chunkSeen.LoadOrStore(c.Digest, struct{}{}); !seen {
+			r.ChunkRead(l.digest, c)
+		}
+	}
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"net/http"
 	"net/url"
@@ -180,13 +179,14 @@ func (r *Registry) putBlob(ctx context.Context, ep *endpoint, spec refSpec, desc
 	actx, wd := r.attempt(ctx)
 	defer wd.done()
 	t0 := time.Now()
-	vr := &hashingReader{r: io.LimitReader(content, desc.Size), h: desc.Digest.Algorithm().Hash(), wd: wd, closed: make(chan struct{})}
+	vr := &uploadBody{dg: desc.Digest.Algorithm().Digester(), wd: wd, closed: make(chan struct{})}
+	vr.r = io.TeeReader(io.LimitReader(content, desc.Size), io.MultiWriter(vr.dg.Hash(), &vr.n))
 	ev := FetchEvent{Op: "upload", Host: loc.Host, Repo: spec.name(), Digest: desc.Digest, Length: desc.Size, Attempt: attempt}
 	defer func() {
 		if err != nil {
 			err = transportError(ctx, actx, err, r.opts.RequestTimeout).with("push blob", loc.Host, spec.name(), desc.Digest.String(), "")
 		}
-		ev.Bytes, ev.Err, ev.Duration = vr.n, err, time.Since(t0)
+		ev.Bytes, ev.Err, ev.Duration = int64(vr.n), err, time.Since(t0)
 		r.emit(ev)
 	}()
 
@@ -234,11 +234,11 @@ func (r *Registry) putBlob(ctx context.Context, ep *endpoint, spec refSpec, desc
 		}
 	}
 	ev.Status = status
-	if vr.n < desc.Size && vr.eof {
+	if int64(vr.n) < desc.Size && vr.eof {
 		return &Error{Err: fmt.Errorf("content ended after %d bytes, descriptor says %d", vr.n, desc.Size), class: errdefs.ErrDataLoss}
 	}
-	if vr.n == desc.Size {
-		if got := digest.NewDigest(desc.Digest.Algorithm(), vr.h); got != desc.Digest {
+	if int64(vr.n) == desc.Size {
+		if got := vr.dg.Digest(); got != desc.Digest {
 			return &Error{Err: fmt.Errorf("content has digest %s, descriptor says %s", got, desc.Digest), class: errdefs.ErrDataLoss}
 		}
 	}
@@ -270,29 +270,27 @@ func (r *Registry) cancelUpload(ctx context.Context, ep *endpoint, spec refSpec,
 	}
 }
 
-// hashingReader hashes and counts what goes through it, and tells the
-// watchdog that the upload makes progress. The HTTP transport closes it
-// when it is done with it.
-type hashingReader struct {
+// uploadBody is the body of a blob upload: r tees what the transport reads
+// into a digester and a byte count. It tells the watchdog that the upload
+// makes progress, and the HTTP transport closes it when it is done with it.
+type uploadBody struct {
 	r      io.Reader
-	h      hash.Hash
+	dg     digest.Digester
+	n      byteCount
 	wd     *watchdog
-	n      int64
 	eof    bool
 	once   sync.Once
 	closed chan struct{}
 }
 
 // Close records that the transport is done with the body.
-func (v *hashingReader) Close() error {
+func (v *uploadBody) Close() error {
 	v.once.Do(func() { close(v.closed) })
 	return nil
 }
 
-func (v *hashingReader) Read(p []byte) (int, error) {
+func (v *uploadBody) Read(p []byte) (int, error) {
 	n, err := v.r.Read(p)
-	v.h.Write(p[:n])
-	v.n += int64(n)
 	if errors.Is(err, io.EOF) {
 		v.eof = true
 	}

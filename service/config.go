@@ -8,6 +8,10 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/lazypull/lazypull/cache"
+	lfs "github.com/lazypull/lazypull/fs"
+	"github.com/lazypull/lazypull/remote"
 )
 
 // DefaultConfigPath is where the daemon looks for its configuration when
@@ -202,15 +206,15 @@ func (d Duration) MarshalText() ([]byte, error) {
 func DefaultConfig() *Config {
 	return &Config{
 		Cache: CacheConfig{
-			MaxDiskBytes:   10 << 30,
+			MaxDiskBytes:   cache.DefaultMaxDiskBytes,
 			MaxMemoryBytes: 32 << 20,
 		},
 		Fetch: FetchConfig{
 			Prefetch:        true,
 			BackgroundFetch: true,
-			Timeout:         Duration(30 * time.Second),
-			Retries:         5,
-			ReadTimeout:     Duration(60 * time.Second),
+			Timeout:         Duration(remote.DefaultRequestTimeout),
+			Retries:         remote.DefaultRetries,
+			ReadTimeout:     Duration(lfs.DefaultFetchTimeout),
 			Passthrough:     true,
 		},
 		Registry: RegistryConfig{

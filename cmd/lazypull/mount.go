@@ -140,7 +140,7 @@ With --blob, mount one local eStargz blob file at DIR instead.`,
 	f.BoolVar(&passthrough, "passthrough", true, "let the kernel read cached single-chunk files directly (Linux >= 6.9)")
 	f.BoolVar(&unverified, "allow-unverified", false, "mount layers that have no TOC digest annotation")
 	f.StringVar(&recordDir, "record", "", "record the files the image reads, in first-read order, in DIR/<ref>.txt (for convert --prioritize)")
-	f.DurationVar(&timeout, "fetch-timeout", time.Duration(service.DefaultConfig().Fetch.ReadTimeout), "give up on (and fail with EIO) a read whose data cannot be fetched in this time")
+	f.DurationVar(&timeout, "fetch-timeout", lfs.DefaultFetchTimeout, "give up on (and fail with EIO) a read whose data cannot be fetched in this time")
 	return cmd
 }
 

@@ -1,0 +1,196 @@
+// The read path and in-flight sharing.
+//
+// Layer.ReadAt maps a byte range of a file to chunks and serves each from
+// the Store, or fetches it. Every chunk has at most one fetch in flight: the
+// first reader to miss it claims it (claim), later readers — and prefetch or
+// background fetches that reach it — wait for that fetch to resolve
+// (resolve) instead of fetching it again. A fetch runs detached from the
+// reader that started it, under its own timeout, so one reader giving up
+// does not fail the others waiting for the same chunk.
+
+package fs
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/lazypull/lazypull/estargz"
+)
+
+// maxForegroundFetches bounds a layer's foreground requests in flight.
+const maxForegroundFetches = 8
+
+// ReadAt reads file content of node n at off into p. It returns the number
+// of bytes read; short reads happen only at the end of the file.
+func (l *Layer) ReadAt(ctx context.Context, n *estargz.Node, p []byte, off int64) (int, error) {
+	if err := l.Err(); err != nil {
+		return 0, err
+	}
+	if off >= n.Size || len(p) == 0 {
+		return 0, nil
+	}
+	end := min(off+int64(len(p)), n.Size)
+	total := 0
+	for off < end {
+		i := n.ChunkAt(off)
+		if i < 0 {
+			return total, fmt.Errorf("file %q has no chunk at offset %d", n.Name, off)
+		}
+		c := n.Chunks[i]
+		inner := off - c.FileOffset
+		want := min(end-off, c.Size-inner)
+		dst := p[total : total+int(want)]
+		l.noteChunk(c)
+		if k, err := l.store.ReadAt(c.Digest, dst, inner); err == nil && k == len(dst) {
+			l.hits.Add(1)
+			if o := l.opts.Observer; o != nil {
+				o.CacheHit(l.digest)
+			}
+		} else {
+			l.misses.Add(1)
+			if o := l.opts.Observer; o != nil {
+				o.CacheMiss(l.digest)
+			}
+			data, err := l.fetchChunk(ctx, n, c)
+			if err != nil {
+				return total, err
+			}
+			copy(dst, data[inner:inner+want])
+		}
+		total += int(want)
+		off += want
+	}
+	l.noteRead(n, int64(total))
+	return total, nil
+}
+
+// timedOutMemo is how long a chunk whose fetch ran out of FetchTimeout
+// keeps failing at once. When a readahead READ fails, the kernel at once
+// retries the page the reader wants with a READ of its own; without the
+// memo that retry waits a second FetchTimeout, so a read(2) of a buffered
+// file hung for twice the configured time before failing.
+const timedOutMemo = time.Second
+
+type timedOutFetch struct {
+	at  time.Time
+	err error
+}
+
+// inflight is a chunk being fetched: readers of it wait on done instead of
+// fetching it again.
+type inflight struct {
+	done chan struct{}
+	data []byte
+	err  error
+}
+
+// claim marks the chunks of cs that are neither cached nor being fetched
+// as being fetched by the caller, and returns them. The caller must
+// resolve every claimed chunk.
+func (l *Layer) claim(cs []estargz.Chunk) []estargz.Chunk {
+	l.pmu.Lock()
+	defer l.pmu.Unlock()
+	var mine []estargz.Chunk
+	for _, c := range cs {
+		if _, busy := l.pending[c.Digest]; busy || l.store.Has(c.Digest) {
+			continue
+		}
+		l.pending[c.Digest] = &inflight{done: make(chan struct{})}
+		mine = append(mine, c)
+	}
+	return mine
+}
+
+// resolve ends the fetch of a claimed chunk.
+func (l *Layer) resolve(c estargz.Chunk, data []byte, err error) {
+	l.pmu.Lock()
+	p := l.pending[c.Digest]
+	delete(l.pending, c.Digest)
+	l.pmu.Unlock()
+	if p != nil {
+		p.data, p.err = data, err
+		close(p.done)
+	}
+}
+
+// fetchChunk returns chunk c of file n, verified, fetching it (and the
+// uncached chunks after it within the read-ahead window, in the same
+// request) unless a fetch of it is in flight already — a read, a prefetch
+// or a background fetch — in which case it waits for that one. The fetch
+// runs under its own timeout, so one reader giving up does not fail the
+// others waiting for the same chunk.
+func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk) ([]byte, error) {
+	l.timedOutMu.Lock()
+	f, ok := l.timedOut[c.Digest]
+	l.timedOutMu.Unlock()
+	if ok && l.sched.clock.Now().Sub(f.at) < timedOutMemo {
+		return nil, f.err
+	}
+	done := l.sched.foreground()
+	defer done()
+	for {
+		l.pmu.Lock()
+		p := l.pending[c.Digest]
+		l.pmu.Unlock()
+		if p == nil {
+			// One read-ahead at a time per layer: a burst of misses (the
+			// kernel's own read-ahead of a big file, parallel readers)
+			// must not flood the link and memory with speculation.
+			want := []estargz.Chunk{c}
+			ra := l.raBusy.CompareAndSwap(false, true)
+			if ra {
+				want = l.readAheadGroup(c)
+			}
+			group := l.claim(want)
+			fctx := context.WithoutCancel(ctx)
+			if len(group) > 0 && group[0].Digest == c.Digest {
+				// The reader waits for its own chunk only: the
+				// read-ahead travels in a second request alongside.
+				go l.fetchForeground(fctx, n.Name, group[:1])
+				group = group[1:]
+			}
+			if len(group) > 0 {
+				go func() {
+					l.fetchForeground(fctx, "", group)
+					l.raBusy.Store(false)
+				}()
+			} else if ra {
+				l.raBusy.Store(false)
+			}
+			l.pmu.Lock()
+			p = l.pending[c.Digest]
+			l.pmu.Unlock()
+			if p == nil {
+				// Fetched by someone else between our looks: read it.
+				data, err := l.storeGet(c)
+				if err == nil {
+					return data, nil
+				}
+				continue
+			}
+		}
+		select {
+		case <-p.done:
+			if p.err != nil {
+				return nil, p.err
+			}
+			return p.data, nil
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// storeGet reads a whole chunk from the store.
+func (l *Layer) storeGet(c estargz.Chunk) ([]byte, error) {
+	buf := make([]byte, c.Size)
+	n, err := l.store.ReadAt(c.Digest, buf, 0)
+	if err != nil {
+		return nil, err
+	}
+	if int64(n) != c.Size {
+		return nil, fmt.Errorf("short cache read of %s", c.Digest)
+	}
+	return buf, nil
+}
