@@ -143,6 +143,12 @@ func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk
 				want = l.readAheadGroup(c)
 			}
 			group := l.claim(want)
+			// Take the entry to wait on before the fetch starts: a fetch
+			// that fails fast would otherwise be resolved (and gone)
+			// before the look below, and the chunk fetched again.
+			l.pmu.Lock()
+			p = l.pending[c.Digest]
+			l.pmu.Unlock()
 			fctx := context.WithoutCancel(ctx)
 			if len(group) > 0 && group[0].Digest == c.Digest {
 				// The reader waits for its own chunk only: the
@@ -158,11 +164,8 @@ func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk
 			} else if ra {
 				l.raBusy.Store(false)
 			}
-			l.pmu.Lock()
-			p = l.pending[c.Digest]
-			l.pmu.Unlock()
 			if p == nil {
-				// Fetched by someone else between our looks: read it.
+				// Cached by someone else between our looks: read it.
 				data, err := l.storeGet(c)
 				if err == nil {
 					return data, nil
