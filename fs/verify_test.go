@@ -75,7 +75,9 @@ func TestAlteredBlob(t *testing.T) {
 			if _, err := f.ReadAt(buf, 0); err != nil || !bytes.Equal(buf, want[:4096]) {
 				t.Fatalf("reading the good start of the victim: %v", err)
 			}
-			if n := l.Stats().VerifyFailures; n != 0 {
+			// The directory read-ahead of that first miss may already
+			// have taken in (and failed) the altered chunk: at most once.
+			if n := l.Stats().VerifyFailures; n > 1 {
 				t.Fatalf("VerifyFailures = %d before reaching the altered chunk", n)
 			}
 			// A good chunk whose read-ahead takes in the altered one reads
