@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -129,5 +131,93 @@ func TestLazypullPoisonedLayerFailsClosed(t *testing.T) {
 				t.Fatalf("with verification off B read %q: the attack fixture no longer works, so the test proves nothing", out)
 			}
 		})
+	}
+}
+
+// buildStatic builds a static binary of the command in dir for test images.
+func buildStatic(t *testing.T, dir string) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "bin")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", out, "./"+dir)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building %s: %v\n%s", dir, err, b)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestLazypullImageCannotSteerMounts: an image's layer annotations name
+// another repository in the labels lazypull once read
+// (containerd.io/snapshot/lazypull.image-ref and .layer-digest), and its TOC
+// carries overlayfs control xattrs. The layer is still mounted from its own
+// repository — the registry sees no request for the other one — and inside
+// the container the image's user.overlay.* xattr is not there while an
+// ordinary one is.
+func TestLazypullImageCannotSteerMounts(t *testing.T) {
+	probe := buildStatic(t, "testdata/xattrprobe")
+	l, err := fixture.BusyboxLayer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.FileBytes("bin/xattrprobe", probe, fixture.Mode(0o755)).
+		Dir("d", fixture.Xattr("user.overlay.opaque", "y"), fixture.Xattr("user.overlay.redirect", "/etc"),
+			fixture.Xattr("trusted.overlay.redirect", "/etc"), fixture.Xattr("user.keep", "1")).
+		File("d/f", "mine\n")
+	plain, err := fixture.GzipLayer(l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var esgz bytes.Buffer
+	res, err := estargz.Build(context.Background(), &esgz, bytes.NewReader(plain.Uncompressed), estargz.BuildOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	v := lab.Containerd2()
+	reg := lab.NewRegistry(t)
+	// The repository the annotations point at, with a blob of its own.
+	decoy, err := fixture.GzipLayer(fixture.NewLayer().File("etc/motd", "decoy\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	decoyImg, err := fixture.NewImage(fixture.DefaultConfig(), decoy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	decoyRef := push(t, reg, "other/secret:v1", decoyImg)
+	ann := map[string]string{
+		estargz.TOCDigestAnnotation:                    res.TOCDigest.String(),
+		"containerd.io/snapshot/lazypull.image-ref":    decoyRef,
+		"containerd.io/snapshot/lazypull.layer-digest": decoy.Digest().String(),
+		"containerd.io/snapshot/cri.image-ref":         decoyRef,
+	}
+	layer := fixture.NewLayerBlob(ocispec.MediaTypeImageLayerGzip, esgz.Bytes(), esgz.Bytes(), ann)
+	layer.DiffID = res.DiffID
+	img, err := fixture.NewImage(fixture.DefaultConfig(), layer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := push(t, reg, "tenant/app:v1", img)
+
+	env := newLazyEnv(t, v, reg, lazyOptions{Verify: true})
+	ctx := env.c.Namespace(t)
+	reg.ResetRequests()
+	image := env.pull(t, ctx, ref)
+	env.checkRemote(t, ctx, image, true)
+	out := env.run(t, ctx, image, "/bin/xattrprobe", "/d", "user.overlay.opaque", "user.overlay.redirect", "user.keep")
+	if out != "ENODATA ENODATA 1\n" {
+		t.Errorf("xattrs of /d inside the container: %q, want the overlay ones absent and user.keep=1", out)
+	}
+	if got := env.run(t, ctx, image, "cat", "/d/f"); got != "mine\n" {
+		t.Errorf("/d/f reads %q", got)
+	}
+	for _, r := range reg.Requests() {
+		if strings.Contains(r.Path, "other/secret") {
+			t.Errorf("the registry served %s %s for the repository the annotations named", r.Method, r.Path)
+		}
 	}
 }
