@@ -42,7 +42,10 @@ func TestManyConcurrentUncachedReads(t *testing.T) {
 		entries = append(entries, fixture.Reg(fmt.Sprintf("d/%04d", i), 0o644, fixture.Random(int64(1000+i), size)))
 	}
 	fx := newFixture(t, entries)
-	e := newEnv(t, envOptions{manager: lfs.ManagerOptions{Layer: lfs.LayerOptions{ReadAhead: -1}}})
+	// The reads queue for the layer's 8 foreground fetch slots; under the
+	// race detector on a small machine the last waits longer than the
+	// default fetch timeout: this test is about memory, not speed.
+	e := newEnv(t, envOptions{manager: lfs.ManagerOptions{Layer: lfs.LayerOptions{ReadAhead: -1, FetchTimeout: 10 * time.Minute}}})
 	dir, m := e.mount(t, e.push(t, "many", oursGzip.build(t, fx.tar, 64<<10, nil)))
 
 	runtime.GC()
