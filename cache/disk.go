@@ -412,6 +412,31 @@ func (s *Store) lose(n *lruNode[*diskEntry]) error {
 	return fmt.Errorf("%w: %s: file missing", ErrNotFound, n.key)
 }
 
+// readFailed handles an error reading n's file (op says which step
+// failed). An error that says nothing about the entry (too many open files,
+// out of memory, an interrupted call) is returned as it is: the entry stays
+// and a later read may succeed. Any other (EIO, EISDIR, EACCES, ESTALE, ...)
+// means the entry cannot be served: it is discarded and the error reported
+// as a miss, so the caller fetches the data again instead of finding the
+// entry still listed and failing on it forever.
+func (s *Store) readFailed(n *lruNode[*diskEntry], op string, err error) error {
+	if transientReadError(err) {
+		return fmt.Errorf("cache: %s %s: %w", op, n.key, err)
+	}
+	return fmt.Errorf("%w (%w)", s.discard(n, op+" failed: "+err.Error()), err)
+}
+
+// transientReadError reports whether err is a condition of the process or
+// the system rather than of the file read.
+func transientReadError(err error) bool {
+	for _, e := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOMEM, syscall.ENOBUFS, syscall.EINTR, syscall.EAGAIN} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
 // openEntry opens n's file and checks its size.
 func (s *Store) openEntry(n *lruNode[*diskEntry]) (*os.File, error) {
 	f, err := os.Open(s.entryPath(n.key))
@@ -419,12 +444,16 @@ func (s *Store) openEntry(n *lruNode[*diskEntry]) (*os.File, error) {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, s.lose(n)
 		}
-		return nil, fmt.Errorf("cache: %w", err)
+		return nil, s.readFailed(n, "open", err)
 	}
 	fi, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("cache: %w", err)
+		return nil, s.readFailed(n, "stat", err)
+	}
+	if !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, s.discard(n, "not a regular file ("+fi.Mode().Type().String()+")")
 	}
 	if fi.Size() != n.val.size {
 		f.Close()
@@ -453,7 +482,7 @@ func (s *Store) readDisk(n *lruNode[*diskEntry], p []byte, off int64) (int, erro
 		if err == nil || err == io.EOF {
 			return 0, s.discard(n, fmt.Sprintf("truncated below %d bytes", off+int64(nr)+1))
 		}
-		return nr, fmt.Errorf("cache: read %s: %w", n.key, err)
+		return 0, s.readFailed(n, "read", err)
 	}
 	if len(want) < len(p) {
 		return nr, io.EOF
@@ -496,7 +525,7 @@ func (s *Store) verify(n *lruNode[*diskEntry]) ([]byte, error) {
 		nr, err = io.Copy(h, io.NewSectionReader(sf.f, 0, e.size))
 	}
 	if err != nil && err != io.EOF {
-		return nil, fmt.Errorf("cache: verify %s: %w", n.key, err)
+		return nil, s.readFailed(n, "verify", err)
 	}
 	if nr < e.size {
 		return nil, s.discard(n, fmt.Sprintf("truncated to %d of %d bytes", nr, e.size))

@@ -175,10 +175,12 @@ func (s *Store) admitMemory(key string, data []byte, cp bool) *memEntry {
 // ReadAt reads len(p) bytes of the entry d starting at off, like
 // io.ReaderAt: it returns io.EOF if fewer bytes remain (0, io.EOF at or past
 // the end). On a miss it returns an error satisfying errors.Is(err,
-// ErrNotFound). An entry found corrupt, truncated or deleted on disk is
-// discarded and reported as a miss. Other errors (for example EIO or EMFILE)
-// are returned as they are: the entry may still be cached, but the caller
-// should fetch the data elsewhere.
+// ErrNotFound). An entry found corrupt, truncated or deleted on disk, or
+// whose file fails to read (EIO, a directory in its place, ...), is
+// discarded and reported as a miss (wrapping the cause), so Has no longer
+// lists it. Only errors that are the process's or the system's rather than
+// the file's (EMFILE, ENOMEM, EINTR, ...) are returned as they are: the
+// entry stays cached, but the caller should fetch the data elsewhere.
 //
 // A memory tier hit takes a shard read lock and a copy, and allocates
 // nothing.

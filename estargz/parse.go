@@ -20,14 +20,34 @@ type Limits struct {
 	// MaxTOCSize is the largest TOC JSON accepted, in bytes (default
 	// 128 MiB, enough for several hundred thousand entries).
 	MaxTOCSize int64
-	// MaxEntries is the most TOC entries accepted (default 4 Mi).
+	// MaxEntries is the most TOC entries accepted (default 1 Mi). An
+	// entry costs about 700 bytes of index in memory, so the default
+	// bounds one index to about 750 MiB.
 	MaxEntries int
+	// MaxChunkSize is the largest plain size of a chunk, and of the
+	// compressed member holding it up to the chunk's end (innerOffset
+	// plus size), accepted (default 64 MiB; writers split files into
+	// 4 MiB chunks). A chunk's compressed extent (from its member's
+	// offset to the next member's) may exceed its member's plain size
+	// only by what incompressible data and the tar headers riding along
+	// can add: 1/64 of it plus MaxExtentSlack. Reading a chunk holds
+	// its extent and its plain bytes in memory, so these bound the
+	// memory one fetch can be made to take.
+	MaxChunkSize int64
 }
 
 // Default limits.
 const (
 	DefaultMaxTOCSize = 128 << 20
-	DefaultMaxEntries = 4 << 20
+	DefaultMaxEntries = 1 << 20
+	// DefaultMaxChunkSize is Limits.MaxChunkSize's default.
+	DefaultMaxChunkSize = 64 << 20
+	// MaxExtentSlack is how many bytes a chunk's compressed extent may
+	// exceed its member's plain size by (plus 1/64 of it): room for the
+	// headers of the non-regular entries that follow a payload in its
+	// member (a few dozen compressed bytes each) and for compression
+	// overhead.
+	MaxExtentSlack = 16 << 20
 	// maxFileSize bounds a regular file's declared size (1 PiB).
 	maxFileSize = 1 << 50
 	// maxHardlinkDepth bounds hardlink-to-hardlink chains.
@@ -47,6 +67,9 @@ func (l Limits) withDefaults() Limits {
 	if l.MaxEntries <= 0 {
 		l.MaxEntries = DefaultMaxEntries
 	}
+	if l.MaxChunkSize <= 0 {
+		l.MaxChunkSize = DefaultMaxChunkSize
+	}
 	return l
 }
 
@@ -55,8 +78,9 @@ func (l Limits) withDefaults() Limits {
 // well-formed eStargz writer would not produce and that could make a reader
 // misbehave: unsafe names, duplicate names, unknown types, chunks that
 // overlap, leave gaps or do not add up to the file size, offsets outside the
-// payload region, hardlinks to missing or directory targets, and TOCs larger
-// than the limits. Besides the limits, a TOC may not imply (by the names of
+// payload region, hardlinks to missing or directory targets, chunks larger
+// than Limits.MaxChunkSize or with a compressed extent out of proportion to
+// their plain size, and TOCs larger than the limits. Besides the limits, a TOC may not imply (by the names of
 // its entries) more than 65536 directories beyond its number of entries,
 // which keeps indexing time and memory linear in the TOC size.
 func ParseTOC(tocJSON []byte, payloadEnd int64, limits Limits) (*Index, error) {
@@ -76,7 +100,7 @@ func ParseTOC(tocJSON []byte, payloadEnd int64, limits Limits) (*Index, error) {
 	if len(toc.Entries) > limits.MaxEntries {
 		return nil, errorf(ErrTOCTooLarge, "", -1, "%d entries, limit %d", len(toc.Entries), limits.MaxEntries)
 	}
-	ix, err := buildIndex(toc, payloadEnd)
+	ix, err := buildIndex(toc, payloadEnd, limits.MaxChunkSize)
 	if err != nil {
 		return nil, err
 	}

@@ -23,12 +23,13 @@ type indexBuilder struct {
 	sizeSoFar   int64 // plain bytes covered by lastReg's chunks so far
 	implicit    int   // directories created only because names imply them
 	maxImplicit int
+	maxChunk    int64 // Limits.MaxChunkSize
 	// Owner names seen so far by uid and gid: writers may record a name
 	// only on the first entry with a given id (the upstream builder does).
 	unames, gnames map[int]string
 }
 
-func buildIndex(toc *TOC, payloadEnd int64) (*Index, error) {
+func buildIndex(toc *TOC, payloadEnd, maxChunk int64) (*Index, error) {
 	if toc.Version != 1 {
 		return nil, errorf(ErrFormat, "", -1, "TOC version %d, want 1", toc.Version)
 	}
@@ -38,7 +39,7 @@ func buildIndex(toc *TOC, payloadEnd int64) (*Index, error) {
 		PayloadEnd:  payloadEnd,
 		nodes:       make(map[string]*Node, len(toc.Entries)+1),
 	}
-	b := &indexBuilder{ix: ix, nextID: 1, maxImplicit: len(toc.Entries) + implicitDirSlack}
+	b := &indexBuilder{ix: ix, nextID: 1, maxImplicit: len(toc.Entries) + implicitDirSlack, maxChunk: maxChunk}
 	ix.root = b.newNode("", TypeDir)
 	ix.root.Mode = 0o755
 	ix.nodes[""] = ix.root
@@ -296,6 +297,11 @@ func (b *indexBuilder) addChunk(name string, e *TOCEntry) error {
 	if size <= 0 || size > n.Size-e.ChunkOffset {
 		return errorf(ErrFormat, name, e.ChunkOffset, "chunk of %d bytes does not fit in a file of %d bytes", size, n.Size)
 	}
+	// Reading a chunk holds it in memory whole: bound it, and the inner
+	// bytes of its member that are decompressed only to be skipped.
+	if size > b.maxChunk || e.InnerOffset > b.maxChunk-size {
+		return errorf(ErrTOCTooLarge, name, e.ChunkOffset, "chunk of %d bytes at inner offset %d exceeds the %d-byte chunk limit", size, e.InnerOffset, b.maxChunk)
+	}
 	n.Chunks = append(n.Chunks, Chunk{
 		FileOffset:  e.ChunkOffset,
 		Size:        size,
@@ -358,6 +364,9 @@ func (b *indexBuilder) addHardlink(e *TOCEntry) error {
 
 // computeExtents gives every chunk the end of its compressed member: the
 // next larger member offset in the blob, or the end of the payload region.
+// An extent longer than its member's plain bytes can explain (maxExtent)
+// is refused: it would make a read of a few bytes fetch and hold the whole
+// gap.
 func (b *indexBuilder) computeExtents() error {
 	var offsets []int64
 	for _, e := range b.ix.TOC.Entries {
@@ -367,6 +376,16 @@ func (b *indexBuilder) computeExtents() error {
 	}
 	slices.Sort(offsets)
 	offsets = slices.Compact(offsets)
+	// The plain bytes of each member, as far as its chunks reach.
+	memberPlain := make(map[int64]int64, len(offsets))
+	for name, n := range b.ix.nodes {
+		if n == nil || n.Type != TypeReg || n.Name != name {
+			continue
+		}
+		for _, c := range n.Chunks {
+			memberPlain[c.Offset] = max(memberPlain[c.Offset], c.InnerOffset+c.Size)
+		}
+	}
 	for name, n := range b.ix.nodes {
 		if n == nil {
 			return errorf(ErrFormat, name, -1, "unresolved hardlink")
@@ -382,7 +401,17 @@ func (b *indexBuilder) computeExtents() error {
 			} else {
 				c.End = b.ix.PayloadEnd
 			}
+			if limit := maxExtent(memberPlain[c.Offset]); c.End-c.Offset > limit {
+				return errorf(ErrTOCTooLarge, name, c.FileOffset, "chunk's compressed extent [%d,%d) is %d bytes, more than %d for %d plain bytes",
+					c.Offset, c.End, c.End-c.Offset, limit, memberPlain[c.Offset])
+			}
 		}
 	}
 	return nil
+}
+
+// maxExtent is the longest compressed extent accepted for a member of
+// plain bytes.
+func maxExtent(plain int64) int64 {
+	return plain + plain/64 + MaxExtentSlack
 }

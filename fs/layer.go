@@ -121,9 +121,9 @@ type Layer struct {
 	fetchedBytes, requests, hits, misses, verifyFailures, fetchNanos, bgBytes atomic.Int64
 
 	// Recording (record.go) and passthrough assembly (passthrough.go).
-	readSeen   sync.Map // *estargz.Node -> *atomic.Int64 bytes read (-1: recorded), when recording
-	chunkSeen  sync.Map // chunk digest -> struct{}, when recording
-	assembling sync.Map // file digest -> struct{}, while assembled for passthrough
+	readSeen  sync.Map // *estargz.Node -> *atomic.Int64 bytes read (-1: recorded), when recording
+	chunkSeen sync.Map // chunk digest -> struct{}, when recording
+	pt        passthroughState
 
 	failure atomic.Pointer[error] // set by Fail (fail.go): every read fails with it
 

@@ -6,10 +6,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/remotes/docker"
@@ -17,6 +20,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/docker/docker-credential-helpers/client"
 	"github.com/docker/docker-credential-helpers/credentials"
+	"golang.org/x/sync/singleflight"
 )
 
 // dockerHubKey is the key docker uses for Docker Hub in config.json and
@@ -34,7 +38,7 @@ func DockerCredentials(path string) func(host string) (username, secret string, 
 	if path == "" {
 		path = defaultDockerConfig()
 	}
-	return (&dockerCredentials{path: path}).get
+	return (&dockerCredentials{path: path, helperTimeout: DefaultCredentialHelperTimeout}).get
 }
 
 // dockerCredentials looks credentials up in a docker config.json, the
@@ -43,7 +47,11 @@ func DockerCredentials(path string) func(host string) (username, secret string, 
 // only when a registry challenges us), so `docker login` takes effect
 // without a restart.
 type dockerCredentials struct {
-	path string
+	path          string
+	helperTimeout time.Duration
+	// helpers collapses concurrent runs of one helper for one server:
+	// a burst of challenged requests runs it once.
+	helpers singleflight.Group
 }
 
 type dockerConfigFile struct {
@@ -93,7 +101,7 @@ func (d *dockerCredentials) get(host string) (string, string, error) {
 		}
 	}
 	if helper != "" {
-		creds, err := client.Get(client.NewShellProgramFunc("docker-credential-"+helper), serverURL)
+		creds, err := d.runHelper(helper, serverURL)
 		switch {
 		case err == nil:
 			if creds.Username == "<token>" {
@@ -117,6 +125,51 @@ func (d *dockerCredentials) get(host string) (string, string, error) {
 	}
 	return "", "", nil
 }
+
+// runHelper asks docker-credential-<helper> for serverURL's credentials,
+// killing it (and whatever it started) if it runs longer than the helper
+// timeout.
+func (d *dockerCredentials) runHelper(helper, serverURL string) (*credentials.Credentials, error) {
+	v, err, _ := d.helpers.Do(helper+"\x00"+serverURL, func() (any, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), d.helperTimeout)
+		defer cancel()
+		creds, err := client.Get(func(args ...string) client.Program {
+			return newHelperProgram(ctx, "docker-credential-"+helper, args...)
+		}, serverURL)
+		if err != nil && ctx.Err() != nil {
+			return nil, fmt.Errorf("no answer within %v: %w", d.helperTimeout, context.DeadlineExceeded)
+		}
+		return creds, err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.(*credentials.Credentials), nil
+}
+
+// helperProgram is a credential helper run (client.Program) bounded by a
+// context: when it ends, the helper's whole process group is killed, and
+// the pipes are closed shortly after even if a grandchild holds them.
+type helperProgram struct {
+	cmd *exec.Cmd
+}
+
+func newHelperProgram(ctx context.Context, name string, args ...string) *helperProgram {
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = os.Environ()
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error {
+		if cmd.Process == nil {
+			return nil
+		}
+		return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	}
+	cmd.WaitDelay = time.Second
+	return &helperProgram{cmd: cmd}
+}
+
+func (p *helperProgram) Output() ([]byte, error) { return p.cmd.Output() }
+func (p *helperProgram) Input(in io.Reader)      { p.cmd.Stdin = in }
 
 func (e dockerAuthEntry) credentials(key string) (string, string, error) {
 	if e.IdentityToken != "" {
@@ -219,7 +272,14 @@ type authorizer struct {
 	recheck  time.Duration
 	build    func(a *authorizer) docker.Authorizer
 
+	// lookup finds the credentials for a host: the keychain's or the
+	// registry's (docker config, credential helpers) answer. It may be
+	// slow: AddResponses runs it outside any lock, bounded by the
+	// request's context, and hands the docker authorizer the answer.
+	lookup func(host string) (username, secret string, err error)
+
 	mu      sync.Mutex
+	answers map[string]credAnswer // the last lookup per host, for the docker authorizer's callback
 	docker  docker.Authorizer
 	cred    Credential // the keychain's last answer
 	checked time.Time  // when cred was obtained; zero before the first challenge
@@ -244,7 +304,19 @@ func (a *authorizer) Authorize(ctx context.Context, req *http.Request) error {
 	mu := a.scopeLock(strings.Join(docker.GetTokenScopes(ctx, nil), " "))
 	mu.Lock()
 	defer mu.Unlock()
-	return d.Authorize(ctx, req)
+	if err := d.Authorize(ctx, req); err != nil {
+		// containerd's authorizer keeps a failed token fetch for good
+		// (a token server's one 503 would fail every later request):
+		// start over, so the next attempt answers the registry's
+		// challenge and fetches a token afresh.
+		a.mu.Lock()
+		if a.docker == d {
+			a.docker = a.build(a)
+		}
+		a.mu.Unlock()
+		return err
+	}
+	return nil
 }
 
 // scopeLock returns the mutex serializing Authorize calls for scope.
@@ -277,10 +349,60 @@ func (a *authorizer) AddResponses(ctx context.Context, responses []*http.Respons
 			return nil
 		}
 	}
+	host := a.host
+	if n := len(responses); n > 0 && responses[n-1].Request != nil {
+		host = responses[n-1].Request.URL.Host
+	}
+	// containerd's authorizer asks for credentials while holding its
+	// lock, so a slow lookup (a hanging credential helper) would block
+	// every request of the repository: look them up first, outside any
+	// lock, for no longer than this request may wait.
+	ans, err := a.lookupCtx(ctx, host)
+	if err != nil {
+		return err
+	}
 	a.mu.Lock()
+	if a.answers == nil {
+		a.answers = map[string]credAnswer{}
+	}
+	a.answers[host] = ans
 	d := a.docker
 	a.mu.Unlock()
 	return d.AddResponses(ctx, responses)
+}
+
+// credAnswer is one credential lookup's result.
+type credAnswer struct {
+	user, secret string
+	err          error
+}
+
+// lookupCtx runs lookup for host, giving up when ctx ends (the lookup
+// goes on in the background, bounded by its own timeouts).
+func (a *authorizer) lookupCtx(ctx context.Context, host string) (credAnswer, error) {
+	ch := make(chan credAnswer, 1)
+	go func() {
+		u, s, err := a.lookup(host)
+		ch <- credAnswer{u, s, err}
+	}()
+	select {
+	case ans := <-ch:
+		return ans, nil
+	case <-ctx.Done():
+		return credAnswer{}, fmt.Errorf("waiting for the credentials for %s: %w", host, ctx.Err())
+	}
+}
+
+// answer is the docker authorizer's credential callback: the answer
+// AddResponses looked up, or a lookup now.
+func (a *authorizer) answer(host string) (string, string, error) {
+	a.mu.Lock()
+	ans, ok := a.answers[host]
+	a.mu.Unlock()
+	if ok {
+		return ans.user, ans.secret, ans.err
+	}
+	return a.lookup(host)
 }
 
 // credentials is the docker authorizer's credential callback.
@@ -345,15 +467,15 @@ func (r *Registry) authorizer(ep *endpoint, repo string) *authorizer {
 		host:     ep.host.Host,
 		recheck:  r.opts.CredentialRecheck,
 	}
+	a.lookup = r.creds
+	if a.keychain != nil {
+		a.lookup = a.credentials
+	}
 	a.build = func(a *authorizer) docker.Authorizer {
-		creds := r.creds
-		if a.keychain != nil {
-			creds = a.credentials
-		}
 		return docker.NewDockerAuthorizer(
 			docker.WithAuthClient(ep.authClient),
 			docker.WithAuthHeader(http.Header{"User-Agent": {r.opts.UserAgent}}),
-			docker.WithAuthCreds(creds),
+			docker.WithAuthCreds(a.answer),
 		)
 	}
 	a.docker = a.build(a)

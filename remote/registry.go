@@ -31,6 +31,9 @@ const (
 	DefaultUserAgent      = "lazypull"
 
 	DefaultCredentialRecheck = 5 * time.Second
+	// DefaultCredentialHelperTimeout is Options.CredentialHelperTimeout's
+	// default.
+	DefaultCredentialHelperTimeout = 10 * time.Second
 )
 
 // maxBackoff caps the exponential backoff between attempts, and
@@ -72,6 +75,13 @@ type Options struct {
 	// new credentials) are used before the registry rejects the old ones.
 	// Default DefaultCredentialRecheck.
 	CredentialRecheck time.Duration
+
+	// CredentialHelperTimeout bounds one run of a docker credential
+	// helper (docker-credential-*): a helper still running then is
+	// killed, with its process group, and the lookup fails. A request
+	// waiting for credentials gives up sooner if its own context ends.
+	// Default DefaultCredentialHelperTimeout.
+	CredentialHelperTimeout time.Duration
 
 	// PlainHTTP forces plain HTTP for every host. Without it, hosts use
 	// https unless hosts.toml says otherwise, except localhost and loopback
@@ -179,12 +189,15 @@ func New(opts Options) (*Registry, error) {
 	if opts.CredentialRecheck <= 0 {
 		opts.CredentialRecheck = DefaultCredentialRecheck
 	}
+	if opts.CredentialHelperTimeout <= 0 {
+		opts.CredentialHelperTimeout = DefaultCredentialHelperTimeout
+	}
 	creds := opts.Credentials
 	if creds == nil {
 		if opts.DockerConfig == "" {
 			opts.DockerConfig = defaultDockerConfig()
 		}
-		creds = DockerCredentials(opts.DockerConfig)
+		creds = (&dockerCredentials{path: opts.DockerConfig, helperTimeout: opts.CredentialHelperTimeout}).get
 	}
 
 	r := &Registry{opts: opts, creds: creds, cache: map[string][]*endpoint{}}

@@ -197,6 +197,10 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 		return err
 	}
 	svc.OnLayerFailed(sn.LayerFailed)
+	// Saved TOCs of layers no snapshot uses any more go, before serving.
+	if err := svc.LayerFS().SweepLayers(ctx, sn); err != nil {
+		log.G(ctx).WithError(err).Warn("sweeping saved layer metadata failed")
+	}
 	defer func() {
 		if err := sn.Close(); err != nil {
 			log.G(ctx).WithError(err).Error("failed to close the snapshotter")

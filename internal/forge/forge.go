@@ -23,6 +23,43 @@ import (
 // digest of its TOC (what the forger annotates the layer with). Both files
 // must be single-chunk regular files.
 func ServeOtherFile(blob []byte, victim, source string) ([]byte, digest.Digest, error) {
+	return RewriteTOC(blob, func(toc *estargz.TOC) error {
+		var v, s *estargz.TOCEntry
+		for _, e := range toc.Entries {
+			switch e.Name {
+			case victim:
+				v = e
+			case source:
+				s = e
+			}
+		}
+		if v == nil || s == nil {
+			return fmt.Errorf("forge: %q or %q is not in the TOC", victim, source)
+		}
+		v.Offset, v.InnerOffset, v.ChunkDigest, v.Digest, v.Size = s.Offset, s.InnerOffset, s.ChunkDigest, s.Digest, s.Size
+		return nil
+	})
+}
+
+// DeclareFileDigest rewrites the TOC of a gzip eStargz blob so that file
+// name's whole-file digest (the TOC entry's "digest", which no chunk read
+// checks) is d, leaving its chunks and the payload unchanged. It returns
+// the forged blob and the digest of its TOC.
+func DeclareFileDigest(blob []byte, name string, d digest.Digest) ([]byte, digest.Digest, error) {
+	return RewriteTOC(blob, func(toc *estargz.TOC) error {
+		for _, e := range toc.Entries {
+			if e.Name == name && e.Type == estargz.TypeReg {
+				e.Digest = d.String()
+				return nil
+			}
+		}
+		return fmt.Errorf("forge: %q is not a regular file in the TOC", name)
+	})
+}
+
+// RewriteTOC rewrites the TOC of a gzip eStargz blob with edit, keeping
+// the payload, and returns the forged blob and the digest of its TOC.
+func RewriteTOC(blob []byte, edit func(*estargz.TOC) error) ([]byte, digest.Digest, error) {
 	footer, tocJSON, err := estargz.ReadTOC(bytes.NewReader(blob), int64(len(blob)), estargz.OpenOptions{})
 	if err != nil {
 		return nil, "", err
@@ -34,19 +71,9 @@ func ServeOtherFile(blob []byte, victim, source string) ([]byte, digest.Digest, 
 	if err := json.Unmarshal(tocJSON, &toc); err != nil {
 		return nil, "", err
 	}
-	var v, s *estargz.TOCEntry
-	for _, e := range toc.Entries {
-		switch e.Name {
-		case victim:
-			v = e
-		case source:
-			s = e
-		}
+	if err := edit(&toc); err != nil {
+		return nil, "", err
 	}
-	if v == nil || s == nil {
-		return nil, "", fmt.Errorf("forge: %q or %q is not in the TOC", victim, source)
-	}
-	v.Offset, v.InnerOffset, v.ChunkDigest, v.Digest, v.Size = s.Offset, s.InnerOffset, s.ChunkDigest, s.Digest, s.Size
 	forged, err := json.Marshal(&toc)
 	if err != nil {
 		return nil, "", err
