@@ -66,7 +66,7 @@ func TestHangingCredentialHelper(t *testing.T) {
 	img := reg.PushImage(t, "team/app", "v1", remotetest.Layer{Data: []byte("layer")})
 	dir := t.TempDir()
 	started := filepath.Join(dir, "started")
-	script := "#!/bin/sh\necho run >> '" + started + "'\nsleep 987\n"
+	script := "#!/bin/sh\necho $$ >> '" + started + "'\nsleep 987\n"
 	if err := os.WriteFile(filepath.Join(dir, "docker-credential-hang"), []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -103,34 +103,44 @@ func TestHangingCredentialHelper(t *testing.T) {
 	t.Log(errs[0])
 	mustContain(t, errs[0], "credentials", "deadline exceeded")
 
-	// Once the helper timeout has passed, nothing is left running.
+	b, _ := os.ReadFile(started)
+	pids := strings.Fields(string(b))
+	if len(pids) != 1 {
+		t.Fatalf("helper ran %d times for one burst of reads, want 1", len(pids))
+	}
+	// Once the helper timeout has passed, nothing is left running: not
+	// the helper's process group (it runs in its own), nor goroutines.
 	deadline := time.Now().Add(helperTimeout + 5*time.Second)
 	for {
 		n := credentialGoroutines()
-		if n <= base && !sleeping("sleep 987") {
+		left := inProcessGroup(pids[0])
+		if n <= base && left == 0 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%d goroutines in the client or running helpers (were %d); helper's sleep still running: %v", n, base, sleeping("sleep 987"))
+			t.Fatalf("%d goroutines in the client or running helpers (were %d); %d processes left in the helper's group", n, base, left)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	b, _ := os.ReadFile(started)
-	if runs := strings.Count(string(b), "run"); runs != 1 {
-		t.Errorf("helper ran %d times for one burst of reads, want 1", runs)
-	}
 }
 
-// sleeping reports whether a process runs with command line cmd.
-func sleeping(cmd string) bool {
+// inProcessGroup counts the processes in process group pgid.
+func inProcessGroup(pgid string) int {
+	n := 0
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err == nil && strings.ReplaceAll(strings.TrimRight(string(b), "\x00"), "\x00", " ") == cmd {
-			return true
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid pgrp ...: comm may hold spaces.
+		s := string(b)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+		if len(f) > 2 && f[2] == pgid {
+			n++
 		}
 	}
-	return false
+	return n
 }
 
 // credentialGoroutines counts the goroutines in the remote package's code,
