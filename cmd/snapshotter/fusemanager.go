@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -187,6 +188,18 @@ func serveManager(ctx context.Context, addr, root string, cfg *service.Config) (
 	l, err := listen(addr)
 	if err != nil {
 		return err
+	}
+	// The socket is removed at exit only if it is still this manager's:
+	// a manager started while this one drains must keep its own.
+	if ul, ok := l.(*net.UnixListener); ok {
+		ul.SetUnlinkOnClose(false)
+	}
+	if own, err := os.Stat(addr); err == nil {
+		defer func() {
+			if now, err := os.Stat(addr); err == nil && os.SameFile(own, now) {
+				os.Remove(addr)
+			}
+		}()
 	}
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		l.Close()
