@@ -304,6 +304,22 @@ func rootProcesses(t *testing.T, root string) []int {
 	return pids
 }
 
+// threads is the number of threads of process pid.
+func threads(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Threads:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
+		}
+	}
+	return 0
+}
+
 // fds lists what process pid has open, leaving out the chunk files of the
 // cache (open while the workload holds a file open: passthrough) and
 // giving sockets without their inode numbers.
@@ -366,6 +382,9 @@ func TestRestartFuseManager(t *testing.T) {
 			if pid != env.sn.Pid() {
 				syscall.Kill(pid, syscall.SIGKILL)
 			}
+		}
+		if b, err := os.ReadFile(filepath.Join(root, "fuse-manager.log")); err == nil && strings.Contains(string(b), "WARNING: DATA RACE") {
+			t.Errorf("the fuse manager reported a data race; see its log")
 		}
 		if t.Failed() {
 			if b, err := os.ReadFile(filepath.Join(root, "fuse-manager.log")); err == nil {
@@ -461,13 +480,22 @@ func TestRestartFuseManager(t *testing.T) {
 	mountsBefore := env.fuseMounts(t)
 	procsBefore := rootProcesses(t, root)
 	fdsBefore := fds(t, managerPid)
+	threadsBefore := threads(t, managerPid)
 	const cycles = 20
 	c = env.startLoop(t, ctx, loop, "/loop.sh", "100", "1000")
 	c.prog.waitLines(t, 5)
+	// The registry is down meanwhile: neither the restarts nor the
+	// container's (cached) reads need it.
+	if err := reg.Stop(); err != nil {
+		t.Fatal(err)
+	}
 	for range cycles {
 		env.restartManaged(t, ctx, true)
 	}
 	c.prog.waitLines(t, 5)
+	if err := reg.Start(); err != nil {
+		t.Fatal(err)
+	}
 	if d := mapDiff(mountsBefore, env.fuseMounts(t)); d != "" {
 		t.Errorf("FUSE mounts after %d cycles differ:\n%s", cycles, d)
 	}
@@ -479,7 +507,8 @@ func TestRestartFuseManager(t *testing.T) {
 	if len(fdsAfter) > len(fdsBefore) {
 		t.Errorf("fuse manager has %d open files after %d cycles, %d before:\nbefore %q\nafter %q", len(fdsAfter), cycles, len(fdsBefore), fdsBefore, fdsAfter)
 	}
-	t.Logf("after %d kill/start cycles: %d FUSE mounts, processes %v, manager fds %d (before %d)", cycles, len(mountsBefore), procsBefore, len(fdsAfter), len(fdsBefore))
+	t.Logf("after %d kill/start cycles: %d FUSE mounts, processes %v, manager fds %d (before %d), manager threads %d (before %d)",
+		cycles, len(mountsBefore), procsBefore, len(fdsAfter), len(fdsBefore), threads(t, managerPid), threadsBefore)
 	c.stop(t, "loop across kill/start cycles")
 
 	// 4. A layer mount whose snapshot the metadata no longer has (removed
