@@ -164,11 +164,12 @@ func stopManager(ctx context.Context, addr string, stdout, stderr io.Writer) int
 		fmt.Fprintf(stdout, "no fuse manager running at %s\n", addr)
 		return 0
 	}
-	defer c.Close()
 	pid := c.Manager().Pid
 	sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	if err := c.Shutdown(sctx); err != nil {
+	err = c.Shutdown(sctx)
+	c.Close() // lets the manager exit at once
+	if err != nil {
 		fmt.Fprintf(stderr, "lazypull-snapshotter fuse-manager: %v\n", err)
 		return 1
 	}

@@ -80,7 +80,12 @@ func wait(ctx context.Context, rc *rpc.Client, method string, args, reply any) e
 
 // call calls method, dialing again once if the connection was broken.
 func (c *Client) call(ctx context.Context, method string, args, reply any) error {
-	for attempt := 0; ; attempt++ {
+	return c.callN(ctx, method, args, reply, 2)
+}
+
+// callN calls method, at most attempts times while the connection breaks.
+func (c *Client) callN(ctx context.Context, method string, args, reply any, attempts int) error {
+	for attempt := 1; ; attempt++ {
 		rc, err := c.conn(ctx)
 		if err != nil {
 			return err
@@ -100,7 +105,7 @@ func (c *Client) call(ctx context.Context, method string, args, reply any) error
 		}
 		c.mu.Unlock()
 		rc.Close()
-		if attempt > 0 {
+		if attempt >= attempts {
 			return fmt.Errorf("fuse manager %s: %w: %w", method, err, errdefs.ErrUnavailable)
 		}
 	}
@@ -157,7 +162,9 @@ func (c *Client) Mountpoints(ctx context.Context) ([]string, error) {
 // Shutdown asks the manager to unmount every layer and exit.
 func (c *Client) Shutdown(ctx context.Context) error {
 	var r Result
-	if err := c.call(ctx, "Shutdown", Empty{}, &r); err != nil {
+	// Once: a manager that went away meanwhile must not be asked again
+	// on a new connection (to a successor).
+	if err := c.callN(ctx, "Shutdown", Empty{}, &r, 1); err != nil {
 		return err
 	}
 	return r.err()

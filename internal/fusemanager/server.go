@@ -8,6 +8,7 @@ import (
 	"net/rpc"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/containerd/log"
 )
@@ -72,14 +73,26 @@ func Serve(ctx context.Context, l net.Listener, backend Backend, opts ServerOpti
 		err = fmt.Errorf("accepting fuse manager clients: %w", err)
 	}
 	l.Close()
+	// The Shutdown reply is sent after its method returned: give the
+	// clients a moment to read it and hang up before cutting them off.
+	finished := make(chan struct{})
+	go func() { wg.Wait(); close(finished) }()
+	select {
+	case <-finished:
+	case <-time.After(shutdownGrace):
+	}
 	connsMu.Lock()
 	for c := range conns {
 		c.Close()
 	}
 	connsMu.Unlock()
-	wg.Wait()
+	<-finished
 	return err
 }
+
+// shutdownGrace is how long Serve waits for clients to hang up once it
+// stops.
+const shutdownGrace = 2 * time.Second
 
 func (s *rpcServer) lock(mountpoint string) func() {
 	s.mu.Lock()
