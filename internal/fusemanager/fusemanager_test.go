@@ -169,6 +169,7 @@ func TestShutdownUnmountsAll(t *testing.T) {
 	if err := c.Shutdown(ctx); err != nil {
 		t.Fatal(err)
 	}
+	c.Close()
 	if mps := b.Mountpoints(); len(mps) != 0 {
 		t.Fatalf("mounts after Shutdown: %v", mps)
 	}
