@@ -349,7 +349,8 @@ func fds(t *testing.T, pid int) []string {
 // are served by the fuse manager, so the containers read on, uncached
 // chunks included, and see only correct bytes. Then it checks that kill
 // and start cycles leak nothing, that a layer mount the daemon's metadata
-// no longer knows is unmounted at start, and that `fuse-manager --stop`
+// no longer knows is unmounted at start, that a killed manager is replaced,
+// and that `fuse-manager --stop`
 // (uninstall) leaves no mount or process behind.
 func TestRestartFuseManager(t *testing.T) {
 	t.Parallel()
@@ -542,10 +543,28 @@ func TestRestartFuseManager(t *testing.T) {
 		t.Errorf("the orphan layer mount is still there after start")
 	}
 
-	// 5. Uninstall: stop the daemon, then `fuse-manager --stop`.
+	// 5. The manager itself dies (SIGKILL): the daemon starts a new one on
+	// its next call and mounts the layers again for new containers.
 	if err := env.c.WaitSnapshotter(ctx, lazypullName); err != nil {
 		t.Fatal(err)
 	}
+	mc = env.managerClient(t, ctx)
+	oldManager := mc.Manager().Pid
+	mc.Close()
+	if err := syscall.Kill(oldManager, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(10*time.Second, func() bool { return syscall.Kill(oldManager, 0) != nil })
+	if out := env.run(t, ctx, a, "cat", "/etc/motd"); out != "image A\n" {
+		t.Fatalf("after the manager was killed: cat: %q", out)
+	}
+	mc = env.managerClient(t, ctx)
+	if pid := mc.Manager().Pid; pid == oldManager {
+		t.Errorf("no new fuse manager after SIGKILL of %d", oldManager)
+	}
+	mc.Close()
+
+	// 6. Uninstall: stop the daemon, then `fuse-manager --stop`.
 	if err := env.sn.Stop(); err != nil {
 		t.Fatal(err)
 	}

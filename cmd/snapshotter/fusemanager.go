@@ -38,16 +38,37 @@ func managerAddress(cfg *service.Config, root string) string {
 // the daemon) if none answers.
 func connectManager(ctx context.Context, dc daemonConfig, root string) (*fusemanager.Client, error) {
 	addr := managerAddress(dc.cfg, root)
-	if c, err := fusemanager.Dial(ctx, addr); err == nil {
+	start := func(ctx context.Context) error { return startManager(ctx, dc, root, addr) }
+	c, err := fusemanager.Dial(ctx, addr)
+	if err == nil {
 		h := c.Manager()
 		log.G(ctx).WithField("pid", h.Pid).WithField("version", h.Version).WithField("address", addr).Info("reconnected to the running fuse manager")
-		return c, nil
-	} else if errors.Is(err, errdefs.ErrFailedPrecondition) {
-		return nil, err
+	} else {
+		if errors.Is(err, errdefs.ErrFailedPrecondition) {
+			return nil, err
+		}
+		if err := start(ctx); err != nil {
+			return nil, err
+		}
+		if c, err = fusemanager.Dial(ctx, addr); err != nil {
+			return nil, err
+		}
 	}
+	// A manager that dies later is replaced on the next call; its layers
+	// are mounted again as the snapshotter finds them unhealthy.
+	c.SetStarter(func(ctx context.Context) error {
+		log.G(ctx).WithField("address", addr).Warn("the fuse manager is gone; starting a new one")
+		return start(ctx)
+	})
+	return c, nil
+}
+
+// startManager starts a fuse manager (this binary in fuse-manager mode, in
+// a session of its own) and waits until it answers on addr.
+func startManager(ctx context.Context, dc daemonConfig, root, addr string) error {
 	exe, err := os.Executable()
 	if err != nil {
-		return nil, fmt.Errorf("starting the fuse manager: %w", err)
+		return fmt.Errorf("starting the fuse manager: %w", err)
 	}
 	args := []string{"fuse-manager", "--address", addr, "--root", root, "--log-level", dc.logLevel}
 	if dc.configGiven {
@@ -56,7 +77,7 @@ func connectManager(ctx context.Context, dc daemonConfig, root string) (*fuseman
 	logPath := filepath.Join(root, "fuse-manager.log")
 	lf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("fuse manager log: %w", err)
+		return fmt.Errorf("fuse manager log: %w", err)
 	}
 	defer lf.Close()
 	cmd := exec.Command(exe, args...)
@@ -66,26 +87,27 @@ func connectManager(ctx context.Context, dc daemonConfig, root string) (*fuseman
 	// group, its terminal going away) is not the manager's.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting the fuse manager: %w", err)
+		return fmt.Errorf("starting the fuse manager: %w", err)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }() // reaps it if it exits while the daemon runs
 	log.G(ctx).WithField("pid", cmd.Process.Pid).WithField("log", logPath).Info("started the fuse manager")
 	deadline := time.Now().Add(managerStartTimeout)
 	for {
-		c, err := fusemanager.Dial(ctx, addr)
+		nc, err := net.DialTimeout("unix", addr, time.Second)
 		if err == nil {
-			return c, nil
+			nc.Close()
+			return nil
 		}
 		select {
 		case werr := <-exited:
-			return nil, fmt.Errorf("the fuse manager exited (%v) before answering; see %s", werr, logPath)
+			return fmt.Errorf("the fuse manager exited (%v) before answering; see %s", werr, logPath)
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return ctx.Err()
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("the fuse manager did not answer on %s within %s: %w", addr, managerStartTimeout, err)
+			return fmt.Errorf("the fuse manager did not answer on %s within %s: %w", addr, managerStartTimeout, err)
 		}
 	}
 }

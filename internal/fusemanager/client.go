@@ -20,6 +20,8 @@ type Client struct {
 
 	mu sync.Mutex
 	c  *rpc.Client
+	// start, if set, starts a manager when none answers.
+	start func(ctx context.Context) error
 	// Hello is the manager's answer when the client connected.
 	hello HelloReply
 }
@@ -31,6 +33,14 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// SetStarter makes the client start a manager with fn (and dial again)
+// when none answers: a manager that died is replaced on the next call.
+func (c *Client) SetStarter(fn func(ctx context.Context) error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.start = fn
 }
 
 // Manager returns what the manager said about itself when last connected.
@@ -46,12 +56,15 @@ func (c *Client) conn(ctx context.Context) (*rpc.Client, error) {
 	if c.c != nil {
 		return c.c, nil
 	}
-	var d net.Dialer
-	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	nc, err := d.DialContext(dctx, "unix", c.addr)
+	nc, err := dial(ctx, c.addr)
+	if err != nil && c.start != nil {
+		if serr := c.start(ctx); serr != nil {
+			return nil, fmt.Errorf("connecting to the fuse manager at %s: %w; starting one: %w", c.addr, err, serr)
+		}
+		nc, err = dial(ctx, c.addr)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("connecting to the fuse manager at %s: %w: %w", c.addr, err, errdefs.ErrUnavailable)
+		return nil, err
 	}
 	rc := rpc.NewClient(nc)
 	var h HelloReply
@@ -66,6 +79,17 @@ func (c *Client) conn(ctx context.Context) (*rpc.Client, error) {
 	}
 	c.c, c.hello = rc, h
 	return rc, nil
+}
+
+func dial(ctx context.Context, addr string) (net.Conn, error) {
+	var d net.Dialer
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	nc, err := d.DialContext(dctx, "unix", addr)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to the fuse manager at %s: %w: %w", addr, err, errdefs.ErrUnavailable)
+	}
+	return nc, nil
 }
 
 func wait(ctx context.Context, rc *rpc.Client, method string, args, reply any) error {
