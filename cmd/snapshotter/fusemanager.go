@@ -11,12 +11,15 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
 
 	"github.com/lazypull/lazypull/internal/fusemanager"
 	"github.com/lazypull/lazypull/service"
@@ -120,7 +123,7 @@ func runManager(args []string, stdout, stderr io.Writer) int {
 	fl := flag.NewFlagSet("lazypull-snapshotter fuse-manager", flag.ContinueOnError)
 	fl.SetOutput(stderr)
 	fl.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: lazypull-snapshotter fuse-manager [flags]\n\nServes lazypull's layer file systems for the daemon, outliving it (normally started by the daemon).\n--stop unmounts every layer and stops the running manager (uninstall, manager upgrade).\n\nFlags:\n")
+		fmt.Fprintf(stderr, "Usage: lazypull-snapshotter fuse-manager [flags]\n\nServes lazypull's layer file systems for the daemon, outliving it (normally started by the daemon).\n--stop unmounts every layer and stops the running manager (uninstall, manager upgrade),\nand detaches layer mounts a dead manager left.\n\nFlags:\n")
 		fl.PrintDefaults()
 	}
 	address := fl.String("address", "", "unix socket (default: the config's fuse_manager.address, else ROOT/fuse-manager.sock)")
@@ -165,13 +168,46 @@ func runManager(args []string, stdout, stderr io.Writer) int {
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
 	if *stop {
-		return stopManager(ctx, addr, stdout, stderr)
+		code := stopManager(ctx, addr, stdout, stderr)
+		if code == 0 {
+			if err := detachStale(r, stdout); err != nil {
+				fmt.Fprintf(stderr, "lazypull-snapshotter fuse-manager: %v\n", err)
+				return 1
+			}
+		}
+		return code
 	}
 	if err := serveManager(ctx, addr, r, cfg); err != nil {
 		log.G(ctx).WithError(err).Error("fuse manager failed")
 		return 1
 	}
 	return 0
+}
+
+// detachStale lazily unmounts the lazypull FUSE mounts left below
+// root/snapshots by a manager that died (their connections are dead): the
+// uninstall path leaves no mount behind.
+func detachStale(root string, stdout io.Writer) error {
+	dir := filepath.Join(root, "snapshots")
+	if r, err := filepath.EvalSymlinks(dir); err == nil {
+		dir = r
+	}
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	if err != nil {
+		return fmt.Errorf("listing mounts below %s: %w", dir, err)
+	}
+	var errs []error
+	for _, m := range infos {
+		if !strings.HasPrefix(m.FSType, "fuse") || !strings.HasPrefix(m.Source, "lazypull") {
+			continue
+		}
+		if err := unix.Unmount(m.Mountpoint, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, fmt.Errorf("detaching %s: %w", m.Mountpoint, err))
+			continue
+		}
+		fmt.Fprintf(stdout, "detached stale layer mount %s\n", m.Mountpoint)
+	}
+	return errors.Join(errs...)
 }
 
 // stopManager asks the manager at addr to unmount everything and exit,
