@@ -53,6 +53,8 @@ type HelloReply struct {
 	Protocol int
 	Version  string
 	Pid      int
+	// Goroutines is the manager's goroutine count (leak checks).
+	Goroutines int
 }
 
 // SizeReply is a LayerSize answer.

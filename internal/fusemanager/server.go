@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/rpc"
 	"os"
+	"runtime"
 	"sync"
 	"time"
 
@@ -108,7 +109,7 @@ func (s *rpcServer) lock(mountpoint string) func() {
 
 // Hello identifies the manager.
 func (s *rpcServer) Hello(_ Empty, reply *HelloReply) error {
-	*reply = HelloReply{Protocol: Protocol, Version: s.opts.Version, Pid: os.Getpid()}
+	*reply = HelloReply{Protocol: Protocol, Version: s.opts.Version, Pid: os.Getpid(), Goroutines: runtime.NumGoroutine()}
 	return nil
 }
 
