@@ -60,6 +60,11 @@ type lazyOptions struct {
 	// "background", the daemon's default). Off, the registry request log
 	// shows exactly what reads fetched.
 	Verify bool
+	// FuseManager turns on [fuse_manager]: the layers are served by the
+	// fuse manager process, which outlives the daemon. Binary, if set,
+	// is the daemon binary to run instead of the shared build.
+	FuseManager bool
+	Binary      string
 }
 
 // lazyEnv is a lazypull-snapshotter daemon and a containerd of the test's
@@ -114,9 +119,16 @@ policy = %q
 
 [metrics]
 address = "127.0.0.1:0"
-`, t.Name(), o.BackgroundFetch, o.Timeout, o.Retries, o.ReadTimeout, hostsDir, verifyPolicy(o.Verify))
+
+[fuse_manager]
+enable = %t
+`, t.Name(), o.BackgroundFetch, o.Timeout, o.Retries, o.ReadTimeout, hostsDir, verifyPolicy(o.Verify), o.FuseManager)
+	bin := o.Binary
+	if bin == "" {
+		bin = lazypullSnapshotter(t)
+	}
 	sn := lab.NewSnapshotter(t, lab.SnapshotterConfig{
-		Binary:   lazypullSnapshotter(t),
+		Binary:   bin,
 		Config:   cfg,
 		LogLevel: "debug",
 	})

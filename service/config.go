@@ -57,6 +57,10 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //	config = ""
 //	bin_dir = ""
 //	timeout = "1m"
+//
+//	[fuse_manager]
+//	enable = false
+//	address = ""
 type Config struct {
 	// Root is the snapshotter's state directory (metadata.db, snapshots/).
 	// Default "": the --root flag's value (/var/lib/lazypull). An explicit
@@ -84,6 +88,21 @@ type Config struct {
 
 	CRI                 CRIConfig                 `toml:"cri"`
 	CredentialProviders CredentialProvidersConfig `toml:"credential_providers"`
+	FuseManager         FuseManagerConfig         `toml:"fuse_manager"`
+}
+
+// FuseManagerConfig is the [fuse_manager] section: with Enable, the layers'
+// FUSE file systems are served by a separate long-lived process (the fuse
+// manager, `lazypull-snapshotter fuse-manager`) that the daemon starts if
+// it is not running and drives over a unix socket, so that running
+// containers keep their layers when the daemon is killed, restarted or
+// upgraded. See docs/architecture.md, "Restarts".
+type FuseManagerConfig struct {
+	// Enable serves the layers from the fuse manager. Default false: the
+	// daemon serves them itself and they go away with it.
+	Enable bool `toml:"enable"`
+	// Address is the manager's unix socket. Default "": <root>/fuse-manager.sock.
+	Address string `toml:"address"`
 }
 
 // CRIConfig is the [cri] section: the CRI image-service proxy kubelet's
@@ -283,6 +302,11 @@ func (c *Config) Validate() error {
 	}
 	if c.CredentialProviders.Config != "" && c.CredentialProviders.BinDir == "" {
 		errs = append(errs, errors.New("credential_providers.bin_dir must be set with credential_providers.config"))
+	}
+	if c.FuseManager.Enable && (c.CRI.Enable || c.CredentialProviders.Config != "") {
+		// The credentials the CRI proxy captures live in the daemon; the
+		// manager, which fetches, could not see them.
+		errs = append(errs, errors.New("fuse_manager.enable cannot be combined with cri.enable or credential_providers.config yet"))
 	}
 	if c.CredentialProviders.Timeout <= 0 {
 		errs = append(errs, fmt.Errorf("credential_providers.timeout must be positive (%s)", time.Duration(c.CredentialProviders.Timeout)))

@@ -172,3 +172,13 @@ func (l *LayerFS) Unmount(ctx context.Context, mountpoint string) error {
 func (l *LayerFS) LayerSize(mountpoint string) (int64, bool) {
 	return l.mgr.LayerSize(mountpoint)
 }
+
+// Mountpoints lists where layers are mounted.
+func (l *LayerFS) Mountpoints() []string {
+	mounts := l.mgr.Mounts()
+	out := make([]string, 0, len(mounts))
+	for _, m := range mounts {
+		out = append(out, m.Dir())
+	}
+	return out
+}

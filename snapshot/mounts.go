@@ -75,7 +75,8 @@ func removeDir(ctx context.Context, dir string) error {
 // Those can only be left over from an earlier run (a crashed daemon leaves
 // dead FUSE mounts that fail with ENOTCONN). Mounts elsewhere below the
 // snapshots directory are not ours and are left alone.
-func unmountStale(ctx context.Context, snapshotsDir string) error {
+// Mountpoints in keep (live mounts of a MountLister) are left alone.
+func unmountStale(ctx context.Context, snapshotsDir string, keep map[string]bool) error {
 	mps, err := mountpointsUnder(snapshotsDir)
 	if err != nil {
 		return err
@@ -86,6 +87,9 @@ func unmountStale(ctx context.Context, snapshotsDir string) error {
 		parts := strings.Split(rel, string(filepath.Separator))
 		if err != nil || len(parts) != 2 || parts[1] != "fs" {
 			log.G(ctx).WithField("mountpoint", m.Mountpoint).Warn("unexpected mount below the snapshots directory; leaving it")
+			continue
+		}
+		if keep[m.Mountpoint] {
 			continue
 		}
 		l := log.G(ctx).WithField("mountpoint", m.Mountpoint).WithField("fstype", m.FSType)

@@ -41,6 +41,18 @@ type LayerSizer interface {
 	LayerSize(mountpoint string) (size int64, ok bool)
 }
 
+// MountLister is implemented by a LayerFS whose mounts outlive the
+// snapshotter (they are served by another process, the fuse manager). New
+// then keeps the mounts it lists instead of unmounting them as stale,
+// takes those of remote snapshots as mounted (checking them before use),
+// and unmounts those of snapshots removed meanwhile; Close leaves the
+// mounts in place, so that running containers keep reading them while the
+// daemon restarts.
+type MountLister interface {
+	// Mountpoints lists where layers are mounted.
+	Mountpoints(ctx context.Context) ([]string, error)
+}
+
 // Labels read or written by the snapshotter. Those starting with
 // "containerd.io/snapshot/" are passed on by containerd from the layer
 // descriptor's annotations.
@@ -396,4 +408,42 @@ func (s *Snapshotter) failedParent(name string) bool {
 		}
 	}
 	return false
+}
+
+// adoptMounts asks a MountLister LayerFS which layers it still serves from
+// before this snapshotter started: those of remote snapshots in list are
+// taken as mounted (restore checks them and mounts them again only if they
+// are unhealthy); the others belong to snapshots removed meanwhile and are
+// unmounted. It returns the mountpoints kept.
+func (s *Snapshotter) adoptMounts(ctx context.Context, list []*remoteLayer) map[string]bool {
+	ml, ok := s.layers.(MountLister)
+	if !ok {
+		return nil
+	}
+	mps, err := ml.Mountpoints(ctx)
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("cannot list the layers still mounted; mounting every remote snapshot again")
+		return nil
+	}
+	byMP := map[string]*remoteLayer{}
+	for _, rl := range list {
+		byMP[rl.mountpoint] = rl
+	}
+	keep := map[string]bool{}
+	for _, mp := range mps {
+		rl := byMP[mp]
+		if rl == nil {
+			log.G(ctx).WithField("mountpoint", mp).Info("unmounting the layer of a snapshot removed while the daemon was down")
+			if err := s.layers.Unmount(ctx, mp); err != nil {
+				log.G(ctx).WithError(err).WithField("mountpoint", mp).Warn("failed to unmount the layer of a removed snapshot")
+			}
+			continue
+		}
+		rl.mounted = true
+		keep[mp] = true
+	}
+	if len(keep) > 0 {
+		log.G(ctx).WithField("count", len(keep)).Info("adopted layers still served by the fuse manager")
+	}
+	return keep
 }

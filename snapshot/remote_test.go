@@ -785,3 +785,84 @@ func TestRemoteUsageFromLayerSizer(t *testing.T) {
 		t.Fatalf("label %q, %v", info.Labels[LabelUncompressedSize], err)
 	}
 }
+
+// listingLayerFS is a fakeLayerFS whose mounts outlive the snapshotter,
+// like the fuse manager's.
+type listingLayerFS struct{ *fakeLayerFS }
+
+func (l listingLayerFS) Mountpoints(context.Context) ([]string, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+	for mp := range l.mounted {
+		out = append(out, mp)
+	}
+	return out, nil
+}
+
+// TestRemoteRestartAdoptsLiveMounts: with a MountLister LayerFS, Close
+// leaves the layers mounted, the next snapshotter adopts them (checks, no
+// remount, no stale detach) and unmounts a layer whose snapshot the
+// metadata no longer has.
+func TestRemoteRestartAdoptsLiveMounts(t *testing.T) {
+	requireRoot(t)
+	ctx := testContext(t)
+	root := t.TempDir()
+	lfs := listingLayerFS{newFakeLayerFS()}
+	lfs.addLayer(t, digest1, map[string]string{"etc/one": "1"})
+	lfs.addLayer(t, digest2, map[string]string{"bin/two": "2"})
+	t.Cleanup(func() {
+		mps, _ := lfs.Mountpoints(ctx)
+		for _, mp := range mps {
+			_ = unix.Unmount(mp, unix.MNT_DETACH)
+		}
+	})
+
+	sn1 := newTestSnapshotter(t, ctx, root, lfs)
+	prepareRemote(t, ctx, sn1, chain1, "", digest1)
+	prepareRemote(t, ctx, sn1, chain2, chain1, digest2)
+	mp1 := sn1.fsPath(idOf(t, ctx, sn1, chain1))
+	if err := sn1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, u := lfs.counts(); u != 0 {
+		t.Fatalf("Close unmounted %d layers of a MountLister, want 0", u)
+	}
+	if n := mountCount(t, mp1); n != 1 {
+		t.Fatalf("%s mounted %d times after Close, want 1", mp1, n)
+	}
+	// A layer whose snapshot is gone from the metadata.
+	orphan := filepath.Join(root, "snapshots", "999", "fs")
+	if err := os.MkdirAll(orphan, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := lfs.Mount(ctx, orphan, layerLabels(chain1, digest1)); err != nil {
+		t.Fatal(err)
+	}
+	mountsBefore, _, _ := lfs.counts()
+
+	sn2 := newTestSnapshotter(t, ctx, root, lfs)
+	sn2.bgWG.Wait()
+	m, err := sn2.Prepare(ctx, "rootfs", chain2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, unmount := mountAt(t, m)
+	if readFile(t, filepath.Join(dir, "etc/one")) != "1" || readFile(t, filepath.Join(dir, "bin/two")) != "2" {
+		t.Fatal("rootfs does not show the adopted layers")
+	}
+	unmount()
+	mounts, checks, unmounts := lfs.counts()
+	if mounts != mountsBefore {
+		t.Errorf("LayerFS.Mount called %d times after restart, want 0: live mounts must be adopted", mounts-mountsBefore)
+	}
+	if checks < 2 {
+		t.Errorf("adopted layers checked %d times, want at least 2", checks)
+	}
+	if unmounts != 1 || mountCount(t, orphan) != 0 {
+		t.Errorf("orphan layer: %d unmounts, mounted %d times; want it unmounted", unmounts, mountCount(t, orphan))
+	}
+	if n := mountCount(t, mp1); n != 1 {
+		t.Errorf("%s mounted %d times, want 1", mp1, n)
+	}
+}

@@ -139,7 +139,8 @@ func New(ctx context.Context, opt Options) (*Snapshotter, error) {
 		}
 		return nil, fmt.Errorf("reading %s: %w", dbPath, err)
 	}
-	if err := unmountStale(ctx, filepath.Join(root, "snapshots")); err != nil {
+	live := s.adoptMounts(ctx, remotes)
+	if err := unmountStale(ctx, filepath.Join(root, "snapshots"), live); err != nil {
 		log.G(ctx).WithError(err).Error("failed to unmount stale mounts")
 	}
 
@@ -380,6 +381,12 @@ func (s *Snapshotter) Close() error {
 		s.bgCancel()
 		s.bgWG.Wait()
 		ctx := log.WithLogger(context.Background(), log.G(s.bgCtx))
+		if _, ok := s.layers.(MountLister); ok {
+			// The mounts live in another process and stay for the
+			// next daemon: running containers keep reading them.
+			s.closeErr = s.ms.Close()
+			return
+		}
 		s.mu.Lock()
 		remotes := make([]*remoteLayer, 0, len(s.remotes))
 		for _, rl := range s.remotes {

@@ -10,6 +10,12 @@
 //
 //	lazypull-snapshotter [--address SOCKET] [--root DIR] [--config FILE] [--log-level LEVEL]
 //	lazypull-snapshotter --version
+//	lazypull-snapshotter fuse-manager [--stop] [--address SOCKET] [--root DIR] [--config FILE]
+//
+// With [fuse_manager] enable = true the layers are served by the fuse
+// manager, a process the daemon starts if it is not running and which
+// outlives it: running containers keep their layers across daemon
+// restarts. `fuse-manager --stop` unmounts them all and stops it.
 //
 // Bad flags exit with status 2, failures with 1. SIGTERM or SIGINT stops
 // serving (waiting a while for calls in progress), closes the snapshotter
@@ -67,10 +73,18 @@ type daemonConfig struct {
 	address string
 	root    string
 	cfg     *service.Config
+	// logLevel, configPath and configGiven are passed on to a fuse
+	// manager the daemon starts.
+	logLevel    string
+	configPath  string
+	configGiven bool
 }
 
 // run is the whole command; it returns the exit status.
 func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "fuse-manager" {
+		return runManager(args[1:], stdout, stderr)
+	}
 	fl := flag.NewFlagSet("lazypull-snapshotter", flag.ContinueOnError)
 	fl.SetOutput(stderr)
 	fl.Usage = func() {
@@ -121,7 +135,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "lazypull-snapshotter: %v\n", err)
 		return 1
 	}
-	dc := daemonConfig{address: *address, root: *root, cfg: cfg}
+	dc := daemonConfig{address: *address, root: *root, cfg: cfg, logLevel: *logLevel, configPath: *configPath, configGiven: given["config"]}
 	if !given["root"] && cfg.Root != "" {
 		dc.root = cfg.Root
 	}
@@ -179,27 +193,44 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 		opts.OnFetch = fetches.onFetch
 		opts.WrapObserver = func(o lfs.Observer) lfs.Observer { return loggingObserver{Observer: o, log: fetches} }
 	}
-	svc, err := service.New(ctx, opts)
-	if err != nil {
-		return fmt.Errorf("setting up the layer file system: %w", err)
-	}
-	defer func() {
-		if err := svc.Close(); err != nil {
-			log.G(ctx).WithError(err).Error("failed to close the layer file system")
-			if retErr == nil {
-				retErr = err
-			}
+	var (
+		svc     *service.Service
+		layerFS snapshot.LayerFS
+	)
+	if dc.cfg.FuseManager.Enable {
+		mc, err := connectManager(ctx, dc, root)
+		if err != nil {
+			return fmt.Errorf("fuse manager: %w", err)
 		}
-	}()
+		defer mc.Close() // the manager and its mounts stay
+		layerFS = mc
+	} else {
+		svc, err = service.New(ctx, opts)
+		if err != nil {
+			return fmt.Errorf("setting up the layer file system: %w", err)
+		}
+		defer func() {
+			if err := svc.Close(); err != nil {
+				log.G(ctx).WithError(err).Error("failed to close the layer file system")
+				if retErr == nil {
+					retErr = err
+				}
+			}
+		}()
+		layerFS = svc.LayerFS()
+	}
 
-	sn, err := snapshot.New(ctx, snapshot.Options{Root: root, LayerFS: svc.LayerFS()})
+	sn, err := snapshot.New(ctx, snapshot.Options{Root: root, LayerFS: layerFS})
 	if err != nil {
 		return err
 	}
-	svc.OnLayerFailed(sn.LayerFailed)
-	// Saved TOCs of layers no snapshot uses any more go, before serving.
-	if err := svc.LayerFS().SweepLayers(ctx, sn); err != nil {
-		log.G(ctx).WithError(err).Warn("sweeping saved layer metadata failed")
+	if svc != nil {
+		svc.OnLayerFailed(sn.LayerFailed)
+		// Saved TOCs of layers no snapshot uses any more go, before
+		// serving. (With the fuse manager, the manager owns layers/.)
+		if err := svc.LayerFS().SweepLayers(ctx, sn); err != nil {
+			log.G(ctx).WithError(err).Warn("sweeping saved layer metadata failed")
+		}
 	}
 	defer func() {
 		if err := sn.Close(); err != nil {

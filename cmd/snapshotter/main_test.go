@@ -328,6 +328,10 @@ func TestFlags(t *testing.T) {
 		{"help", []string{"--help"}, 0, "Usage: lazypull-snapshotter"},
 		{"missing explicit config", []string{"--config", filepath.Join(tmp, "nope.toml")}, 1, "nope.toml: open"},
 		{"unknown config key", []string{"--config", writeConfig(tmp, "[fetch]\nprefetch = false\nretry = 3\n")}, 1, "unknown key(s): fetch.retry"},
+		{"fuse manager: unknown flag", []string{"fuse-manager", "--bogus"}, 2, "flag provided but not defined: -bogus"},
+		{"fuse manager: help", []string{"fuse-manager", "--help"}, 0, "--stop unmounts every layer"},
+		{"fuse manager: stop without one", []string{"fuse-manager", "--stop", "--root", tmp, "--config", writeConfig(t.TempDir(), "")}, 0, "no fuse manager running at " + filepath.Join(tmp, "fuse-manager.sock")},
+		{"fuse manager with cri", []string{"--config", writeConfig(t.TempDir(), "[cri]\nenable = true\n[fuse_manager]\nenable = true\n")}, 1, "fuse_manager.enable cannot be combined"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out bytes.Buffer

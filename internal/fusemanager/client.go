@@ -1,0 +1,207 @@
+package fusemanager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/rpc"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+)
+
+// Client drives a fuse manager. It implements snapshot.LayerFS,
+// snapshot.LayerSizer and snapshot.MountLister. A broken connection is
+// dialed again on the next call. Safe for concurrent use.
+type Client struct {
+	addr string
+
+	mu sync.Mutex
+	c  *rpc.Client
+	// start, if set, starts a manager when none answers.
+	start func(ctx context.Context) error
+	// Hello is the manager's answer when the client connected.
+	hello HelloReply
+}
+
+// Dial connects to the manager at addr and checks that it speaks Protocol.
+func Dial(ctx context.Context, addr string) (*Client, error) {
+	c := &Client{addr: addr}
+	if _, err := c.conn(ctx); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// SetStarter makes the client start a manager with fn (and dial again)
+// when none answers: a manager that died is replaced on the next call.
+func (c *Client) SetStarter(fn func(ctx context.Context) error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.start = fn
+}
+
+// Manager returns what the manager said about itself when last connected.
+func (c *Client) Manager() HelloReply {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.hello
+}
+
+func (c *Client) conn(ctx context.Context) (*rpc.Client, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.c != nil {
+		return c.c, nil
+	}
+	nc, err := dial(ctx, c.addr)
+	if err != nil && c.start != nil {
+		if serr := c.start(ctx); serr != nil {
+			return nil, fmt.Errorf("connecting to the fuse manager at %s: %w; starting one: %w", c.addr, err, serr)
+		}
+		nc, err = dial(ctx, c.addr)
+	}
+	if err != nil {
+		return nil, err
+	}
+	rc := rpc.NewClient(nc)
+	var h HelloReply
+	if err := wait(ctx, rc, serviceName+".Hello", Empty{}, &h); err != nil {
+		rc.Close()
+		return nil, fmt.Errorf("fuse manager at %s: hello: %w", c.addr, err)
+	}
+	if h.Protocol != Protocol {
+		rc.Close()
+		return nil, fmt.Errorf("fuse manager at %s (pid %d, version %s) speaks protocol %d, this daemon %d: drain it (lazypull-snapshotter fuse-manager --stop) to upgrade: %w",
+			c.addr, h.Pid, h.Version, h.Protocol, Protocol, errdefs.ErrFailedPrecondition)
+	}
+	c.c, c.hello = rc, h
+	return rc, nil
+}
+
+func dial(ctx context.Context, addr string) (net.Conn, error) {
+	var d net.Dialer
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	nc, err := d.DialContext(dctx, "unix", addr)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to the fuse manager at %s: %w: %w", addr, err, errdefs.ErrUnavailable)
+	}
+	return nc, nil
+}
+
+func wait(ctx context.Context, rc *rpc.Client, method string, args, reply any) error {
+	call := rc.Go(method, args, reply, make(chan *rpc.Call, 1))
+	select {
+	case <-call.Done:
+		return call.Error
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// call calls method, dialing again once if the connection was broken.
+func (c *Client) call(ctx context.Context, method string, args, reply any) error {
+	return c.callN(ctx, method, args, reply, 2)
+}
+
+// callN calls method, at most attempts times while the connection breaks.
+func (c *Client) callN(ctx context.Context, method string, args, reply any, attempts int) error {
+	for attempt := 1; ; attempt++ {
+		rc, err := c.conn(ctx)
+		if err != nil {
+			return err
+		}
+		err = wait(ctx, rc, serviceName+"."+method, args, reply)
+		if err == nil {
+			return nil
+		}
+		var se rpc.ServerError
+		if errors.As(err, &se) || ctx.Err() != nil {
+			return fmt.Errorf("fuse manager %s: %w", method, err)
+		}
+		// The connection broke (the manager restarted or died).
+		c.mu.Lock()
+		if c.c == rc {
+			c.c = nil
+		}
+		c.mu.Unlock()
+		rc.Close()
+		if attempt >= attempts {
+			return fmt.Errorf("fuse manager %s: %w: %w", method, err, errdefs.ErrUnavailable)
+		}
+	}
+}
+
+// Mount implements snapshot.LayerFS.
+func (c *Client) Mount(ctx context.Context, mountpoint string, labels map[string]string) error {
+	var r Result
+	if err := c.call(ctx, "Mount", MountArgs{Mountpoint: mountpoint, Labels: labels}, &r); err != nil {
+		return err
+	}
+	return r.err()
+}
+
+// Check implements snapshot.LayerFS.
+func (c *Client) Check(ctx context.Context, mountpoint string, labels map[string]string) error {
+	var r Result
+	if err := c.call(ctx, "Check", MountArgs{Mountpoint: mountpoint, Labels: labels}, &r); err != nil {
+		return err
+	}
+	return r.err()
+}
+
+// Unmount implements snapshot.LayerFS.
+func (c *Client) Unmount(ctx context.Context, mountpoint string) error {
+	var r Result
+	if err := c.call(ctx, "Unmount", MountArgs{Mountpoint: mountpoint}, &r); err != nil {
+		return err
+	}
+	return r.err()
+}
+
+// LayerSize implements snapshot.LayerSizer.
+func (c *Client) LayerSize(mountpoint string) (int64, bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var r SizeReply
+	if err := c.call(ctx, "LayerSize", MountArgs{Mountpoint: mountpoint}, &r); err != nil {
+		return 0, false
+	}
+	return r.Size, r.OK
+}
+
+// Mountpoints implements snapshot.MountLister: the mountpoints the manager
+// serves.
+func (c *Client) Mountpoints(ctx context.Context) ([]string, error) {
+	var r ListReply
+	if err := c.call(ctx, "List", Empty{}, &r); err != nil {
+		return nil, err
+	}
+	return r.Mountpoints, nil
+}
+
+// Shutdown asks the manager to unmount every layer and exit.
+func (c *Client) Shutdown(ctx context.Context) error {
+	var r Result
+	// Once: a manager that went away meanwhile must not be asked again
+	// on a new connection (to a successor).
+	if err := c.callN(ctx, "Shutdown", Empty{}, &r, 1); err != nil {
+		return err
+	}
+	return r.err()
+}
+
+// Close closes the connection; the manager keeps running.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.c == nil {
+		return nil
+	}
+	err := c.c.Close()
+	c.c = nil
+	return err
+}

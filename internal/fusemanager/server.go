@@ -1,0 +1,179 @@
+package fusemanager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/rpc"
+	"os"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/containerd/log"
+)
+
+// ServerOptions configure Serve.
+type ServerOptions struct {
+	// Version is reported to clients (the binary's version).
+	Version string
+	// Shutdown is called by a client's Shutdown: it must unmount every
+	// layer. Serve returns after it.
+	Shutdown func(ctx context.Context) error
+}
+
+// rpcServer is the net/rpc receiver.
+type rpcServer struct {
+	ctx     context.Context
+	backend Backend
+	opts    ServerOptions
+
+	mu    sync.Mutex
+	locks map[string]*sync.Mutex // per mountpoint
+
+	shutdownOnce sync.Once
+	shutdown     chan struct{}
+}
+
+// Serve answers clients on l until ctx is done or a client asks for
+// Shutdown (after which it returns nil). It closes l.
+func Serve(ctx context.Context, l net.Listener, backend Backend, opts ServerOptions) error {
+	s := &rpcServer{ctx: ctx, backend: backend, opts: opts, locks: map[string]*sync.Mutex{}, shutdown: make(chan struct{})}
+	srv := rpc.NewServer()
+	if err := srv.RegisterName(serviceName, s); err != nil {
+		return fmt.Errorf("registering the fuse manager service: %w", err)
+	}
+	var wg sync.WaitGroup
+	conns := map[net.Conn]bool{}
+	var connsMu sync.Mutex
+	acceptErr := make(chan error, 1)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				acceptErr <- err
+				return
+			}
+			connsMu.Lock()
+			conns[c] = true
+			connsMu.Unlock()
+			wg.Go(func() {
+				srv.ServeConn(c)
+				connsMu.Lock()
+				delete(conns, c)
+				connsMu.Unlock()
+			})
+		}
+	}()
+	var err error
+	select {
+	case <-ctx.Done():
+	case <-s.shutdown:
+	case err = <-acceptErr:
+		err = fmt.Errorf("accepting fuse manager clients: %w", err)
+	}
+	l.Close()
+	// The Shutdown reply is sent after its method returned: give the
+	// clients a moment to read it and hang up before cutting them off.
+	finished := make(chan struct{})
+	go func() { wg.Wait(); close(finished) }()
+	select {
+	case <-finished:
+	case <-time.After(shutdownGrace):
+	}
+	connsMu.Lock()
+	for c := range conns {
+		c.Close()
+	}
+	connsMu.Unlock()
+	<-finished
+	return err
+}
+
+// shutdownGrace is how long Serve waits for clients to hang up once it
+// stops.
+const shutdownGrace = 2 * time.Second
+
+func (s *rpcServer) lock(mountpoint string) func() {
+	s.mu.Lock()
+	m := s.locks[mountpoint]
+	if m == nil {
+		m = &sync.Mutex{}
+		s.locks[mountpoint] = m
+	}
+	s.mu.Unlock()
+	m.Lock()
+	return m.Unlock
+}
+
+// Hello identifies the manager.
+func (s *rpcServer) Hello(_ Empty, reply *HelloReply) error {
+	*reply = HelloReply{Protocol: Protocol, Version: s.opts.Version, Pid: os.Getpid(), Goroutines: runtime.NumGoroutine()}
+	return nil
+}
+
+// Mount mounts a layer; a healthy mount already there is kept (a daemon
+// that restarted asks again for every layer it knows).
+func (s *rpcServer) Mount(a MountArgs, reply *Result) error {
+	defer s.lock(a.Mountpoint)()
+	ctx := s.ctx
+	for _, mp := range s.backend.Mountpoints() {
+		if mp != a.Mountpoint {
+			continue
+		}
+		err := s.backend.Check(ctx, a.Mountpoint, a.Labels)
+		if err == nil {
+			*reply = Result{}
+			return nil
+		}
+		log.G(ctx).WithError(err).WithField("mountpoint", a.Mountpoint).Warn("layer mount unhealthy; mounting it again")
+		if err := s.backend.Unmount(ctx, a.Mountpoint); err != nil {
+			log.G(ctx).WithError(err).WithField("mountpoint", a.Mountpoint).Warn("unmounting unhealthy layer")
+		}
+	}
+	*reply = toResult(s.backend.Mount(ctx, a.Mountpoint, a.Labels))
+	return nil
+}
+
+// Check checks a layer mount.
+func (s *rpcServer) Check(a MountArgs, reply *Result) error {
+	*reply = toResult(s.backend.Check(s.ctx, a.Mountpoint, a.Labels))
+	return nil
+}
+
+// Unmount unmounts a layer.
+func (s *rpcServer) Unmount(a MountArgs, reply *Result) error {
+	defer s.lock(a.Mountpoint)()
+	*reply = toResult(s.backend.Unmount(s.ctx, a.Mountpoint))
+	return nil
+}
+
+// LayerSize sizes a mounted layer.
+func (s *rpcServer) LayerSize(a MountArgs, reply *SizeReply) error {
+	reply.Size, reply.OK = s.backend.LayerSize(a.Mountpoint)
+	return nil
+}
+
+// List lists the mountpoints served.
+func (s *rpcServer) List(_ Empty, reply *ListReply) error {
+	reply.Mountpoints = s.backend.Mountpoints()
+	return nil
+}
+
+// Shutdown unmounts every layer and stops the manager.
+func (s *rpcServer) Shutdown(_ Empty, reply *Result) error {
+	var err error
+	s.shutdownOnce.Do(func() {
+		if s.opts.Shutdown != nil {
+			err = s.opts.Shutdown(s.ctx)
+		} else {
+			for _, mp := range s.backend.Mountpoints() {
+				err = errors.Join(err, s.backend.Unmount(s.ctx, mp))
+			}
+		}
+		close(s.shutdown)
+	})
+	*reply = toResult(err)
+	return nil
+}
