@@ -107,7 +107,9 @@ func (r *Runner) startEnv(ctx context.Context, lazy bool, extraConfig string) (_
 		}
 		e.sn, err = lab.StartSnapshotter(ctx, lab.SnapshotterConfig{
 			Binary: r.cfg.Snapshotter, Dir: filepath.Join(dir, "s"),
-			Config:   fmt.Sprintf("%s%s\n[metrics]\naddress = %q\n", extraConfig, r.cfg.SnapshotterConfig, e.metricsAddr),
+			// pprof: the daemon is a throwaway on loopback; its CPU can be
+			// profiled during a run (see docs/benchmarks.md).
+			Config:   fmt.Sprintf("%s%s\n[metrics]\naddress = %q\npprof = true\n", extraConfig, r.cfg.SnapshotterConfig, e.metricsAddr),
 			LogLevel: "info",
 		})
 		if err != nil {

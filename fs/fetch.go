@@ -69,6 +69,9 @@ func (l *Layer) fetchGroup(ctx context.Context, name string, group []estargz.Chu
 		}
 		return err
 	}
+	// Readers first: every chunk is decoded, verified and handed to its
+	// waiting readers before any is written to the cache (see deliver).
+	decoded := make([][]byte, len(group))
 	for i, g := range group {
 		data, err := l.dec.DecodeChunk(l.comp, buf[g.Offset-start:g.End-start], g, nil)
 		if err != nil {
@@ -77,6 +80,14 @@ func (l *Layer) fetchGroup(ctx context.Context, name string, group []estargz.Chu
 				fname = name
 			}
 			l.resolve(g, nil, l.verifyError(ctx, fname, g, err))
+			continue
+		}
+		l.deliver(g, data)
+		decoded[i] = data
+	}
+	for i, g := range group {
+		data := decoded[i]
+		if data == nil {
 			continue
 		}
 		if err := l.store.Add(g.Digest, data); err != nil {
