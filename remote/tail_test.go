@@ -136,3 +136,21 @@ func TestOpenBlobTailNotFound(t *testing.T) {
 		t.Fatalf("err %v, want not found", err)
 	}
 }
+
+func TestReadRange(t *testing.T) {
+	f := newFixture(t, 50_000, remote.Options{})
+	b := f.open(t)
+	got, err := b.ReadRange(context.Background(), 1000, 4000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, f.data[1000:5000]) {
+		t.Fatal("wrong bytes")
+	}
+	if _, err := b.ReadRange(context.Background(), 49_000, 2000); !errdefs.IsOutOfRange(err) {
+		t.Fatalf("range past the end: %v, want out of range", err)
+	}
+	if got, err := b.ReadRange(context.Background(), 50_000, 0); err != nil || len(got) != 0 {
+		t.Fatalf("empty range at the end: %d bytes, %v", len(got), err)
+	}
+}
