@@ -216,7 +216,10 @@ type Sample struct {
 	// DaemonRequests is lazypull_fetch_requests_total at the ready line.
 	DaemonRequests int64
 	PeakRSSBytes   int64 // lazypull-snapshotter's VmHWM (0 for other modes)
-	ReadyLine      string
+	// DaemonCPUSeconds is the user+system CPU time lazypull-snapshotter
+	// spent from the pull to the ready line (0 for other modes).
+	DaemonCPUSeconds float64
+	ReadyLine        string
 	// Requests is the timeline: every registry request, by start.
 	Requests []Request
 }
@@ -276,6 +279,7 @@ type Summary struct {
 	ForegroundBytes, BackgroundBytes int64
 	Requests                         int
 	PeakRSSBytes                     int64
+	DaemonCPUSeconds                 float64 // median
 	VsFullPull                       float64 // TotalSeconds / full pull's
 	VsLimit                          float64 // TotalSeconds / limit
 }
@@ -870,7 +874,7 @@ func summarize(res *Result) []Summary {
 	full := map[[2]string]float64{}
 	for _, k := range order {
 		ss := groups[k]
-		var pull, ready, total, bytes, fg, bg, rss, reqs []float64
+		var pull, ready, total, bytes, fg, bg, rss, reqs, cpu []float64
 		phases := map[string][]float64{}
 		for _, s := range ss {
 			pull = append(pull, s.PullSeconds)
@@ -880,6 +884,7 @@ func summarize(res *Result) []Summary {
 			fg = append(fg, float64(s.ForegroundBytes))
 			bg = append(bg, float64(s.BackgroundBytes))
 			rss = append(rss, float64(s.PeakRSSBytes))
+			cpu = append(cpu, s.DaemonCPUSeconds)
 			reqs = append(reqs, float64(len(s.Requests)))
 			for _, p := range s.Phases {
 				phases[p.Name] = append(phases[p.Name], p.Seconds)
@@ -888,7 +893,7 @@ func summarize(res *Result) []Summary {
 		sum := Summary{Image: k.img, Profile: k.prof, Mode: k.mode,
 			PullSeconds: median(pull), ReadySeconds: median(ready), TotalSeconds: median(total),
 			BytesReceived: int64(median(bytes)), ForegroundBytes: int64(median(fg)), BackgroundBytes: int64(median(bg)),
-			Requests: int(median(reqs)), PeakRSSBytes: int64(slicesMax(rss))}
+			Requests: int(median(reqs)), PeakRSSBytes: int64(slicesMax(rss)), DaemonCPUSeconds: median(cpu)}
 		for _, name := range PhaseNames {
 			if v, ok := phases[name]; ok {
 				sum.Phases = append(sum.Phases, Phase{Name: name, Seconds: median(v)})

@@ -107,7 +107,9 @@ func (r *Runner) startEnv(ctx context.Context, lazy bool, extraConfig string) (_
 		}
 		e.sn, err = lab.StartSnapshotter(ctx, lab.SnapshotterConfig{
 			Binary: r.cfg.Snapshotter, Dir: filepath.Join(dir, "s"),
-			Config:   fmt.Sprintf("%s%s\n[metrics]\naddress = %q\n", extraConfig, r.cfg.SnapshotterConfig, e.metricsAddr),
+			// pprof: the daemon is a throwaway on loopback; its CPU can be
+			// profiled during a run (see docs/benchmarks.md).
+			Config:   fmt.Sprintf("%s%s\n[metrics]\naddress = %q\npprof = true\n", extraConfig, r.cfg.SnapshotterConfig, e.metricsAddr),
 			LogLevel: "info",
 		})
 		if err != nil {
@@ -225,6 +227,10 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 		px.ResetCounters()
 	}
 	r.logf("%s: pulling %s", tag, ref)
+	var cpu0 float64
+	if lazy {
+		cpu0 = cpuSeconds(e.sn.Pid())
+	}
 	rec := &recorder{start: time.Now()}
 	img, err := e.c.Pull(ctx, ref, sn, client.WithResolver(rec.wrap(r.cfg.Resolver())), client.WithPlatformMatcher(r.match))
 	if err != nil {
@@ -235,6 +241,10 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 	t, err := r.runWorkload(ctx, e.c, img, sn, w)
 	if err != nil {
 		return Sample{}, err
+	}
+	var cpu1 float64
+	if lazy {
+		cpu1 = cpuSeconds(e.sn.Pid())
 	}
 	if _, proxied := r.cfg.Proxies[string(mode)]; proxied {
 		// The proxy snapshotter outlives the run: deleting the image with
@@ -258,6 +268,7 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 		s.ForegroundRequests = int64(m[`lazypull_fetch_requests_total{kind="foreground",result="ok"}`] + m[`lazypull_fetch_requests_total{kind="foreground",result="error"}`])
 		s.BackgroundRequests = int64(m[`lazypull_fetch_requests_total{kind="background",result="ok"}`] + m[`lazypull_fetch_requests_total{kind="background",result="error"}`])
 		s.PeakRSSBytes = peakRSS(e.sn.Pid())
+		s.DaemonCPUSeconds = cpu1 - cpu0
 		classify(s.Requests, r.layerIndexes(ctx, r.directRef(r.infos[w.Name], mode), s.Requests))
 	}
 	sort.SliceStable(s.Requests, func(i, j int) bool { return s.Requests[i].Start < s.Requests[j].Start })
@@ -563,6 +574,40 @@ func (r *Runner) limit(ctx context.Context, w Workload, p wan.Profile) (Limit, e
 // dropCaches empties the page cache so every start is cold.
 func dropCaches() {
 	_ = os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0o200)
+}
+
+// clockTicks is the unit of the CPU times in /proc/PID/stat (USER_HZ,
+// 100 on every Linux architecture Go supports).
+const clockTicks = 100
+
+// cpuSeconds returns the user+system CPU time a process has used so far
+// (utime and stime in /proc/PID/stat), or 0 if it cannot be read.
+func cpuSeconds(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	return parseStatCPU(string(b))
+}
+
+// parseStatCPU reads utime+stime (fields 14 and 15) from a /proc/PID/stat
+// line. The command name (field 2) may hold spaces and parentheses, so
+// fields are counted from its closing parenthesis.
+func parseStatCPU(stat string) float64 {
+	i := strings.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(stat[i+1:]) // f[0] is field 3 (state)
+	if len(f) < 13 {
+		return 0
+	}
+	ut, err1 := strconv.ParseUint(f[11], 10, 64)
+	st, err2 := strconv.ParseUint(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0
+	}
+	return float64(ut+st) / clockTicks
 }
 
 // peakRSS returns a process's VmHWM in bytes.

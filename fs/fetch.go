@@ -69,6 +69,9 @@ func (l *Layer) fetchGroup(ctx context.Context, name string, group []estargz.Chu
 		}
 		return err
 	}
+	// Readers first: every chunk is decoded, verified and handed to its
+	// waiting readers before any is written to the cache (see deliver).
+	decoded := make([][]byte, len(group))
 	for i, g := range group {
 		data, err := l.dec.DecodeChunk(l.comp, buf[g.Offset-start:g.End-start], g, nil)
 		if err != nil {
@@ -77,6 +80,14 @@ func (l *Layer) fetchGroup(ctx context.Context, name string, group []estargz.Chu
 				fname = name
 			}
 			l.resolve(g, nil, l.verifyError(ctx, fname, g, err))
+			continue
+		}
+		l.deliver(g, data)
+		decoded[i] = data
+	}
+	for i, g := range group {
+		data := decoded[i]
+		if data == nil {
 			continue
 		}
 		if err := l.store.Add(g.Digest, data); err != nil {
@@ -100,15 +111,28 @@ func (l *Layer) verifyError(ctx context.Context, name string, c estargz.Chunk, e
 	return fmt.Errorf("layer %s: file %q offset %d: chunk %w: %w", l.digest, name, c.FileOffset, ErrVerify, err)
 }
 
-// fetchRange reads blob bytes [start, end).
+// rangeBytesReader is a Blob that can return a range's bytes without
+// copying them into a caller's buffer (*remote.Blob). The bytes are
+// shared: fetchGroup only decodes them.
+type rangeBytesReader interface {
+	ReadRange(ctx context.Context, off, n int64) ([]byte, error)
+}
+
+// fetchRange reads blob bytes [start, end). The result must not be
+// modified (it may be shared with other readers of the range).
 func (l *Layer) fetchRange(ctx context.Context, start, end int64, background bool) ([]byte, error) {
 	b, err := l.getBlob(ctx)
 	if err != nil {
 		return nil, err
 	}
-	buf := make([]byte, end-start)
 	t0 := time.Now()
-	_, err = b.ReadAt(ctx, buf, start)
+	var buf []byte
+	if rr, ok := b.(rangeBytesReader); ok {
+		buf, err = rr.ReadRange(ctx, start, end-start) // no copy
+	} else {
+		buf = make([]byte, end-start)
+		_, err = b.ReadAt(ctx, buf, start)
+	}
 	d := time.Since(t0)
 	l.requests.Add(1)
 	l.fetchNanos.Add(int64(d))

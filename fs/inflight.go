@@ -83,6 +83,9 @@ type inflight struct {
 	done chan struct{}
 	data []byte
 	err  error
+	// delivered is set (under Layer.pmu) when done is closed: by
+	// deliver, before the chunk is stored, or by resolve.
+	delivered bool
 }
 
 // claim marks the chunks of cs that are neither cached nor being fetched
@@ -102,14 +105,28 @@ func (l *Layer) claim(cs []estargz.Chunk) []estargz.Chunk {
 	return mine
 }
 
-// resolve ends the fetch of a claimed chunk.
+// deliver hands a claimed chunk's verified bytes to the readers waiting
+// for it, before it is stored: a reader never waits for the disk write.
+// The chunk stays pending — readers arriving meanwhile take data from it,
+// and nobody claims it again — until resolve, after it is stored.
+func (l *Layer) deliver(c estargz.Chunk, data []byte) {
+	l.pmu.Lock()
+	defer l.pmu.Unlock()
+	if p := l.pending[c.Digest]; p != nil && !p.delivered {
+		p.delivered, p.data = true, data
+		close(p.done)
+	}
+}
+
+// resolve ends the fetch of a claimed chunk (waking its readers unless
+// deliver did).
 func (l *Layer) resolve(c estargz.Chunk, data []byte, err error) {
 	l.pmu.Lock()
+	defer l.pmu.Unlock()
 	p := l.pending[c.Digest]
 	delete(l.pending, c.Digest)
-	l.pmu.Unlock()
-	if p != nil {
-		p.data, p.err = data, err
+	if p != nil && !p.delivered {
+		p.delivered, p.data, p.err = true, data, err
 		close(p.done)
 	}
 }

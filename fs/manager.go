@@ -128,6 +128,7 @@ func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error
 	}
 	var ix *estargz.Index
 	var meta *layerMeta
+	var blob RangeReader
 	var err error
 	m.mu.Lock()
 	_, preloaded := m.preparing[src.Digest]
@@ -135,10 +136,10 @@ func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error
 	if preloaded {
 		// A neighbour's mount has fetched (or is fetching) and indexed
 		// this TOC already: take that index rather than parse it again.
-		ix, meta, err = m.prepared(ctx, src)
+		ix, meta, blob, err = m.prepared(ctx, src)
 	} else if ix, meta, err = m.loadMeta(src); err != nil {
 		log.G(ctx).WithError(err).WithField("layer", src.Digest).Debug("no usable saved metadata; reading the TOC from the registry")
-		ix, meta, err = m.prepared(ctx, src)
+		ix, meta, blob, err = m.prepared(ctx, src)
 	}
 	if err != nil {
 		return nil, err
@@ -156,6 +157,10 @@ func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error
 	}
 	desc := ocispec.Descriptor{Digest: src.Digest, Size: meta.Size}
 	open := func(ctx context.Context) (Blob, error) {
+		if blob != nil {
+			// Opened when the TOC was read: no second round trip.
+			return blob, nil
+		}
 		if m.opts.Registry == nil {
 			return nil, fmt.Errorf("no registry configured: %w", errdefs.ErrUnavailable)
 		}
@@ -200,28 +205,85 @@ func (m *Manager) loadMeta(src LayerSource) (*estargz.Index, *layerMeta, error) 
 	return ix, &meta, nil
 }
 
-func (m *Manager) fetchMeta(ctx context.Context, src LayerSource, parse bool) (*estargz.Index, *layerMeta, error) {
-	if m.opts.Registry == nil {
-		return nil, nil, fmt.Errorf("layer %s: no saved metadata and no registry: %w", src.Digest, errdefs.ErrUnavailable)
+// TailOpener is a BlobOpener that can open a blob with one request that
+// also returns its last n bytes (a suffix-range GET), so that the size,
+// the footer and usually the TOC of a layer arrive in one round trip.
+// *remote.Registry satisfies it.
+type TailOpener interface {
+	OpenRangeReaderTail(ctx context.Context, ref string, desc ocispec.Descriptor, n int64) (RangeReader, []byte, error)
+}
+
+// Bounds of the tail read that opens a layer: sized like the TOC, which
+// grows with the blob (1/128 of it), so that one read usually holds it.
+const (
+	minOpenTail = 512 << 10
+	maxOpenTail = 4 << 20
+)
+
+// openTailSize is how many bytes at the end of a blob of the given size
+// (0: unknown) the first request of a layer asks for.
+func openTailSize(size int64) int64 {
+	return min(max(size/128, minOpenTail), maxOpenTail)
+}
+
+// tailReaderAt serves reads within the blob's already fetched tail from
+// memory and the others from the blob.
+type tailReaderAt struct {
+	readerAt
+	tail []byte
+	off  int64 // offset of tail in the blob
+}
+
+func (t tailReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	if off >= t.off && off+int64(len(p)) <= t.off+int64(len(t.tail)) {
+		return copy(p, t.tail[off-t.off:]), nil
 	}
-	blob, err := m.opts.Registry.OpenRangeReader(ctx, src.Ref, ocispec.Descriptor{Digest: src.Digest, Size: src.Size})
+	return t.readerAt.ReadAt(p, off)
+}
+
+// openForTOC opens src's blob, with its tail when the registry can send
+// both in one request.
+func (m *Manager) openForTOC(ctx context.Context, src LayerSource) (RangeReader, io.ReaderAt, int64, error) {
+	desc := ocispec.Descriptor{Digest: src.Digest, Size: src.Size}
+	if to, ok := m.opts.Registry.(TailOpener); ok {
+		blob, tail, err := to.OpenRangeReaderTail(ctx, src.Ref, desc, openTailSize(src.Size))
+		if err != nil {
+			return nil, nil, 0, err
+		}
+		if n := int64(len(tail)); n > 0 && n <= blob.Size() {
+			return blob, tailReaderAt{readerAt{ctx, blob}, tail, blob.Size() - n}, n, nil
+		}
+		return blob, readerAt{ctx, blob}, 0, nil
+	}
+	blob, err := m.opts.Registry.OpenRangeReader(ctx, src.Ref, desc)
 	if err != nil {
-		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
+		return nil, nil, 0, err
+	}
+	return blob, readerAt{ctx, blob}, 0, nil
+}
+
+func (m *Manager) fetchMeta(ctx context.Context, src LayerSource, parse bool) (*estargz.Index, *layerMeta, RangeReader, error) {
+	if m.opts.Registry == nil {
+		return nil, nil, nil, fmt.Errorf("layer %s: no saved metadata and no registry: %w", src.Digest, errdefs.ErrUnavailable)
 	}
 	t0 := time.Now()
-	f, tocJSON, err := estargz.ReadTOC(readerAt{ctx, blob}, blob.Size(), estargz.OpenOptions{TOCDigest: src.TOCDigest, Limits: m.opts.Limits})
+	blob, ra, tailSize, err := m.openForTOC(ctx, src)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
+	}
+	f, tocJSON, err := estargz.ReadTOC(ra, blob.Size(), estargz.OpenOptions{TOCDigest: src.TOCDigest, Limits: m.opts.Limits, TailSize: tailSize})
 	if errors.Is(err, estargz.ErrDigest) {
-		return nil, nil, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify, err)
+		return nil, nil, nil, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify, err)
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
+		return nil, nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
 	}
 	t1 := time.Now()
 	var ix *estargz.Index
 	if parse {
 		// Validate before saving: a TOC that does not parse is not kept.
 		if ix, err = estargz.ParseTOC(tocJSON, f.PayloadEnd, m.opts.Limits); err != nil {
-			return nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
+			return nil, nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
 		}
 	}
 	log.G(ctx).WithFields(log.Fields{
@@ -235,7 +297,7 @@ func (m *Manager) fetchMeta(ctx context.Context, src LayerSource, parse bool) (*
 	if err := m.saveMeta(meta, tocJSON); err != nil {
 		log.G(ctx).WithError(err).WithField("layer", src.Digest).Warn("saving layer metadata failed; the layer will need the registry after a restart")
 	}
-	return ix, meta, nil
+	return ix, meta, blob, nil
 }
 
 func (m *Manager) saveMeta(meta *layerMeta, tocJSON []byte) error {
@@ -291,6 +353,7 @@ type preparation struct {
 	done chan struct{}
 	ix   *estargz.Index
 	meta *layerMeta
+	blob RangeReader // opened to read the TOC, for the layer's reads
 	err  error
 }
 
@@ -309,7 +372,7 @@ func (m *Manager) prepare(ctx context.Context, src LayerSource) *preparation {
 	go func() {
 		// The TOC is not verified here (a neighbour's digest is not
 		// known yet): prepared() checks it against the mount's.
-		p.ix, p.meta, p.err = m.fetchMeta(context.WithoutCancel(ctx), LayerSource{Ref: src.Ref, Digest: src.Digest, Size: src.Size}, true)
+		p.ix, p.meta, p.blob, p.err = m.fetchMeta(context.WithoutCancel(ctx), LayerSource{Ref: src.Ref, Digest: src.Digest, Size: src.Size}, true)
 		close(p.done)
 		time.AfterFunc(preparedTTL, func() { m.dropPrepared(src.Digest, p) })
 	}()
@@ -326,22 +389,22 @@ func (m *Manager) dropPrepared(d digest.Digest, p *preparation) {
 
 // prepared returns src's index from a preparation, started now if none
 // is in flight, after checking the TOC against src.TOCDigest.
-func (m *Manager) prepared(ctx context.Context, src LayerSource) (*estargz.Index, *layerMeta, error) {
+func (m *Manager) prepared(ctx context.Context, src LayerSource) (*estargz.Index, *layerMeta, RangeReader, error) {
 	p := m.prepare(ctx, src)
 	select {
 	case <-p.done:
 	case <-ctx.Done():
-		return nil, nil, ctx.Err()
+		return nil, nil, nil, ctx.Err()
 	}
 	m.dropPrepared(src.Digest, p)
 	if p.err != nil {
-		return nil, nil, p.err
+		return nil, nil, nil, p.err
 	}
 	if src.TOCDigest != "" && p.meta.TOCDigest != src.TOCDigest {
-		return nil, nil, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify,
+		return nil, nil, nil, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify,
 			&estargz.Error{Kind: estargz.ErrDigest, Offset: -1, Msg: fmt.Sprintf("TOC digest is %s, the layer says %s", p.meta.TOCDigest, src.TOCDigest)})
 	}
-	return p.ix, p.meta, nil
+	return p.ix, p.meta, p.blob, nil
 }
 
 // Mount opens the layer and mounts it at mountpoint, then starts prefetch

@@ -115,18 +115,19 @@ func (l *Layer) fetchChunks(ctx context.Context, cs []estargz.Chunk, rangeSize i
 		if err != nil {
 			return err
 		}
-		size := rangeSize
 		if background {
-			size = l.sched.backgroundRange(rangeSize)
-		}
-		j := windowEnd(cs, i, size)
-		window := cs[i:j]
-		i = j
-		if background {
-			release, err := l.sched.background(ctx)
+			// The slot first: its kind bounds the request's size.
+			release, limit, err := l.sched.backgroundSlot(ctx)
 			if err != nil {
 				return err
 			}
+			size := l.sched.backgroundRange(rangeSize)
+			if limit > 0 {
+				size = min(size, limit)
+			}
+			j := windowEnd(cs, i, size)
+			window := cs[i:j]
+			i = j
 			group := l.claim(window)
 			if len(group) == 0 {
 				release()
@@ -139,6 +140,9 @@ func (l *Layer) fetchChunks(ctx context.Context, cs []estargz.Chunk, rangeSize i
 			}
 			continue
 		}
+		j := windowEnd(cs, i, rangeSize)
+		window := cs[i:j]
+		i = j
 		group := l.claim(window)
 		if len(group) == 0 {
 			continue
@@ -188,6 +192,12 @@ type Scheduler struct {
 	clock Clock
 	quiet time.Duration
 
+	// spare, when not nil, is the busy lane: a token per background
+	// request let through while reads are fetching (see
+	// WithBusyBackground), each of at most spareBytes.
+	spare      chan struct{}
+	spareBytes int64
+
 	mu     sync.Mutex
 	fg     int           // foreground fetches in flight
 	lastFg time.Time     // when the last foreground fetch ended
@@ -224,6 +234,23 @@ func WithQuietPeriod(d time.Duration) SchedulerOption {
 	return func(s *Scheduler) {
 		if d >= 0 {
 			s.quiet = d
+		}
+	}
+}
+
+// WithBusyBackground lets one background request of at most maxBytes
+// compressed bytes run while foreground fetches are in flight or the quiet
+// period after them has not passed, so that spare bandwidth is used while
+// readers wait instead of only after they stop. A foreground request then
+// shares the link with at most maxBytes of speculation, which bounds how
+// much it is delayed (maxBytes / link rate). 0 (the default) keeps
+// background requests out until the quiet period has passed.
+func WithBusyBackground(maxBytes int64) SchedulerOption {
+	return func(s *Scheduler) {
+		if maxBytes > 0 {
+			s.spare, s.spareBytes = make(chan struct{}, 1), maxBytes
+		} else {
+			s.spare, s.spareBytes = nil, 0
 		}
 	}
 }
@@ -289,14 +316,30 @@ func quietLeft(now, lastFg time.Time, quiet time.Duration) time.Duration {
 	return quiet - now.Sub(lastFg)
 }
 
-// background waits for a background slot while foreground fetches are in
-// flight or ended less than the quiet period ago, and returns the function
-// that gives the slot back.
+// background is backgroundSlot without the size limit.
 func (s *Scheduler) background(ctx context.Context) (func(), error) {
+	release, _, err := s.backgroundSlot(ctx)
+	return release, err
+}
+
+// backgroundSlot waits for a background slot while foreground fetches
+// are in flight or ended less than the quiet period ago, and returns the
+// function that gives the slot back. Meanwhile, with WithBusyBackground,
+// a request may take the busy lane at once if it is free: limit is then
+// the most bytes it may ask for (0: no limit but the usual sizing).
+func (s *Scheduler) backgroundSlot(ctx context.Context) (release func(), limit int64, err error) {
 	for {
 		s.mu.Lock()
 		idle, wait := s.idle, quietLeft(s.clock.Now(), s.lastFg, s.quiet)
+		busy := s.fg > 0 || wait > 0
 		s.mu.Unlock()
+		if busy && s.spare != nil {
+			select {
+			case s.spare <- struct{}{}:
+				return func() { <-s.spare }, s.spareBytes, nil
+			default:
+			}
+		}
 		select {
 		case <-idle:
 		default:
@@ -305,7 +348,7 @@ func (s *Scheduler) background(ctx context.Context) (func(), error) {
 			select {
 			case <-idle:
 			case <-ctx.Done():
-				return nil, ctx.Err()
+				return nil, 0, ctx.Err()
 			}
 			continue
 		}
@@ -313,20 +356,20 @@ func (s *Scheduler) background(ctx context.Context) (func(), error) {
 			select {
 			case <-s.clock.After(wait):
 			case <-ctx.Done():
-				return nil, ctx.Err()
+				return nil, 0, ctx.Err()
 			}
 			continue
 		}
 		select {
 		case s.bg <- struct{}{}:
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, 0, ctx.Err()
 		}
 		s.mu.Lock()
-		busy := s.fg > 0
+		reading := s.fg > 0
 		s.mu.Unlock()
-		if !busy {
-			return func() { <-s.bg }, nil
+		if !reading {
+			return func() { <-s.bg }, 0, nil
 		}
 		// A reader started while we waited for the slot: yield to it.
 		<-s.bg

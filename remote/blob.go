@@ -170,6 +170,26 @@ func (b *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	return int(n), nil
 }
 
+// ReadRange returns the n bytes at off, which must lie within the blob,
+// without copying them: the slice is shared with concurrent readers of
+// the same range (and, for a server that ignores Range, with the blob's
+// in-memory copy), so it must not be modified. It saves ReadAt's copy and
+// buffer for callers that only decode what they read.
+func (b *Blob) ReadRange(ctx context.Context, off, n int64) ([]byte, error) {
+	if off < 0 || n < 0 || off > b.size || n > b.size-off {
+		return nil, &Error{Op: "read", Repo: b.spec.name(), Ref: b.desc.Digest.String(),
+			Err: fmt.Errorf("range %d+%d outside the blob's %d bytes", off, n, b.size), class: errdefs.ErrOutOfRange}
+	}
+	if n == 0 {
+		return []byte{}, nil
+	}
+	data, err := b.flights.do(ctx, Range{off, n}, b.fetch)
+	if err != nil {
+		return nil, b.annotate(err)
+	}
+	return data, nil
+}
+
 // ReaderAt adapts the blob to io.ReaderAt, with ctx for every read (for
 // libraries such as estargz that take an io.ReaderAt or *io.SectionReader).
 func (b *Blob) ReaderAt(ctx context.Context) io.ReaderAt {

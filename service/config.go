@@ -47,6 +47,7 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //
 //	[metrics]
 //	address = ""
+//	pprof = false
 //
 //	[cri]
 //	enable = false
@@ -201,6 +202,11 @@ type MetricsConfig struct {
 	// (for lazypull bench timelines) at /debug/fetches. Default "": no
 	// metrics endpoint.
 	Address string `toml:"address"`
+	// Pprof also serves Go's profiler (net/http/pprof) under
+	// /debug/pprof/ on that address, to profile the daemon's CPU during
+	// a cold start. Default false: the profiler can stall the daemon and
+	// shows its internals, so it is for debugging hosts only.
+	Pprof bool `toml:"pprof"`
 }
 
 // Duration is a time.Duration written as a Go duration string in TOML.

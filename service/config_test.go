@@ -49,6 +49,7 @@ policy = "off"
 
 [metrics]
 address = "127.0.0.1:9999"
+pprof = true
 
 [cri]
 enable = true
@@ -71,7 +72,7 @@ timeout = "10s"
 		Fetch:           FetchConfig{Timeout: Duration(90 * time.Second), ReadTimeout: Duration(45 * time.Second)},
 		Registry:        RegistryConfig{HostsDir: "/etc/hosts.d", DockerConfig: "/root/.docker/config.json"},
 		Verify:          VerifyConfig{Policy: VerifyOff},
-		Metrics:         MetricsConfig{Address: "127.0.0.1:9999"},
+		Metrics:         MetricsConfig{Address: "127.0.0.1:9999", Pprof: true},
 		CRI:             CRIConfig{Enable: true, Address: "/run/lp/cri.sock", ContainerdAddress: "/run/k3s/containerd.sock"},
 		CredentialProviders: CredentialProvidersConfig{
 			Config:  "/etc/kubernetes/credential-providers.yaml",
