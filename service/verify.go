@@ -59,8 +59,10 @@ type verifier struct {
 	// fetch (metrics, fetch log); nil counts nothing.
 	observer lfs.Observer
 	// quiet is how long a layer's reads must have fetched nothing before
-	// its verification stream starts; maxWait bounds that wait.
-	quiet, maxWait time.Duration
+	// its verification stream starts; maxWait bounds that wait. While it
+	// streams, it pauses whenever the layer's reads fetched within
+	// yieldQuiet, for at most maxPause at a time.
+	quiet, maxWait, yieldQuiet, maxPause time.Duration
 	// onFail is told about a layer that failed (the snapshotter stops
 	// offering its snapshot for reuse).
 	onFail atomic.Pointer[failureHandler]
@@ -79,7 +81,8 @@ func newVerifier(dir string, reg *remote.Registry, store *cache.Store, m *metric
 	ctx, cancel := context.WithCancel(context.Background())
 	return &verifier{
 		dir: dir, registry: reg, store: store, metrics: m,
-		quiet: 500 * time.Millisecond, maxWait: 30 * time.Second,
+		quiet: 2 * time.Second, maxWait: 60 * time.Second,
+		yieldQuiet: 300 * time.Millisecond, maxPause: 5 * time.Second,
 		running: map[string]context.CancelFunc{}, ctx: ctx, cancel: cancel,
 	}, nil
 }
@@ -244,7 +247,7 @@ func (v *verifier) check(ctx context.Context, layer *lfs.Layer, t verifyTarget) 
 	rc = struct {
 		io.Reader
 		io.Closer
-	}{io.TeeReader(rc, &streamed), rc}
+	}{io.TeeReader(newYieldingReader(ctx, rc, layer, v.yieldQuiet, v.maxPause), &streamed), rc}
 	// The stream is this layer's background fetch: count it as one.
 	defer func() {
 		if v.observer != nil {
@@ -303,4 +306,49 @@ type byteCounter int64
 func (c *byteCounter) Write(p []byte) (int, error) {
 	*c += byteCounter(len(p))
 	return len(p), nil
+}
+
+// yieldingReader paces the verification stream behind the layer's reads:
+// before each piece it waits, up to maxPause, until the layer's reads have
+// fetched nothing for quiet, so that a starting container's misses do not
+// queue behind the stream on the link or for the CPU.
+type yieldingReader struct {
+	ctx             context.Context
+	r               io.Reader
+	layer           *lfs.Layer
+	quiet, maxPause time.Duration
+	last            int64
+	lastChange      time.Time
+}
+
+// yieldPiece is how much the stream reads between two looks at the reads.
+const yieldPiece = 256 << 10
+
+func newYieldingReader(ctx context.Context, r io.Reader, l *lfs.Layer, quiet, maxPause time.Duration) *yieldingReader {
+	// The stream starts after a quiet period (waitQuiet): count it quiet.
+	return &yieldingReader{ctx: ctx, r: r, layer: l, quiet: quiet, maxPause: maxPause,
+		last: l.Stats().Requests, lastChange: time.Now().Add(-quiet)}
+}
+
+func (y *yieldingReader) Read(p []byte) (int, error) {
+	if len(p) > yieldPiece {
+		p = p[:yieldPiece]
+	}
+	if y.quiet > 0 {
+		deadline := time.Now().Add(y.maxPause)
+		for {
+			if n := y.layer.Stats().Requests; n != y.last {
+				y.last, y.lastChange = n, time.Now()
+			}
+			if time.Since(y.lastChange) >= y.quiet || time.Now().After(deadline) {
+				break
+			}
+			select {
+			case <-y.ctx.Done():
+				return 0, y.ctx.Err()
+			case <-time.After(y.quiet / 4):
+			}
+		}
+	}
+	return y.r.Read(p)
 }

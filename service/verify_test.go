@@ -101,6 +101,7 @@ func newVerifyingService(t *testing.T) (*Service, *prometheus.Registry, chan fai
 		}
 	})
 	svc.verifier.quiet, svc.verifier.maxWait = 10*time.Millisecond, 100*time.Millisecond
+	svc.verifier.yieldQuiet, svc.verifier.maxPause = 10*time.Millisecond, 100*time.Millisecond
 	failed := make(chan failure, 4)
 	svc.OnLayerFailed(func(_ context.Context, mp string, err error) { failed <- failure{mp, err} })
 	return svc, reg, failed
