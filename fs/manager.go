@@ -216,7 +216,7 @@ type TailOpener interface {
 // Bounds of the tail read that opens a layer: sized like the TOC, which
 // grows with the blob (1/128 of it), so that one read usually holds it.
 const (
-	minOpenTail = 512 << 10
+	minOpenTail = 256 << 10
 	maxOpenTail = 4 << 20
 )
 

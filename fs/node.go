@@ -88,6 +88,7 @@ var (
 	_ gofs.NodeReader         = (*node)(nil)
 	_ gofs.NodeReadlinker     = (*node)(nil)
 	_ gofs.NodeGetxattrer     = (*node)(nil)
+	_ gofs.NodeFlusher        = (*node)(nil)
 	_ gofs.NodeListxattrer    = (*node)(nil)
 	_ gofs.NodeStatfser       = (*node)(nil)
 	_ gofs.NodeOpendirHandler = (*node)(nil)
@@ -471,4 +472,14 @@ func (f *layerFS) observe(op string, start time.Time) {
 	if f.onOp != nil {
 		f.onOp(op, time.Since(start))
 	}
+}
+
+// Flush implements gofs.NodeFlusher: ENOSYS, which tells the kernel never
+// to send FLUSH on this connection again. A read-only layer has nothing to
+// flush, and every close(2) then skips a round trip to the daemon — and a
+// process that serves a layer and has files of it open (tests, `lazypull
+// mount`) cannot deadlock at exit, when the kernel would otherwise flush
+// those files to a server that is no longer running.
+func (nd *node) Flush(ctx context.Context, f gofs.FileHandle) syscall.Errno {
+	return syscall.ENOSYS
 }
