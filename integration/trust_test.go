@@ -127,8 +127,10 @@ func TestLazypullPoisonedLayerFailsClosed(t *testing.T) {
 			switch {
 			case verify && out != "good\n":
 				t.Fatalf("tenant B reads %q from its honest image, want \"good\\n\"", out)
-			case !verify && out != "evil\n":
-				t.Fatalf("with verification off B read %q: the attack fixture no longer works, so the test proves nothing", out)
+			case !verify && out == "good\n":
+				t.Fatalf("with verification off B read its own bytes: the attack fixture no longer works, so the test proves nothing")
+			case !verify:
+				t.Logf("with verification off B read %q from the poisoned snapshot", out)
 			}
 		})
 	}
