@@ -19,8 +19,10 @@ import (
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -670,6 +672,7 @@ timeout = "20s"
 	if err := n.sn.Restart(ctx); err != nil {
 		t.Fatal(err)
 	}
+	n.waitSnapshotter(t, ctx)
 	out, pod1, _ := n.runPod(t, "after-restart", ref, "cat", "/etc/motd")
 	if out != "layer 3" {
 		t.Fatalf("output %q", out)
@@ -988,6 +991,7 @@ proxy:
 	if err := n.sn.Restart(ctx); err != nil {
 		t.Fatal(err)
 	}
+	n.waitSnapshotter(t, ctx)
 	upstream.ResetRequests()
 	if out, pod, _ := n.runPod(t, "via-mirror", ref, "cat", "/etc/greeting"); out != "hello from layer 2" {
 		t.Fatalf("output %q", out)
@@ -1049,5 +1053,20 @@ func waitHTTP(t *testing.T, url string) {
 			t.Fatalf("%s does not answer: %v", url, err)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// waitSnapshotter waits until the node's containerd reaches the restarted
+// daemon again: containerd's gRPC connection to a proxy snapshotter backs
+// off after a failure, and a pod started meanwhile fails to dial it.
+func (n *k8sNode) waitSnapshotter(t *testing.T, ctx context.Context) {
+	t.Helper()
+	cl, err := client.New(n.ctdSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if err := lab.WaitSnapshotter(namespaces.WithNamespace(ctx, "k8s.io"), cl, lazypullName); err != nil {
+		t.Fatal(err)
 	}
 }

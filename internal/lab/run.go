@@ -247,14 +247,20 @@ func (c *Containerd) ImageTree(ctx context.Context, img client.Image, snapshotte
 // Usage of unknown keys from its own metadata without asking the
 // snapshotter.
 func (c *Containerd) WaitSnapshotter(ctx context.Context, snapshotter string) error {
+	return WaitSnapshotter(ctx, c.client, snapshotter)
+}
+
+// WaitSnapshotter is Containerd.WaitSnapshotter for any containerd client
+// (ctx names the namespace).
+func WaitSnapshotter(ctx context.Context, cl *client.Client, snapshotter string) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	ctx, done, err := c.client.WithLease(ctx)
+	ctx, done, err := cl.WithLease(ctx)
 	if err != nil {
 		return err
 	}
 	defer done(context.WithoutCancel(ctx))
-	sn := c.client.SnapshotService(snapshotter)
+	sn := cl.SnapshotService(snapshotter)
 	for {
 		key := fmt.Sprintf("lab-probe-%d-%d", os.Getpid(), runSeq.Add(1))
 		_, err := sn.Prepare(ctx, key, "")
