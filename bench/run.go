@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -718,32 +717,7 @@ func daemonMetrics(ctx context.Context, addr string) (map[string]float64, error)
 	if err != nil {
 		return nil, fmt.Errorf("reading the snapshotter's metrics: %w", err)
 	}
-	return parseMetrics(b), nil
-}
-
-func parseMetrics(b []byte) map[string]float64 {
-	out := map[string]float64{}
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if i < 0 {
-			continue
-		}
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if err != nil {
-			continue
-		}
-		series := line[:i]
-		out[series] = v
-		if j := strings.IndexByte(series, '{'); j >= 0 {
-			out[series[:j]] += v
-		}
-	}
-	return out
+	return lab.ParseMetrics(b), nil
 }
 
 func httpGet(ctx context.Context, url string) ([]byte, error) {

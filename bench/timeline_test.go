@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/lazypull/lazypull/bench/wan"
+	"github.com/lazypull/lazypull/internal/lab"
 )
 
 func timelineSample() Sample {
@@ -189,7 +190,7 @@ func TestLineWatcher(t *testing.T) {
 }
 
 func TestParseMetrics(t *testing.T) {
-	m := parseMetrics([]byte(`# HELP lazypull_fetch_requests_total x
+	m := lab.ParseMetrics([]byte(`# HELP lazypull_fetch_requests_total x
 # TYPE lazypull_fetch_requests_total counter
 lazypull_fetch_requests_total{kind="background",result="ok"} 3
 lazypull_fetch_requests_total{kind="foreground",result="ok"} 4

@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazypull/lazypull/cache"
@@ -284,7 +285,8 @@ func ChainID(parent string, diffID digest.Digest) digest.Digest {
 	if parent == "" {
 		return diffID
 	}
-	return digest.FromString(parent + " " + diffID.String())
+	// A parent's chain ID stands for all the layers below it.
+	return identity.ChainID([]digest.Digest{digest.Digest(parent), diffID})
 }
 
 // isTransient tells a verification that could not finish (network,
