@@ -71,6 +71,10 @@ func (l *Layer) fetchGroup(ctx context.Context, name string, group []estargz.Chu
 	}
 	// Readers first: every chunk is decoded, verified and handed to its
 	// waiting readers before any is written to the cache (see deliver).
+	// Close waits for this part: a chunk a reader got is cached before the
+	// layer goes away (and is served again after a remount offline).
+	l.storing.RLock()
+	defer l.storing.RUnlock()
 	decoded := make([][]byte, len(group))
 	for i, g := range group {
 		data, err := l.dec.DecodeChunk(l.comp, buf[g.Offset-start:g.End-start], g, nil)

@@ -126,6 +126,7 @@ type Layer struct {
 	pt        passthroughState
 
 	failure atomic.Pointer[error] // set by Fail (fail.go): every read fails with it
+	storing sync.RWMutex          // read-held while a fetched group is decoded and stored (fetch.go); Close waits
 
 	// Prefetch and background fetch (scheduler.go), stopped by Close.
 	bgMu     sync.Mutex // guards closed, bgCancel and bgDone
@@ -218,6 +219,8 @@ func (l *Layer) Close() error {
 		cancel()
 		<-done
 	}
+	l.storing.Lock() // wait for groups being stored
+	l.storing.Unlock()
 	return nil
 }
 
