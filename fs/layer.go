@@ -133,6 +133,10 @@ type Layer struct {
 	closed   bool
 	bgCancel context.CancelFunc
 	bgDone   chan struct{}
+
+	// Hinted fetches (hint.go), stopped by Close.
+	hintCancels []context.CancelFunc // guarded by bgMu
+	hintWG      sync.WaitGroup
 }
 
 // NewLayer returns a Layer for the blob with the given digest, whose index
@@ -214,11 +218,17 @@ func (l *Layer) Close() error {
 	l.bgMu.Lock()
 	l.closed = true
 	cancel, done := l.bgCancel, l.bgDone
+	hints := l.hintCancels
+	l.hintCancels = nil
 	l.bgMu.Unlock()
 	if cancel != nil {
 		cancel()
 		<-done
 	}
+	for _, c := range hints {
+		c()
+	}
+	l.hintWG.Wait()
 	l.storing.Lock() // wait for groups being stored
 	l.storing.Unlock()
 	return nil
