@@ -4,7 +4,9 @@
 // zstd:chunked), writes a config with the new diff_ids and an OCI manifest
 // whose layer descriptors carry the TOC digest and uncompressed size
 // annotations, and pushes the result. Layers already in eStargz form are
-// kept as they are; blobs the destination has are not uploaded again.
+// kept as they are, unless files are to be prioritized (then they are
+// rebuilt, which is how `lazypull optimize` reorders an eStargz image);
+// blobs the destination has are not uploaded again.
 package convert
 
 import (
@@ -39,7 +41,8 @@ const (
 // Options tune Convert.
 type Options struct {
 	// Build holds the eStargz options applied to every layer
-	// (compression, level, chunk size, prioritized files).
+	// (compression, level, chunk size, prioritized files). With
+	// prioritized files, layers already in eStargz form are rebuilt too.
 	Build estargz.BuildOptions
 	// Platform, when set, selects the manifests of an index to convert;
 	// nil converts every platform.
@@ -306,7 +309,7 @@ func (c *converter) convertLayer(ctx context.Context, l ocispec.Descriptor, diff
 	if !isLayer(l.MediaType) {
 		return ocispec.Descriptor{}, "", fmt.Errorf("%w: unsupported layer media type %q", errdefs.ErrNotImplemented, l.MediaType)
 	}
-	if _, ok := l.Annotations[estargz.TOCDigestAnnotation]; ok && l.MediaType != ocispec.MediaTypeImageLayer {
+	if _, ok := l.Annotations[estargz.TOCDigestAnnotation]; ok && l.MediaType != ocispec.MediaTypeImageLayer && len(c.opts.Build.Prioritized) == 0 {
 		// Already eStargz: keep it, but make sure dst has it.
 		if err := c.copyBlob(ctx, l); err != nil {
 			return ocispec.Descriptor{}, "", err

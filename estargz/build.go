@@ -49,6 +49,10 @@ type BuildOptions struct {
 	// TempDir holds the spooled input when Prioritized is set (default
 	// os.TempDir()).
 	TempDir string
+	// sizer, when set, overrides ChunkSize with a per-file rule whose
+	// results are clamped to [sizerMin, sizerMax] (for measurements).
+	sizer              chunkSizer
+	sizerMin, sizerMax int64
 	// Progress, when set, is called from time to time with the number of
 	// uncompressed input bytes consumed so far.
 	Progress func(inputBytes int64)
@@ -92,9 +96,8 @@ type BuildResult struct {
 // landmarks are dropped and made anew. When the input holds the same name
 // more than once, the later entry wins, as it does on extraction.
 func Build(ctx context.Context, dst io.Writer, src io.Reader, opts BuildOptions) (*BuildResult, error) {
-	if opts.ChunkSize <= 0 {
-		opts.ChunkSize = DefaultChunkSize
-	}
+	sizer, minChunk, maxChunk := opts.chunking()
+	opts.ChunkSize = maxChunk // sizes the builder's buffers
 	if opts.Workers <= 0 {
 		opts.Workers = runtime.GOMAXPROCS(0)
 	}
@@ -125,7 +128,8 @@ func Build(ctx context.Context, dst io.Writer, src io.Reader, opts BuildOptions)
 		entries = &streamSource{tr: tar.NewReader(counted)}
 	}
 
-	b := &builder{opts: opts, newCompressor: mk, outDigest: digest.SHA256.Digester(), diff: digest.SHA256.Digester()}
+	b := &builder{opts: opts, newCompressor: mk, outDigest: digest.SHA256.Digester(), diff: digest.SHA256.Digester(),
+		sizer: sizer, minChunk: minChunk, maxChunk: maxChunk}
 	b.out = io.MultiWriter(dst, b.outDigest.Hash(), &b.outSize)
 	toc, err := b.run(ctx, entries)
 	if err != nil {

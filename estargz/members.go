@@ -32,6 +32,9 @@ type segment struct {
 
 type builder struct {
 	opts          BuildOptions
+	sizer         chunkSizer // nil: every file in maxChunk pieces
+	minChunk      int64      // files up to this size are one chunk
+	maxChunk      int64      // the largest chunk
 	newCompressor func() (memberCompressor, error)
 	out           io.Writer       // the blob: dst, outDigest and outSize
 	outDigest     digest.Digester // of the blob

@@ -81,10 +81,14 @@ func (b *builder) writeEntry(tw *tar.Writer, h *tar.Header, payload io.Reader, t
 		return nil
 	}
 
+	cs, payload, err := b.chunkSizeFor(h.Size, payload)
+	if err != nil {
+		return fmt.Errorf("estargz: entry %q: reading payload: %w", h.Name, err)
+	}
 	file := digest.SHA256.Digester()
 	first := true
 	for written := int64(0); written < h.Size; {
-		size := min(b.opts.ChunkSize, h.Size-written)
+		size := min(cs, h.Size-written)
 		chunk := ent
 		if !first {
 			chunk = &TOCEntry{Name: name, Type: TypeChunk}
@@ -92,7 +96,7 @@ func (b *builder) writeEntry(tw *tar.Writer, h *tar.Header, payload io.Reader, t
 		}
 		first = false
 		chunk.ChunkOffset = written
-		if size == b.opts.ChunkSize {
+		if size == cs {
 			chunk.ChunkSize = size
 		}
 		if err := b.startPayload(chunk, size); err != nil {

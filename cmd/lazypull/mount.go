@@ -165,44 +165,10 @@ func mountImage(ctx context.Context, cmd *cobra.Command, reg *remote.Registry, m
 	if err != nil {
 		return err
 	}
-	work, err := os.MkdirTemp("", "lazypull-mount-")
+	lowers, cleanup, err := mountLayers(ctx, reg, mgr, img, fallback)
+	defer cleanup()
 	if err != nil {
 		return err
-	}
-	defer os.RemoveAll(work)
-	var lowers []string // bottom layer first
-	defer func() {
-		// Unmount the layers before removing their directories (and
-		// work): RemoveAll must not walk into a mounted layer, and the
-		// directories must not outlive the command.
-		for _, l := range lowers {
-			if _, ok := mgr.Lookup(l); ok {
-				if err := mgr.Unmount(context.Background(), l); err != nil {
-					log.G(ctx).WithError(err).Warn("unmounting layer")
-					continue
-				}
-			}
-			_ = os.RemoveAll(l)
-		}
-	}()
-	for i, l := range img.Manifest.Layers {
-		ldir := filepath.Join(work, fmt.Sprintf("layer%03d", i))
-		toc := l.Annotations[estargz.TOCDigestAnnotation]
-		if toc == "" && !fallback {
-			return fmt.Errorf("layer %d (%s, %s) is not eStargz: it has no %s annotation (convert the image with lazypull convert, or use --fallback)",
-				i+1, l.Digest, l.MediaType, estargz.TOCDigestAnnotation)
-		}
-		start := time.Now()
-		if toc != "" {
-			_, err = mgr.Mount(ctx, ldir, lfs.LayerSource{Ref: img.Ref, Digest: l.Digest, Size: l.Size, TOCDigest: digest.Digest(toc)})
-		} else {
-			err = unpackLayer(ctx, reg, img.Ref, l, ldir)
-		}
-		if err != nil {
-			return fmt.Errorf("layer %d (%s): %w", i+1, l.Digest, err)
-		}
-		log.G(ctx).WithField("layer", l.Digest).WithField("took", time.Since(start)).Debug("layer ready")
-		lowers = append(lowers, ldir)
 	}
 	if err := stack(lowers, dir); err != nil {
 		return err
@@ -215,6 +181,56 @@ func mountImage(ctx context.Context, cmd *cobra.Command, reg *remote.Registry, m
 		}
 	}
 	return nil
+}
+
+// mountLayers mounts every layer of img lazily (or unpacks it, with
+// fallback, when it is not eStargz) in directories of a temporary one and
+// returns them, bottom layer first. cleanup unmounts and removes them; it
+// must be called, also on error, after whatever stacks them is unmounted.
+func mountLayers(ctx context.Context, reg *remote.Registry, mgr *lfs.Manager, img *remote.Image, fallback bool) (lowers []string, cleanup func(), err error) {
+	work, err := os.MkdirTemp("", "lazypull-mount-")
+	if err != nil {
+		return nil, func() {}, err
+	}
+	cleanup = func() {
+		// Unmount the layers before removing their directories (and
+		// work): RemoveAll must not walk into a mounted layer, and the
+		// directories must not outlive the command.
+		busy := false
+		for _, l := range lowers {
+			if _, ok := mgr.Lookup(l); ok {
+				if err := mgr.Unmount(context.Background(), l); err != nil {
+					log.G(ctx).WithError(err).Warn("unmounting layer")
+					busy = true
+					continue
+				}
+			}
+			_ = os.RemoveAll(l)
+		}
+		if !busy {
+			_ = os.RemoveAll(work)
+		}
+	}
+	for i, l := range img.Manifest.Layers {
+		ldir := filepath.Join(work, fmt.Sprintf("layer%03d", i))
+		toc := l.Annotations[estargz.TOCDigestAnnotation]
+		if toc == "" && !fallback {
+			return lowers, cleanup, fmt.Errorf("layer %d (%s, %s) is not eStargz: it has no %s annotation (convert the image with lazypull convert, or use --fallback)",
+				i+1, l.Digest, l.MediaType, estargz.TOCDigestAnnotation)
+		}
+		start := time.Now()
+		if toc != "" {
+			_, err = mgr.Mount(ctx, ldir, lfs.LayerSource{Ref: img.Ref, Digest: l.Digest, Size: l.Size, TOCDigest: digest.Digest(toc)})
+		} else {
+			err = unpackLayer(ctx, reg, img.Ref, l, ldir)
+		}
+		if err != nil {
+			return lowers, cleanup, fmt.Errorf("layer %d (%s): %w", i+1, l.Digest, err)
+		}
+		log.G(ctx).WithField("layer", l.Digest).WithField("took", time.Since(start)).Debug("layer ready")
+		lowers = append(lowers, ldir)
+	}
+	return lowers, cleanup, nil
 }
 
 func platformOf(img *remote.Image) ocispec.Platform {
