@@ -534,3 +534,52 @@ func TestConvertPrioritized(t *testing.T) {
 		})
 	}
 }
+
+// TestConvertPrioritizedRebuildsEStargz: an image already in eStargz form
+// is rebuilt, not kept, when files are to be prioritized (what lazypull
+// optimize does with a recording).
+func TestConvertPrioritizedRebuildsEStargz(t *testing.T) {
+	for _, comp := range []estargz.Compression{estargz.Gzip, estargz.Zstd} {
+		t.Run(comp.String(), func(t *testing.T) {
+			t.Parallel()
+			src := mkImage(t, hostPlatform, false,
+				mkLayer(t, ocispec.MediaTypeImageLayerGzip, layerTar(t, 1)),
+				mkLayer(t, ocispec.MediaTypeImageLayer, layerTar(t, 2)))
+			in, mid, out := newLayout(t), &layout{dir: t.TempDir()}, &layout{dir: t.TempDir()}
+			in.putImage(t, src, "v1")
+			doConvert(t, openStore(t, in.ref("v1"), nil), openStore(t, mid.ref("esgz"), nil), opts(comp, nil))
+			_, raw, _ := (layoutView{mid, "esgz"}).root(t)
+			var esgz ocispec.Manifest
+			if err := json.Unmarshal(raw, &esgz); err != nil {
+				t.Fatal(err)
+			}
+
+			ev := &events{}
+			o := opts(comp, ev)
+			o.Build.Prioritized = []string{"usr/bin/tool2"}
+			res := doConvert(t, openStore(t, mid.ref("esgz"), nil), openStore(t, out.ref("opt"), nil), o)
+			v := layoutView{out, "opt"}
+			_, raw, _ = v.root(t)
+			m := checkManifest(t, v, raw, src, comp)
+			if res.Layers[esgz.Layers[1].Digest].Digest == esgz.Layers[1].Digest {
+				t.Errorf("layer 2 was kept, not rebuilt with the prioritized file")
+			}
+			plain := decompress(t, comp, v.blob(t, m.Layers[1].Digest))
+			_, order := readEntries(t, strings.NewReader(string(plain)))
+			lm := slices.Index(order, estargz.PrefetchLandmark)
+			if i := slices.Index(order, "usr/bin/tool2"); lm < 0 || i < 0 || i > lm {
+				t.Errorf("usr/bin/tool2 at %d, landmark at %d: %v", i, lm, order)
+			}
+			if slices.Contains(order, estargz.NoPrefetchLandmark) || slices.Index(order, estargz.TOCTarName) != -1 && slices.Index(order, estargz.TOCTarName) != len(order)-1 {
+				t.Errorf("old landmark or TOC carried over: %v", order)
+			}
+			for l, evs := range ev.byLayer() {
+				for _, e := range evs {
+					if e.Phase == convert.PhaseKept {
+						t.Errorf("layer %s reported kept", l)
+					}
+				}
+			}
+		})
+	}
+}

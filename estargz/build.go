@@ -36,8 +36,11 @@ type BuildOptions struct {
 	// Level is the compression level: gzip 1-9 (default
 	// DefaultGzipLevel), zstd 1-22 (default 3). 0 means the default.
 	Level int
-	// ChunkSize is the largest piece a regular file is split into
-	// (default DefaultChunkSize).
+	// ChunkSize, when > 0, is the size of the pieces every regular file
+	// is split into (the last one may be shorter). 0 selects the default
+	// rule: PieceChunkSize for ELF files and zip archives, BaseChunkSize
+	// for other files, larger for files that would have more than
+	// MaxChunksPerFile chunks (docs/benchmarks.md has the measurements).
 	ChunkSize int64
 	// Prioritized lists files in the order a workload reads them at
 	// start-up. They are moved to the front of the blob, with their parent

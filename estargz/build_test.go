@@ -148,10 +148,7 @@ func richFixture(format tar.Format, prefix string) []fixture.Entry {
 func checkBuilt(t *testing.T, src, blob []byte, res *BuildResult, opts BuildOptions) *Reader {
 	t.Helper()
 	comp := opts.Compression
-	chunk := opts.ChunkSize
-	if chunk <= 0 {
-		chunk = DefaultChunkSize
-	}
+	var chunk int64 // of the current file
 	srcEnts := fixture.Read(t, (src))
 
 	// Blob digest, size and compression.
@@ -270,6 +267,7 @@ func checkBuilt(t *testing.T, src, blob []byte, res *BuildResult, opts BuildOpti
 			if e.Name == PrefetchLandmark || e.Name == NoPrefetchLandmark {
 				cur = []byte{0x0f}
 			}
+			chunk = wantChunkSize(opts, cur)
 			if e.Digest != digest.FromBytes(cur).String() {
 				t.Errorf("TOC entry %q digest %s, content hashes to %s", e.Name, e.Digest, digest.FromBytes(cur))
 			}
@@ -314,7 +312,7 @@ func checkBuilt(t *testing.T, src, blob []byte, res *BuildResult, opts BuildOpti
 	if err := r.Verify(); err != nil {
 		t.Errorf("Verify: %v", err)
 	}
-	checkIndexAgainstTar(t, r, srcEnts, compareOpts{chunkSize: chunk})
+	checkIndexAgainstTar(t, r, srcEnts, compareOpts{chunkSize: opts.ChunkSize}) // the default rule is checked per file above
 	return r
 }
 
@@ -547,18 +545,37 @@ func TestBuildRebuild(t *testing.T) {
 	}
 }
 
-func TestBuildChunkBoundariesDefaultSize(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds 4 MiB chunks")
+// wantChunkSize is the chunk size Build should give a file of content
+// data: opts.ChunkSize, else the default rule's.
+func wantChunkSize(opts BuildOptions, data []byte) int64 {
+	if opts.ChunkSize > 0 {
+		return opts.ChunkSize
 	}
+	size := int64(len(data))
+	if size <= PieceChunkSize {
+		return max(size, 1)
+	}
+	return defaultChunks(size, data[:min(len(data), headLen)])
+}
+
+// TestBuildChunkBoundariesDefaultSize builds files around the chunk sizes
+// of the default rule: other files, ELF files and zip archives.
+func TestBuildChunkBoundariesDefaultSize(t *testing.T) {
 	// Cheap-to-compress content: what matters here is the sizes.
 	var ents []fixture.Entry
-	for _, n := range []int{DefaultChunkSize - 1, DefaultChunkSize, DefaultChunkSize + 1} {
-		data := make([]byte, n)
-		for i := 0; i+4 <= n; i += 4096 {
-			binary.BigEndian.PutUint32(data[i:], uint32(i))
+	for _, kind := range []struct {
+		name  string
+		magic string
+		chunk int
+	}{{"data", "", BaseChunkSize}, {"elf", "\x7fELF", PieceChunkSize}, {"zip", "PK\x03\x04", PieceChunkSize}} {
+		for _, n := range []int{kind.chunk - 1, kind.chunk, kind.chunk + 1, 3*kind.chunk + 5} {
+			data := make([]byte, n)
+			for i := 0; i+4 <= n; i += 4096 {
+				binary.BigEndian.PutUint32(data[i:], uint32(i))
+			}
+			copy(data, kind.magic)
+			ents = append(ents, regFx(fmt.Sprintf("%s-%d", kind.name, n), data))
 		}
-		ents = append(ents, regFx(fmt.Sprintf("f%d", n), data))
 	}
 	src := fixture.Tar(t, ents)
 	for _, comp := range compressions {

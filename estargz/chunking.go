@@ -20,9 +20,38 @@ type chunkSizer func(size int64, head []byte) int64
 // headLen is how many leading payload bytes a chunkSizer sees.
 const headLen = 4
 
-// fixedChunks splits every file into pieces of n bytes.
-func fixedChunks(n int64) chunkSizer {
-	return func(int64, []byte) int64 { return n }
+// The default chunking rule (BuildOptions.ChunkSize 0).
+const (
+	// PieceChunkSize is the chunk size of files that programs read in
+	// scattered pieces: ELF executables and libraries (mapped by the
+	// loader, a few pages touched) and zip archives (jar, whl, apk:
+	// the central directory, then some members).
+	PieceChunkSize = 64 << 10
+	// BaseChunkSize is the chunk size of other files.
+	BaseChunkSize = 256 << 10
+	// MaxChunksPerFile bounds the chunks of one file under the default
+	// rule (up to DefaultChunkSize per chunk), which bounds its TOC
+	// entries (about 50 compressed bytes each) for huge files.
+	MaxChunksPerFile = 1024
+)
+
+var (
+	elfMagic = []byte("\x7fELF")
+	zipMagic = []byte("PK\x03\x04")
+)
+
+// defaultChunks is the default rule: PieceChunkSize for ELF files and zip
+// archives, BaseChunkSize for the rest, doubled until the file has at most
+// MaxChunksPerFile chunks.
+func defaultChunks(size int64, head []byte) int64 {
+	cs := int64(BaseChunkSize)
+	if bytes.HasPrefix(head, elfMagic) || bytes.HasPrefix(head, zipMagic) {
+		cs = PieceChunkSize
+	}
+	for cs*MaxChunksPerFile < size && cs < DefaultChunkSize {
+		cs *= 2
+	}
+	return cs
 }
 
 // chunkSizeFor returns the chunk size for a regular file of size bytes
@@ -54,5 +83,5 @@ func (o BuildOptions) chunking() (chunkSizer, int64, int64) {
 	case o.ChunkSize > 0:
 		return nil, o.ChunkSize, o.ChunkSize
 	}
-	return nil, DefaultChunkSize, DefaultChunkSize
+	return defaultChunks, PieceChunkSize, DefaultChunkSize
 }

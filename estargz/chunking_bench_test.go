@@ -63,7 +63,11 @@ func BenchmarkChunkPolicy(b *testing.B) {
 		{"elf-256K+4M", BuildOptions{sizer: magicChunks(256<<10, 4<<20), sizerMin: 64 << 10, sizerMax: 4 << 20}},
 		{"elf-128K+1M", BuildOptions{sizer: magicChunks(128<<10, 1<<20), sizerMin: 64 << 10, sizerMax: 4 << 20}},
 		{"elf-64K+256K", BuildOptions{sizer: magicChunks(64<<10, 256<<10), sizerMin: 64 << 10, sizerMax: 4 << 20}},
-		{"default", BuildOptions{}},
+		{"auto", BuildOptions{}},
+		{"zstd-fixed-64K", BuildOptions{Compression: Zstd, ChunkSize: 64 << 10}},
+		{"zstd-fixed-256K", BuildOptions{Compression: Zstd, ChunkSize: 256 << 10}},
+		{"zstd-fixed-4M", BuildOptions{Compression: Zstd, ChunkSize: 4 << 20}},
+		{"zstd-auto", BuildOptions{Compression: Zstd}},
 	}
 	for _, in := range inputs {
 		for _, p := range policies {
@@ -181,5 +185,57 @@ func TestMeasureChunkingCountsPartialReads(t *testing.T) {
 	}
 	if small.partial*4 > small.whole || small.runs < 4 || small.entries <= big.entries {
 		t.Errorf("64 KiB chunks: partial %d of %d in %d runs, %d entries (16 MiB: %d)", small.partial, small.whole, small.runs, small.entries, big.entries)
+	}
+}
+
+func TestDefaultChunks(t *testing.T) {
+	elf, zip, text := []byte("\x7fELF"), []byte("PK\x03\x04"), []byte("#!/b")
+	for _, c := range []struct {
+		size int64
+		head []byte
+		want int64
+	}{
+		{1 << 20, elf, PieceChunkSize},
+		{1 << 20, zip, PieceChunkSize},
+		{1 << 20, text, BaseChunkSize},
+		{1 << 20, elf[:3], BaseChunkSize},
+		{MaxChunksPerFile * PieceChunkSize, elf, PieceChunkSize},
+		{MaxChunksPerFile*PieceChunkSize + 1, elf, 2 * PieceChunkSize},
+		{MaxChunksPerFile * BaseChunkSize, text, BaseChunkSize},
+		{MaxChunksPerFile*BaseChunkSize + 1, text, 2 * BaseChunkSize},
+		{1 << 40, text, DefaultChunkSize},
+	} {
+		if got := defaultChunks(c.size, c.head); got != c.want {
+			t.Errorf("defaultChunks(%d, %q) = %d, want %d", c.size, c.head, got, c.want)
+		}
+	}
+}
+
+// Blobs built with the default rule — files of one layer in chunks of
+// different sizes — read back with upstream's reader and verifier.
+func TestDefaultChunksWithUpstreamReader(t *testing.T) {
+	rng := rand.New(rand.NewSource(7))
+	elf := append([]byte("\x7fELF"), fixture.TextFrom(rng, 300<<10)...)
+	zip := append([]byte("PK\x03\x04"), fixture.RandomFrom(rng, 100<<10)...)
+	ents := []fixture.Entry{
+		dirFx("usr/"), dirFx("usr/lib/"),
+		regFx("usr/lib/libfoo.so", elf),
+		regFx("usr/lib/app.jar", zip),
+		regFx("usr/lib/data.bin", fixture.TextFrom(rng, 700<<10)),
+		regFx("usr/lib/small", []byte("small")),
+	}
+	src := fixture.Tar(t, ents)
+	srcEnts := fixture.Read(t, src)
+	for _, comp := range compressions {
+		t.Run(comp.String(), func(t *testing.T) {
+			blob, res := build(t, src, BuildOptions{Compression: comp})
+			r := checkBuilt(t, src, blob, res, BuildOptions{Compression: comp})
+			for name, want := range map[string]int{"usr/lib/libfoo.so": 5, "usr/lib/app.jar": 2, "usr/lib/data.bin": 3, "usr/lib/small": 1} {
+				if n, ok := r.Lookup(name); !ok || len(n.Chunks) != want {
+					t.Errorf("%s: %d chunks, want %d", name, len(n.Chunks), want)
+				}
+			}
+			checkUpstreamReads(t, comp, blob, res, srcEnts)
+		})
 	}
 }

@@ -17,7 +17,8 @@ const (
 	// landmarkContents is the single byte stored in a landmark file.
 	landmarkContents = 0x0f
 
-	// DefaultChunkSize is the size of the pieces large files are split into.
+	// DefaultChunkSize is the largest chunk of the default chunking rule
+	// (see BuildOptions.ChunkSize).
 	DefaultChunkSize = 4 << 20
 
 	// TOCDigestAnnotation holds the sha256 of the TOC JSON on the layer

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lazypull/lazypull/convert"
+	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/remote"
 	"github.com/lazypull/lazypull/service"
@@ -63,9 +64,11 @@ of its output matches --ready (for servers that do not exit: their start-up
 is done once they print it), or fails after --timeout. CMD's output is
 copied to standard error.
 
-Flags come before SRC. SRC must be an eStargz image in a registry (convert a
-plain one with lazypull convert first); DST is a reference or
-oci-layout:DIR[:TAG].`,
+Flags come before SRC. SRC and DST are references or oci-layout:DIR[:TAG].
+The recording runs on an eStargz image in a registry: any other SRC is first
+converted to DST (which must then be a registry reference), recorded there,
+and converted again from SRC with the record (a failed recording leaves
+that first conversion in DST).`,
 		Example: `  lazypull optimize 127.0.0.1:5000/app:esgz 127.0.0.1:5000/app:opt -- python3 -c 'import pandas'
   lazypull optimize --ready 'listening on' --timeout 2m registry.example.com/web:esgz registry.example.com/web:opt -- /usr/sbin/nginx -g 'daemon off;'`,
 		Args: func(cmd *cobra.Command, args []string) error {
@@ -137,7 +140,25 @@ func (o *optimizer) progress(format string, args ...any) {
 }
 
 func (o *optimizer) run(ctx context.Context) error {
-	files, err := o.record(ctx)
+	// The recording needs an eStargz image in a registry. Any other SRC
+	// is converted to DST first, recorded there, and converted again
+	// from SRC with the record.
+	recordRef := o.src
+	lazy, err := o.isLazy(ctx)
+	if err != nil {
+		return err
+	}
+	if !lazy {
+		if strings.HasPrefix(o.dst, convert.LayoutPrefix) {
+			return usageError{fmt.Errorf("%s is not an eStargz image in a registry, and the recording run needs one: convert it to a registry first (lazypull convert %s REF), then optimize REF", o.src, o.src)}
+		}
+		o.progress("%s is not eStargz: converting it to %s for the recording run", o.src, o.dst)
+		if _, err := convertImage(o.cmd, o.reg, o.src, o.dst, o.opts); err != nil {
+			return err
+		}
+		recordRef = o.dst
+	}
+	files, err := o.record(ctx, recordRef)
 	if err != nil {
 		return err
 	}
@@ -159,12 +180,30 @@ func (o *optimizer) run(ctx context.Context) error {
 	return nil
 }
 
-// record mounts SRC, runs the workload in it and returns the files it
-// read, in order.
-func (o *optimizer) record(ctx context.Context) ([]string, error) {
+// isLazy reports whether SRC is in a registry with every layer (of the
+// host's platform) in eStargz form.
+func (o *optimizer) isLazy(ctx context.Context) (bool, error) {
+	if strings.HasPrefix(o.src, convert.LayoutPrefix) {
+		return false, nil
+	}
 	img, err := o.reg.Resolve(ctx, o.src, nil)
 	if err != nil {
-		return nil, fmt.Errorf("resolving %s: %w", o.src, err)
+		return false, fmt.Errorf("resolving %s: %w", o.src, err)
+	}
+	for _, l := range img.Manifest.Layers {
+		if l.Annotations[estargz.TOCDigestAnnotation] == "" {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// record mounts ref, runs the workload in it and returns the files it
+// read, in order.
+func (o *optimizer) record(ctx context.Context, ref string) ([]string, error) {
+	img, err := o.reg.Resolve(ctx, ref, nil)
+	if err != nil {
+		return nil, fmt.Errorf("resolving %s: %w", ref, err)
 	}
 	tmp, err := os.MkdirTemp("", "lazypull-optimize-")
 	if err != nil {
@@ -204,7 +243,7 @@ func (o *optimizer) record(ctx context.Context) ([]string, error) {
 	lowers, cleanup, err := mountLayers(ctx, o.reg, svc.Manager, img, false)
 	defer func() { cleanup() }()
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", o.src, err)
+		return nil, fmt.Errorf("%s: %w", ref, err)
 	}
 	root := filepath.Join(tmp, "root")
 	if err := mountWritable(lowers, filepath.Join(tmp, "rw"), root); err != nil {

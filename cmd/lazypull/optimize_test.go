@@ -157,9 +157,32 @@ func TestOptimizeReady(t *testing.T) {
 	}
 }
 
+// TestOptimizePlainSource optimizes an image that is not eStargz: it is
+// converted to DST for the recording, then converted again with the record.
+func TestOptimizePlainSource(t *testing.T) {
+	if why := canMount(); why != "" {
+		t.Skip(why)
+	}
+	reg := remotetest.NewRegistry(t)
+	pushFixtureImage(t, reg, "app", "v1", fixture.DefaultConfig())
+	args := append(hermetic(t), "optimize", "--zstd", reg.Ref("app", "v1"), reg.Ref("app", "opt"), "--", "cat", "/app/b.txt")
+	_, errOut, code := runProcess(t, []string{"TMPDIR=" + t.TempDir()}, args...)
+	if code != 0 {
+		t.Fatalf("optimize: exit %d\n%s", code, errOut)
+	}
+	if !strings.Contains(errOut, "is not eStargz: converting it to") || !strings.Contains(errOut, "bravo\n") {
+		t.Errorf("stderr:\n%s", errOut)
+	}
+	m := parseManifest(t, getManifest(t, reg, "app", "opt"))
+	names := checkLayers(t, m, func(d digest.Digest) []byte { return reg.Blob(t, "app", d) }, ocispec.MediaTypeImageLayerZstd)
+	lm := slices.Index(names[1], estargz.PrefetchLandmark)
+	if i := slices.Index(names[1], "app/b.txt"); lm < 0 || i < 0 || i > lm || slices.Index(names[1], "app/a.txt") < lm {
+		t.Errorf("app layer order %q: want app/b.txt alone before the landmark", names[1])
+	}
+}
+
 // TestOptimizeErrors: a bad reference, a command the image lacks, a
-// workload that fails, a timeout and a plain image fail with a message
-// that says so.
+// workload that fails and a timeout fail with a message that says so.
 func TestOptimizeErrors(t *testing.T) {
 	if why := canMount(); why != "" {
 		t.Skip(why)
@@ -182,7 +205,6 @@ func TestOptimizeErrors(t *testing.T) {
 		{"fails", []string{esgz, dst, "--", "/bin/sh", "-c", "exit 3"}, []string{"/bin/sh exited with exit status 3"}},
 		{"timeout", []string{"--timeout", "2s", esgz, dst, "--", "/bin/sleep", "600"}, []string{"timeout: /bin/sleep did not exit within 2s"}},
 		{"timeout ready", []string{"--timeout", "2s", "--ready", "never", esgz, dst, "--", "/bin/sleep", "600"}, []string{`printed no line matching --ready "never"`}},
-		{"plain image", []string{reg.Ref("app", "v1"), dst, "--", "/bin/true"}, []string{"is not eStargz"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, errOut, code := runProcess(t, []string{"TMPDIR=" + t.TempDir()}, append(append(hermetic(t), "optimize"), c.args...)...)
@@ -201,6 +223,7 @@ func TestOptimizeErrors(t *testing.T) {
 	}
 	// Usage errors exit 2.
 	for _, args := range [][]string{
+		{"optimize", reg.Ref("app", "v1"), "oci-layout:" + t.TempDir() + ":x", "--", "/bin/true"},
 		{"optimize", esgz, dst},
 		{"optimize", "--ready", "(", esgz, dst, "--", "/bin/true"},
 		{"optimize", "--timeout", "0s", esgz, dst, "--", "/bin/true"},
