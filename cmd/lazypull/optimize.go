@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -480,6 +481,10 @@ func execInRootfs(raw string) error {
 	if err != nil {
 		return err
 	}
+	env := spec.Env
+	if !slices.ContainsFunc(env, func(e string) bool { return strings.HasPrefix(e, "HOME=") }) {
+		env = append(env, "HOME="+homeOf(spec.User))
+	}
 	if spec.User != "" {
 		uid, gid, err := resolveUser(spec.User)
 		if err != nil {
@@ -496,7 +501,7 @@ func execInRootfs(raw string) error {
 		}
 	}
 	unix.CloseOnExec(3) // the setup-error pipe: EOF to lazypull once the workload runs
-	if err := unix.Exec(path, spec.Args, spec.Env); err != nil {
+	if err := unix.Exec(path, spec.Args, env); err != nil {
 		return fmt.Errorf("executing %s: %w", path, err)
 	}
 	return nil
@@ -625,6 +630,23 @@ func resolveUser(user string) (int, int, error) {
 		gid = 0
 	}
 	return uid, gid, nil
+}
+
+// homeOf returns the home directory of an image config's user (root when
+// empty) from the image's /etc/passwd, or "/", as containerd sets HOME.
+func homeOf(user string) string {
+	u, _, _ := strings.Cut(user, ":")
+	if u == "" {
+		u = "0"
+	}
+	col := 0
+	if _, err := strconv.Atoi(u); err == nil {
+		col = 2
+	}
+	if fields, ok := lookupDB("/etc/passwd", col, u); ok && len(fields) > 5 && fields[5] != "" {
+		return fields[5]
+	}
+	return "/"
 }
 
 // lookupDB returns the fields of the first line of a passwd or group file

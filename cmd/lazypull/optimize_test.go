@@ -75,13 +75,13 @@ func TestOptimizeCommand(t *testing.T) {
 	}
 	env := []string{"TMPDIR=" + t.TempDir()}
 	record := filepath.Join(t.TempDir(), "record.txt")
-	script := `cat b.txt a.txt; echo "$GREETING $(pwd) $(id -u):$(id -g)"; test -d /proc/self && test -c /dev/null && echo specials; echo x > /tmp/written && echo wrote`
+	script := `cat b.txt a.txt; echo "$GREETING $(pwd) $(id -u):$(id -g) $HOME"; test -d /proc/self && test -c /dev/null && echo specials; echo x > /tmp/written && echo wrote`
 	args := append(hermetic(t), "optimize", "--record", record, reg.Ref("app", "esgz"), reg.Ref("app", "opt"), "--", "sh", "-c", script)
 	out, errOut, code := runProcess(t, env, args...)
 	if code != 0 {
 		t.Fatalf("optimize: exit %d\n%s", code, errOut)
 	}
-	for _, want := range []string{"bravo\nalpha\n", "hello /app 1000:1000\n", "specials\n", "wrote\n", "running sh -c", "recorded ", "converting "} {
+	for _, want := range []string{"bravo\nalpha\n", "hello /app 1000:1000 /\n", "specials\n", "wrote\n", "running sh -c", "recorded ", "converting "} {
 		if !strings.Contains(errOut, want) {
 			t.Errorf("stderr lacks %q:\n%s", want, errOut)
 		}
@@ -123,7 +123,7 @@ func TestOptimizeCommand(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("optimize of the optimized image: exit %d\n%s", code, errOut2)
 	}
-	if !strings.Contains(errOut2, "bravo\nalpha\nhello /app 1000:1000\nspecials\nwrote\n") {
+	if !strings.Contains(errOut2, "bravo\nalpha\nhello /app 1000:1000 /\nspecials\nwrote\n") {
 		t.Errorf("the optimized image runs differently:\n%s", errOut2)
 	}
 	if got := prioritizedOf(t, reg, "app", "opt2"); !slices.Equal(got[1], appPrio) {
@@ -143,13 +143,13 @@ func TestOptimizeReady(t *testing.T) {
 		t.Fatal(err)
 	}
 	args := append(hermetic(t), "optimize", "--ready", "^READY$", "--timeout", "50s", reg.Ref("app", "esgz"), reg.Ref("app", "opt"),
-		"--", "/bin/sh", "-c", "cat /app/a.txt; echo READY; exec sleep 600")
+		"--", "/bin/sh", "-c", "cat /app/a.txt; echo home=$HOME; echo READY; exec sleep 600")
 	_, errOut, code := runProcess(t, []string{"TMPDIR=" + t.TempDir()}, args...)
 	if code != 0 {
 		t.Fatalf("optimize: exit %d\n%s", code, errOut)
 	}
-	if !strings.Contains(errOut, "matches --ready") {
-		t.Errorf("stderr does not report the ready line:\n%s", errOut)
+	if !strings.Contains(errOut, "matches --ready") || !strings.Contains(errOut, "home=/root\n") {
+		t.Errorf("stderr does not report the ready line, or HOME is not root's:\n%s", errOut)
 	}
 	prio := prioritizedOf(t, reg, "app", "opt")
 	if !slices.Contains(prio[1], "app/a.txt") || slices.Contains(prio[1], "app/b.txt") {
