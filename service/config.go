@@ -309,11 +309,6 @@ func (c *Config) Validate() error {
 	if c.CredentialProviders.Config != "" && c.CredentialProviders.BinDir == "" {
 		errs = append(errs, errors.New("credential_providers.bin_dir must be set with credential_providers.config"))
 	}
-	if c.FuseManager.Enable && (c.CRI.Enable || c.CredentialProviders.Config != "") {
-		// The credentials the CRI proxy captures live in the daemon; the
-		// manager, which fetches, could not see them.
-		errs = append(errs, errors.New("fuse_manager.enable cannot be combined with cri.enable or credential_providers.config yet"))
-	}
 	if c.CredentialProviders.Timeout <= 0 {
 		errs = append(errs, fmt.Errorf("credential_providers.timeout must be positive (%s)", time.Duration(c.CredentialProviders.Timeout)))
 	}
