@@ -609,3 +609,122 @@ func TestRestartFuseManager(t *testing.T) {
 		t.Fatalf("after reinstall: cat: %q", out)
 	}
 }
+
+// registryDownScript reads the files of the first 40 lines of /sums once
+// (they are cached from then on), then checksums them in a loop in the
+// background (/out/progress) until /out/stop appears; once /out/go
+// appears it checksums the other files, never read before (uncached), one
+// after the other (/out/uncached). A read error or a wrong byte prints
+// BAD and exits 1.
+const registryDownScript = `
+head -n 40 /sums > /tmp/cached; sed -n '41,$p' /sums > /tmp/uncached
+check() {
+  while read sum name; do
+    got=$(sha256sum "$name") || { echo "BAD read $name"; exit 1; }
+    [ "${got%% *}" = "$sum" ] || { echo "BAD $name: $got"; exit 1; }
+    echo "$name" >> "$1"
+  done < "$2"
+}
+check /out/progress /tmp/cached
+( while [ ! -f /out/stop ]; do check /out/progress /tmp/cached; busybox usleep 20000; done ) &
+cached=$!
+while [ ! -f /out/go ]; do busybox usleep 10000; done
+check /out/uncached /tmp/uncached
+wait $cached || exit 1
+echo DONE
+`
+
+// TestRestartRegistryDown: with [fuse_manager] the registry is stopped and
+// the daemon killed while a container reads. Reads of cached files go on
+// throughout; reads of files never fetched, started while the daemon and
+// the registry are both down, wait (the registry client retries within
+// fetch.read_timeout) and succeed with correct bytes once the daemon is
+// back and then the registry.
+func TestRestartRegistryDown(t *testing.T) {
+	t.Parallel()
+	v := lab.Containerd2()
+	cv := convertImage(t, loopImage(t, 120, 32<<10), estargz.Gzip)
+	reg := lab.NewRegistry(t)
+	ref := push(t, reg, "restart/down:v1", cv.image)
+	// Retries whose backoff (0.25 s doubling, capped at 10 s) spans more
+	// than the outage, within read_timeout.
+	const readTimeout = 30 * time.Second
+	env := newLazyEnv(t, v, reg, lazyOptions{FuseManager: true, Retries: 8, ReadTimeout: readTimeout})
+	ctx := env.c.Namespace(t)
+	img := env.pull(t, ctx, ref)
+	env.checkRemote(t, ctx, img, true)
+
+	c := env.startLoop(t, ctx, img, "sh", "-c", registryDownScript)
+	c.prog.waitLines(t, 40) // the cached set, read once
+	uncached := func() int {
+		b, _ := os.ReadFile(filepath.Join(c.dir, "uncached"))
+		return bytes.Count(b, []byte("\n"))
+	}
+	exited := func() bool {
+		select {
+		case <-c.done:
+			return true
+		default:
+			return false
+		}
+	}
+
+	// The restart window: the registry and the daemon are both down.
+	if err := reg.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	down := time.Now()
+	if err := env.sn.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(c.dir, "go"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	goAt := time.Now()
+	c.prog.waitLines(t, 40) // cached reads go on
+	time.Sleep(time.Until(goAt.Add(2 * time.Second)))
+	if exited() {
+		t.Fatalf("the container exited while the registry was down: %s %v", c.res, c.err)
+	}
+	if n := uncached(); n != 0 {
+		t.Fatalf("%d uncached files read with the registry down: the test reads cached data only", n)
+	}
+	if err := env.sn.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.c.WaitSnapshotter(ctx, lazypullName); err != nil {
+		t.Fatal(err)
+	}
+	c.prog.waitLines(t, 40) // and on, with the daemon back, the registry still down
+	if n := uncached(); n != 0 || exited() {
+		t.Fatalf("before the registry is back: %d uncached files read, container exited %v", n, exited())
+	}
+	if err := reg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	t.Logf("registry down for %v, daemon restarted meanwhile", back.Sub(down))
+
+	// The pending read and the ones after it succeed.
+	var first time.Time
+	if !waitFor(readTimeout, func() bool {
+		if first.IsZero() && uncached() > 0 {
+			first = time.Now()
+		}
+		return uncached() >= 80 || exited()
+	}) {
+		t.Fatalf("uncached reads: %d of 80 files within %v of the registry's return", uncached(), readTimeout)
+	}
+	if exited() {
+		t.Fatalf("the container exited before stopping: %s %v", c.res, c.err)
+	}
+	if first.IsZero() {
+		first = time.Now()
+	}
+	if d := first.Sub(goAt); d > readTimeout {
+		t.Errorf("the first uncached read took %v, more than read_timeout %v", d, readTimeout)
+	}
+	t.Logf("the first uncached read, started with the registry down, completed %v after it started (%v after the registry came back)",
+		first.Sub(goAt).Round(time.Millisecond), first.Sub(back).Round(time.Millisecond))
+	c.stop(t, "reads across the registry and daemon outage")
+}
