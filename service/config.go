@@ -97,7 +97,10 @@ type Config struct {
 // manager, `lazypull-snapshotter fuse-manager`) that the daemon starts if
 // it is not running and drives over a unix socket, so that running
 // containers keep their layers when the daemon is killed, restarted or
-// upgraded. See docs/architecture.md, "Restarts".
+// upgraded. The manager reads the same configuration; it reports layers
+// that fail verification and its metrics to the daemon, and asks the
+// daemon for the credentials the [cri] proxy captures. See
+// docs/architecture.md, "Restarts".
 type FuseManagerConfig struct {
 	// Enable serves the layers from the fuse manager. Default false: the
 	// daemon serves them itself and they go away with it.
