@@ -237,12 +237,6 @@ func mapDiff(before, after map[string]string) string {
 	return strings.Join(d, "\n")
 }
 
-// lastLines returns the last n lines of s.
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	return strings.Join(lines[max(0, len(lines)-n):], "\n")
-}
-
 // managerClient connects to the env's fuse manager.
 func (e *lazyEnv) managerClient(t *testing.T, ctx context.Context) *fusemanager.Client {
 	t.Helper()
@@ -277,31 +271,6 @@ func (e *lazyEnv) restartManaged(t *testing.T, ctx context.Context, kill bool) (
 		t.Fatal(err)
 	}
 	return stopped, time.Now()
-}
-
-// rootProcesses counts the processes whose command line names root (the
-// daemon and the fuse manager both get --root).
-func rootProcesses(t *testing.T, root string) []int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		if slices.Contains(strings.Split(string(b), "\x00"), root) {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 // threads is the number of threads of process pid.
@@ -372,33 +341,7 @@ func TestRestartFuseManager(t *testing.T) {
 	}
 	env := newLazyEnv(t, v, reg, lazyOptions{FuseManager: true, Binary: bin})
 	root := env.sn.Root()
-	t.Cleanup(func() {
-		// Uninstall whatever is left; a manager that will not go is killed.
-		pids := rootProcesses(t, root)
-		out, err := exec.Command(bin, "fuse-manager", "--stop", "--root", root, "--config", filepath.Join(env.sn.Dir(), "config.toml")).CombinedOutput()
-		if err != nil {
-			t.Errorf("fuse-manager --stop: %v: %s", err, out)
-		}
-		for _, pid := range pids {
-			if pid != env.sn.Pid() {
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-		if b, err := os.ReadFile(filepath.Join(root, "fuse-manager.log")); err == nil && strings.Contains(string(b), "WARNING: DATA RACE") {
-			t.Errorf("the fuse manager reported a data race; see its log")
-		}
-		if t.Failed() {
-			if b, err := os.ReadFile(filepath.Join(root, "fuse-manager.log")); err == nil {
-				var keep []string
-				for _, l := range strings.Split(string(b), "\n") {
-					if !strings.Contains(l, "level=debug") {
-						keep = append(keep, l)
-					}
-				}
-				t.Logf("fuse manager log:\n%s", lastLines(strings.Join(keep, "\n"), 80))
-			}
-		}
-	})
+	// lab's cleanup stops the manager (and checks its log for races).
 	ctx := env.c.Namespace(t)
 
 	loop := env.pull(t, ctx, refLoop)
@@ -479,7 +422,7 @@ func TestRestartFuseManager(t *testing.T) {
 
 	// 3. Kill/start cycles with a container reading: nothing leaks.
 	mountsBefore := env.fuseMounts(t)
-	procsBefore := rootProcesses(t, root)
+	procsBefore := lab.ProcessesNaming(root)
 	fdsBefore := fds(t, managerPid)
 	threadsBefore := threads(t, managerPid)
 	goroutines := func() int {
@@ -506,7 +449,7 @@ func TestRestartFuseManager(t *testing.T) {
 	if d := mapDiff(mountsBefore, env.fuseMounts(t)); d != "" {
 		t.Errorf("FUSE mounts after %d cycles differ:\n%s", cycles, d)
 	}
-	if got := rootProcesses(t, root); len(got) != len(procsBefore) {
+	if got := lab.ProcessesNaming(root); len(got) != len(procsBefore) {
 		t.Errorf("processes on the root: %v, before %v", got, procsBefore)
 	}
 	var fdsAfter []string
@@ -595,7 +538,7 @@ func TestRestartFuseManager(t *testing.T) {
 	if strings.Contains(string(pm), root) {
 		t.Errorf("/proc/mounts still names %s after uninstall", root)
 	}
-	if got := rootProcesses(t, root); len(got) > 0 {
+	if got := lab.ProcessesNaming(root); len(got) > 0 {
 		t.Errorf("processes left after uninstall: %v", got)
 	}
 	// Starting again brings a new manager and the layers back.
