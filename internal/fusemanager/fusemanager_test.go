@@ -363,3 +363,44 @@ func TestCredentialSource(t *testing.T) {
 		t.Fatalf("Lookup without a daemon: want ErrUnavailable, got %v", err)
 	}
 }
+
+// A daemon killed while it waits for failures does not leave its
+// connection and goroutines in the manager until the wait ends.
+func TestFailuresWaitEndsWhenClientHangsUp(t *testing.T) {
+	ctx := context.Background()
+	b := &memBackend{mounted: map[string]map[string]string{}, sick: map[string]bool{}}
+	addr, _ := serve(t, b)
+	probe, err := Dial(ctx, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+	goroutines := func() int {
+		var h HelloReply
+		if err := probe.call(ctx, "Hello", Empty{}, &h); err != nil {
+			t.Fatal(err)
+		}
+		return h.Goroutines
+	}
+	before := goroutines()
+	for range 5 {
+		c, err := Dial(ctx, addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc, err := c.conn(ctx, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		call := rc.Go(serviceName+".Failures", FailuresArgs{Wait: time.Minute}, &FailuresReply{}, nil)
+		_ = call
+		c.Close() // as if the daemon had been killed
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for goroutines() > before {
+		if time.Now().After(deadline) {
+			t.Fatalf("manager goroutines: %d, %d before 5 clients waiting for failures hung up", goroutines(), before)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -48,6 +48,32 @@ type rpcServer struct {
 	shutdown     chan struct{}
 }
 
+// connServer is the net/rpc receiver of one client connection: the
+// server's methods, plus those that must know when their client hangs up.
+type connServer struct {
+	*rpcServer
+	// gone is closed when the client hangs up (a read fails): net/rpc
+	// keeps a connection (its descriptor, its goroutines) until its calls
+	// are answered, and a daemon that was killed never reads the answer
+	// of a Failures call waiting for a failure.
+	gone chan struct{}
+}
+
+// watchedConn closes gone when a read fails.
+type watchedConn struct {
+	net.Conn
+	once sync.Once
+	gone chan struct{}
+}
+
+func (c *watchedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil {
+		c.once.Do(func() { close(c.gone) })
+	}
+	return n, err
+}
+
 // Serve answers clients on l until ctx is done or a client asks for
 // Shutdown (after which it returns nil). It closes l.
 func Serve(ctx context.Context, l net.Listener, backend Backend, opts ServerOptions) error {
@@ -55,9 +81,17 @@ func Serve(ctx context.Context, l net.Listener, backend Backend, opts ServerOpti
 		opts.Failures = NewFailureLog()
 	}
 	s := &rpcServer{ctx: ctx, backend: backend, opts: opts, locks: map[string]*sync.Mutex{}, shutdown: make(chan struct{})}
-	srv := rpc.NewServer()
-	if err := srv.RegisterName(serviceName, s); err != nil {
-		return fmt.Errorf("registering the fuse manager service: %w", err)
+	// One net/rpc server per connection, so that a method can tell that
+	// its client hung up (connServer).
+	newServer := func(gone chan struct{}) (*rpc.Server, error) {
+		srv := rpc.NewServer()
+		if err := srv.RegisterName(serviceName, &connServer{rpcServer: s, gone: gone}); err != nil {
+			return nil, fmt.Errorf("registering the fuse manager service: %w", err)
+		}
+		return srv, nil
+	}
+	if _, err := newServer(nil); err != nil {
+		return err
 	}
 	var wg sync.WaitGroup
 	conns := map[net.Conn]bool{}
@@ -74,7 +108,13 @@ func Serve(ctx context.Context, l net.Listener, backend Backend, opts ServerOpti
 			conns[c] = true
 			connsMu.Unlock()
 			wg.Go(func() {
-				srv.ServeConn(c)
+				gone := make(chan struct{})
+				srv, err := newServer(gone)
+				if err != nil {
+					c.Close()
+					return
+				}
+				srv.ServeConn(&watchedConn{Conn: c, gone: gone})
 				connsMu.Lock()
 				delete(conns, c)
 				connsMu.Unlock()
@@ -171,7 +211,7 @@ func (s *rpcServer) Unmount(a MountArgs, reply *Result) error {
 
 // Failures answers with the failures numbered above a.After, waiting up
 // to a.Wait (at most maxFailuresWait) for one.
-func (s *rpcServer) Failures(a FailuresArgs, reply *FailuresReply) error {
+func (s *connServer) Failures(a FailuresArgs, reply *FailuresReply) error {
 	reply.Pid = os.Getpid()
 	timer := time.NewTimer(min(max(a.Wait, 0), maxFailuresWait))
 	defer timer.Stop()
@@ -184,6 +224,8 @@ func (s *rpcServer) Failures(a FailuresArgs, reply *FailuresReply) error {
 		select {
 		case <-changed:
 		case <-timer.C:
+			return nil
+		case <-s.gone:
 			return nil
 		case <-s.shutdown:
 			return nil
