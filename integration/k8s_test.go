@@ -68,6 +68,9 @@ type k8sNodeOptions struct {
 	// Overlayfs makes overlayfs CRI's snapshotter instead of lazypull
 	// (containerd 2.x only), for reference runs.
 	Overlayfs bool
+	// FuseManager turns on [fuse_manager]: the layers are served (and
+	// fetched, with the credentials the daemon captures) by the manager.
+	FuseManager bool
 }
 
 var k8sNodes atomic.Int32
@@ -125,7 +128,10 @@ address = "127.0.0.1:0"
 enable = true
 address = %q
 containerd_address = %q
-%s`, t.Name(), hostsDir, n.criSock, n.ctdSock, o.SnapshotterConfig)
+
+[fuse_manager]
+enable = %t
+%s`, t.Name(), hostsDir, n.criSock, n.ctdSock, o.FuseManager, o.SnapshotterConfig)
 	sn := lab.NewSnapshotter(t, lab.SnapshotterConfig{
 		Binary:   lazypullSnapshotter(t),
 		Config:   cfg,
@@ -463,8 +469,9 @@ func (n *k8sNode) checkNoSecrets(t *testing.T, reg *remotetest.Registry) {
 		}
 	}
 	snLog, _ := os.ReadFile(n.sn.LogPath())
+	mgrLog, _ := os.ReadFile(n.sn.ManagerLogPath())
 	ctdLog, _ := os.ReadFile(n.ctdLog)
-	for name, text := range map[string]string{"snapshotter": string(snLog), "containerd": string(ctdLog), "crictl": n.crictlOutput()} {
+	for name, text := range map[string]string{"snapshotter": string(snLog), "fuse manager": string(mgrLog), "containerd": string(ctdLog), "crictl": n.crictlOutput()} {
 		for i, s := range secrets {
 			if strings.Contains(text, s) {
 				t.Errorf("the %s log shows secret #%d (0 is the password, others bearer tokens)", name, i)
@@ -482,20 +489,26 @@ func (n *k8sNode) checkNoSecrets(t *testing.T, reg *remotetest.Registry) {
 // pod reads files that were never fetched (background fetch off) and
 // prints them; imagefsinfo reports lazypull's root; rmi and containerd's
 // garbage collection remove the snapshots and their FUSE mounts; without
-// credentials the pull fails clearly; no log shows a secret.
+// credentials the pull fails clearly; no log shows a secret. The
+// fuse_manager run does the same with the layers served and fetched by
+// the fuse manager, which asks the daemon for the captured credentials.
 func TestK8sCRIPullRunLazy(t *testing.T) {
 	img := threeLayerImage(t)
 	cv := convertImage(t, img, estargz.Gzip)
 	forEachVersion(t, func(t *testing.T, v lab.Version) {
-		testK8sCRIPullRunLazy(t, v, cv)
+		testK8sCRIPullRunLazy(t, v, cv, k8sNodeOptions{})
+	})
+	t.Run("fuse_manager", func(t *testing.T) {
+		t.Parallel()
+		testK8sCRIPullRunLazy(t, lab.Containerd2(), cv, k8sNodeOptions{FuseManager: true})
 	})
 }
 
-func testK8sCRIPullRunLazy(t *testing.T, v lab.Version, cv *converted) {
+func testK8sCRIPullRunLazy(t *testing.T, v lab.Version, cv *converted, o k8sNodeOptions) {
 	const tokenTTL = 3 * time.Second
 	reg, hostsDir, pause := k8sRegistries(t, tokenTTL)
 	ref := pushPrivate(t, reg, "private/app", "v1", cv.image)
-	n := startK8sNode(t, v, hostsDir, pause, k8sNodeOptions{})
+	n := startK8sNode(t, v, hostsDir, pause, o)
 
 	// No credentials: containerd's clear refusal, through the proxy.
 	if out, err := n.crictl(t, "pull", ref); err == nil || !strings.Contains(out, "authorization") {
@@ -580,9 +593,14 @@ func testK8sCRIPullRunLazy(t *testing.T, v lab.Version, cv *converted) {
 		time.Sleep(time.Second)
 	}
 
-	// Metrics: the layers are mounted lazily.
-	if got := n.metrics(t)["lazypull_mounted_layers"]; got != float64(len(cv.manifest.Layers)) {
+	// Metrics: the layers are mounted lazily (with the fuse manager, its
+	// metrics in the daemon's /metrics).
+	m := n.metrics(t)
+	if got := m["lazypull_mounted_layers"]; got != float64(len(cv.manifest.Layers)) {
 		t.Errorf("lazypull_mounted_layers = %v", got)
+	}
+	if o.FuseManager && (m["lazypull_fuse_manager_up"] != 1 || m[`lazypull_fetch_requests_total{kind="foreground",result="ok"}`] == 0) {
+		t.Errorf("the fuse manager's metrics: up %v, foreground fetches %v", m["lazypull_fuse_manager_up"], m[`lazypull_fetch_requests_total{kind="foreground",result="ok"}`])
 	}
 
 	// rmi and GC remove the snapshots and their mounts.
@@ -604,10 +622,24 @@ func testK8sCRIPullRunLazy(t *testing.T, v lab.Version, cv *converted) {
 // contrib/kubernetes/credential-provider-config.yaml. After a daemon
 // restart (the credentials captured from the CRI pull are gone), the
 // plugin supplies the credentials the lazy reads of a running image need,
-// and it is asked again once its answer's cache duration has passed.
+// and it is asked again once its answer's cache duration has passed. The
+// fuse_manager run does the same with the plugin run by the fuse manager.
 func TestK8sCredentialProviderAfterRestart(t *testing.T) {
 	img := threeLayerImage(t)
 	cv := convertImage(t, img, estargz.Gzip)
+	for _, manager := range []bool{false, true} {
+		name := "daemon"
+		if manager {
+			name = "fuse_manager"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			testK8sCredentialProviderAfterRestart(t, cv, manager)
+		})
+	}
+}
+
+func testK8sCredentialProviderAfterRestart(t *testing.T, cv *converted, manager bool) {
 	reg, hostsDir, pause := k8sRegistries(t, 3*time.Second)
 	ref := pushPrivate(t, reg, "private/app", "v1", cv.image)
 
@@ -642,7 +674,7 @@ EOF_RESPONSE
 	if err := os.WriteFile(cpPath, []byte(cpConfig), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	n := startK8sNode(t, lab.Containerd2(), hostsDir, pause, k8sNodeOptions{SnapshotterConfig: fmt.Sprintf(`
+	n := startK8sNode(t, lab.Containerd2(), hostsDir, pause, k8sNodeOptions{FuseManager: manager, SnapshotterConfig: fmt.Sprintf(`
 [credential_providers]
 config = %q
 bin_dir = %q
@@ -673,6 +705,12 @@ timeout = "20s"
 		t.Fatal(err)
 	}
 	n.waitSnapshotter(t, ctx)
+	if manager {
+		// The manager's registry client, which outlived the daemon,
+		// still holds the pull's bearer token: let it expire, so that
+		// the reads below need credentials again.
+		time.Sleep(4 * time.Second)
+	}
 	out, pod1, _ := n.runPod(t, "after-restart", ref, "cat", "/etc/motd")
 	if out != "layer 3" {
 		t.Fatalf("output %q", out)

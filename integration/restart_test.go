@@ -237,12 +237,6 @@ func mapDiff(before, after map[string]string) string {
 	return strings.Join(d, "\n")
 }
 
-// lastLines returns the last n lines of s.
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	return strings.Join(lines[max(0, len(lines)-n):], "\n")
-}
-
 // managerClient connects to the env's fuse manager.
 func (e *lazyEnv) managerClient(t *testing.T, ctx context.Context) *fusemanager.Client {
 	t.Helper()
@@ -277,31 +271,6 @@ func (e *lazyEnv) restartManaged(t *testing.T, ctx context.Context, kill bool) (
 		t.Fatal(err)
 	}
 	return stopped, time.Now()
-}
-
-// rootProcesses counts the processes whose command line names root (the
-// daemon and the fuse manager both get --root).
-func rootProcesses(t *testing.T, root string) []int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		if slices.Contains(strings.Split(string(b), "\x00"), root) {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 // threads is the number of threads of process pid.
@@ -372,33 +341,7 @@ func TestRestartFuseManager(t *testing.T) {
 	}
 	env := newLazyEnv(t, v, reg, lazyOptions{FuseManager: true, Binary: bin})
 	root := env.sn.Root()
-	t.Cleanup(func() {
-		// Uninstall whatever is left; a manager that will not go is killed.
-		pids := rootProcesses(t, root)
-		out, err := exec.Command(bin, "fuse-manager", "--stop", "--root", root, "--config", filepath.Join(env.sn.Dir(), "config.toml")).CombinedOutput()
-		if err != nil {
-			t.Errorf("fuse-manager --stop: %v: %s", err, out)
-		}
-		for _, pid := range pids {
-			if pid != env.sn.Pid() {
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-		if b, err := os.ReadFile(filepath.Join(root, "fuse-manager.log")); err == nil && strings.Contains(string(b), "WARNING: DATA RACE") {
-			t.Errorf("the fuse manager reported a data race; see its log")
-		}
-		if t.Failed() {
-			if b, err := os.ReadFile(filepath.Join(root, "fuse-manager.log")); err == nil {
-				var keep []string
-				for _, l := range strings.Split(string(b), "\n") {
-					if !strings.Contains(l, "level=debug") {
-						keep = append(keep, l)
-					}
-				}
-				t.Logf("fuse manager log:\n%s", lastLines(strings.Join(keep, "\n"), 80))
-			}
-		}
-	})
+	// lab's cleanup stops the manager (and checks its log for races).
 	ctx := env.c.Namespace(t)
 
 	loop := env.pull(t, ctx, refLoop)
@@ -479,7 +422,7 @@ func TestRestartFuseManager(t *testing.T) {
 
 	// 3. Kill/start cycles with a container reading: nothing leaks.
 	mountsBefore := env.fuseMounts(t)
-	procsBefore := rootProcesses(t, root)
+	procsBefore := lab.ProcessesNaming(root)
 	fdsBefore := fds(t, managerPid)
 	threadsBefore := threads(t, managerPid)
 	goroutines := func() int {
@@ -506,7 +449,7 @@ func TestRestartFuseManager(t *testing.T) {
 	if d := mapDiff(mountsBefore, env.fuseMounts(t)); d != "" {
 		t.Errorf("FUSE mounts after %d cycles differ:\n%s", cycles, d)
 	}
-	if got := rootProcesses(t, root); len(got) != len(procsBefore) {
+	if got := lab.ProcessesNaming(root); len(got) != len(procsBefore) {
 		t.Errorf("processes on the root: %v, before %v", got, procsBefore)
 	}
 	var fdsAfter []string
@@ -595,7 +538,7 @@ func TestRestartFuseManager(t *testing.T) {
 	if strings.Contains(string(pm), root) {
 		t.Errorf("/proc/mounts still names %s after uninstall", root)
 	}
-	if got := rootProcesses(t, root); len(got) > 0 {
+	if got := lab.ProcessesNaming(root); len(got) > 0 {
 		t.Errorf("processes left after uninstall: %v", got)
 	}
 	// Starting again brings a new manager and the layers back.
@@ -608,4 +551,165 @@ func TestRestartFuseManager(t *testing.T) {
 	if out := env.run(t, ctx, a, "cat", "/etc/motd"); out != "image A\n" {
 		t.Fatalf("after reinstall: cat: %q", out)
 	}
+}
+
+// hotColdImage is busybox plus a layer of 40 files of random bytes in
+// hot/, 20 in cold/ and 2 MiB of random bytes in filler/ between them in
+// the blob (more than the read-ahead of a miss in hot/ reaches), with
+// /sums listing hot/ then cold/.
+func hotColdImage(t *testing.T) *fixture.Image {
+	t.Helper()
+	base, err := fixture.BusyboxLayer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewChaCha8([32]byte{'h', 'o', 't'}))
+	random := func(n int) []byte {
+		b := make([]byte, n)
+		for i := range b {
+			b[i] = byte(r.Uint32())
+		}
+		return b
+	}
+	top := fixture.NewLayer()
+	var sums strings.Builder
+	add := func(dir string, n int) {
+		for i := range n {
+			b := random(32 << 10)
+			name := fmt.Sprintf("%s/f%03d", dir, i)
+			top.FileBytes(name, b)
+			fmt.Fprintf(&sums, "%x  /%s\n", sha256.Sum256(b), name)
+		}
+	}
+	add("hot", 40)
+	top.FileBytes("filler/pad", random(2<<20))
+	add("cold", 20)
+	top.File("sums", sums.String())
+	img, err := fixture.BuildImage(fixture.DefaultConfig(), base, top)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+// registryDownScript (for hotColdImage) reads the files of the first 40
+// lines of /sums once (they are cached from then on), then checksums them in a loop in the
+// background (/out/progress) until /out/stop appears; once /out/go
+// appears it checksums the other files, never read before (uncached), one
+// after the other (/out/uncached). A read error or a wrong byte prints
+// BAD and exits 1.
+const registryDownScript = `
+head -n 40 /sums > /tmp/cached; sed -n '41,$p' /sums > /tmp/uncached
+check() {
+  while read sum name; do
+    got=$(sha256sum "$name") || { echo "BAD read $name"; exit 1; }
+    [ "${got%% *}" = "$sum" ] || { echo "BAD $name: $got"; exit 1; }
+    echo "$name" >> "$1"
+  done < "$2"
+}
+check /out/progress /tmp/cached
+( while [ ! -f /out/stop ]; do check /out/progress /tmp/cached; busybox usleep 20000; done ) &
+cached=$!
+while [ ! -f /out/go ]; do busybox usleep 10000; done
+check /out/uncached /tmp/uncached
+wait $cached || exit 1
+echo DONE
+`
+
+// TestRestartRegistryDown: with [fuse_manager] the registry is stopped and
+// the daemon killed while a container reads. Reads of cached files go on
+// throughout; reads of files never fetched, started while the daemon and
+// the registry are both down, wait (the registry client retries within
+// fetch.read_timeout) and succeed with correct bytes once the daemon is
+// back and then the registry.
+func TestRestartRegistryDown(t *testing.T) {
+	t.Parallel()
+	v := lab.Containerd2()
+	cv := convertImage(t, hotColdImage(t), estargz.Gzip)
+	reg := lab.NewRegistry(t)
+	ref := push(t, reg, "restart/down:v1", cv.image)
+	// Retries whose backoff (0.25 s doubling, capped at 10 s) spans more
+	// than the outage, within read_timeout.
+	const readTimeout = 30 * time.Second
+	env := newLazyEnv(t, v, reg, lazyOptions{FuseManager: true, Retries: 8, ReadTimeout: readTimeout})
+	ctx := env.c.Namespace(t)
+	img := env.pull(t, ctx, ref)
+	env.checkRemote(t, ctx, img, true)
+
+	c := env.startLoop(t, ctx, img, "sh", "-c", registryDownScript)
+	c.prog.waitLines(t, 40) // the cached set, read once
+	uncached := func() int {
+		b, _ := os.ReadFile(filepath.Join(c.dir, "uncached"))
+		return bytes.Count(b, []byte("\n"))
+	}
+	exited := func() bool {
+		select {
+		case <-c.done:
+			return true
+		default:
+			return false
+		}
+	}
+
+	// The restart window: the registry and the daemon are both down.
+	if err := reg.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	down := time.Now()
+	if err := env.sn.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(c.dir, "go"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	goAt := time.Now()
+	c.prog.waitLines(t, 40) // cached reads go on
+	time.Sleep(time.Until(goAt.Add(2 * time.Second)))
+	if exited() {
+		t.Fatalf("the container exited while the registry was down: %s %v", c.res, c.err)
+	}
+	if n := uncached(); n != 0 {
+		t.Fatalf("%d uncached files read with the registry down: the test reads cached data only", n)
+	}
+	if err := env.sn.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.c.WaitSnapshotter(ctx, lazypullName); err != nil {
+		t.Fatal(err)
+	}
+	c.prog.waitLines(t, 40) // and on, with the daemon back, the registry still down
+	// The registry stays down a while longer: the pending read has
+	// been retrying for several seconds by then.
+	time.Sleep(time.Until(goAt.Add(5 * time.Second)))
+	if n := uncached(); n != 0 || exited() {
+		t.Fatalf("before the registry is back: %d uncached files read, container exited %v", n, exited())
+	}
+	if err := reg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	t.Logf("registry down for %v, daemon restarted meanwhile", back.Sub(down))
+
+	// The pending read and the ones after it succeed.
+	var first time.Time
+	if !waitFor(readTimeout, func() bool {
+		if first.IsZero() && uncached() > 0 {
+			first = time.Now()
+		}
+		return uncached() >= 20 || exited()
+	}) {
+		t.Fatalf("uncached reads: %d of 20 files within %v of the registry's return", uncached(), readTimeout)
+	}
+	if exited() {
+		t.Fatalf("the container exited before stopping: %s %v", c.res, c.err)
+	}
+	if first.IsZero() {
+		first = time.Now()
+	}
+	if d := first.Sub(goAt); d > readTimeout {
+		t.Errorf("the first uncached read took %v, more than read_timeout %v", d, readTimeout)
+	}
+	t.Logf("the first uncached read, started with the registry down, completed %v after it started (%v after the registry came back)",
+		first.Sub(goAt).Round(time.Millisecond), first.Sub(back).Round(time.Millisecond))
+	c.stop(t, "reads across the registry and daemon outage")
 }

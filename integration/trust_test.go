@@ -62,21 +62,28 @@ func poisonedImages(t *testing.T) (a, b *fixture.Image) {
 // it, and removes its snapshot; tenant B then pulls the honest image with
 // the same chain ID and reads its own bytes, never A's; A's image no
 // longer runs. The control run with verification off shows the attack
-// working, so the test can tell the two apart.
+// working, so the test can tell the two apart. With [fuse_manager] the
+// verification runs in the manager, which reports the failure to the
+// daemon: the daemon logs it, removes the snapshot, and its /metrics
+// carries the manager's count.
 func TestLazypullPoisonedLayerFailsClosed(t *testing.T) {
 	imgA, imgB := poisonedImages(t)
-	for _, verify := range []bool{true, false} {
-		name := "verify=background"
-		if !verify {
-			name = "verify=off(unsafe)"
-		}
-		t.Run(name, func(t *testing.T) {
+	for _, mode := range []struct {
+		name                string
+		verify, fuseManager bool
+	}{
+		{"verify=background", true, false},
+		{"verify=background,fuse_manager", true, true},
+		{"verify=off(unsafe)", false, false},
+	} {
+		verify := mode.verify
+		t.Run(mode.name, func(t *testing.T) {
 			t.Parallel()
 			v := lab.Containerd2()
 			reg := lab.NewRegistry(t)
 			refA := push(t, reg, "tenant-a/app:v1", imgA)
 			refB := push(t, reg, "tenant-b/base:v1", imgB)
-			env := newLazyEnv(t, v, reg, lazyOptions{Verify: verify})
+			env := newLazyEnv(t, v, reg, lazyOptions{Verify: verify, FuseManager: mode.fuseManager})
 
 			ctxA := env.c.Namespace(t)
 			a := env.pull(t, ctxA, refA)
@@ -96,8 +103,19 @@ func TestLazypullPoisonedLayerFailsClosed(t *testing.T) {
 					time.Sleep(100 * time.Millisecond)
 				}
 				t.Logf("forged layer failed %v after the pull", time.Since(pulled).Round(time.Millisecond))
-				if log, err := os.ReadFile(env.sn.LogPath()); err != nil || !bytes.Contains(log, []byte("LAYER FAILED VERIFICATION")) || !bytes.Contains(log, []byte(imgA.Manifest.Layers[0].Digest.String())) {
+				// The daemon's log names the failed layer (with the
+				// manager, from the manager's report).
+				if !waitFor(10*time.Second, func() bool {
+					log, _ := os.ReadFile(env.sn.LogPath())
+					return bytes.Contains(log, []byte("LAYER FAILED VERIFICATION")) && bytes.Contains(log, []byte(imgA.Manifest.Layers[0].Digest.String()))
+				}) {
+					log, err := os.ReadFile(env.sn.LogPath())
 					t.Errorf("the daemon's log does not name the failed layer (%v):\n%s", err, log)
+				}
+				if mode.fuseManager {
+					if m := env.metrics(t); m["lazypull_fuse_manager_up"] != 1 {
+						t.Errorf("lazypull_fuse_manager_up = %v, want 1", m["lazypull_fuse_manager_up"])
+					}
 				}
 				// Its snapshot is gone from the daemon once unused.
 				deadline = time.Now().Add(30 * time.Second)

@@ -97,7 +97,10 @@ type Config struct {
 // manager, `lazypull-snapshotter fuse-manager`) that the daemon starts if
 // it is not running and drives over a unix socket, so that running
 // containers keep their layers when the daemon is killed, restarted or
-// upgraded. See docs/architecture.md, "Restarts".
+// upgraded. The manager reads the same configuration; it reports layers
+// that fail verification and its metrics to the daemon, and asks the
+// daemon for the credentials the [cri] proxy captures. See
+// docs/architecture.md, "Restarts".
 type FuseManagerConfig struct {
 	// Enable serves the layers from the fuse manager. Default false: the
 	// daemon serves them itself and they go away with it.
@@ -308,11 +311,6 @@ func (c *Config) Validate() error {
 	}
 	if c.CredentialProviders.Config != "" && c.CredentialProviders.BinDir == "" {
 		errs = append(errs, errors.New("credential_providers.bin_dir must be set with credential_providers.config"))
-	}
-	if c.FuseManager.Enable && (c.CRI.Enable || c.CredentialProviders.Config != "") {
-		// The credentials the CRI proxy captures live in the daemon; the
-		// manager, which fetches, could not see them.
-		errs = append(errs, errors.New("fuse_manager.enable cannot be combined with cri.enable or credential_providers.config yet"))
 	}
 	if c.CredentialProviders.Timeout <= 0 {
 		errs = append(errs, fmt.Errorf("credential_providers.timeout must be positive (%s)", time.Duration(c.CredentialProviders.Timeout)))

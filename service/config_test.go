@@ -109,7 +109,6 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"[fetch]\nretries = \"five\"\n", "retries"},
 		{"[verify]\npolicy = \"sometimes\"\n", "verify.policy must be \"background\" or \"off\""},
 		{"this is not toml", "config"},
-		{"[cri]\nenable = true\n[fuse_manager]\nenable = true\n", "fuse_manager.enable cannot be combined"},
 	} {
 		p := filepath.Join(t.TempDir(), "c.toml")
 		if err := os.WriteFile(p, []byte(tc.content), 0o644); err != nil {

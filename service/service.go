@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/moby/sys/userns"
+	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/lazypull/lazypull/cache"
@@ -47,6 +48,12 @@ type Options struct {
 	// WrapObserver, when set, wraps the layers' fs.Observer (the metrics,
 	// or nil without them), to see fetches as the layers count them.
 	WrapObserver func(lfs.Observer) lfs.Observer
+
+	// CapturedCredentials, when set, is where the registry client built
+	// here looks up the credentials captured from CRI pulls instead of
+	// Service.Captured: the fuse manager asks the daemon, whose CRI proxy
+	// captures them.
+	CapturedCredentials keychain.Source
 }
 
 // Service is one wiring of the chunk cache, the registry client and the
@@ -107,7 +114,11 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		if ua == "" {
 			ua = remote.DefaultUserAgent
 		}
-		kc, err := s.keychain(ctx)
+		var captured keychain.Source = s.Captured
+		if o.CapturedCredentials != nil {
+			captured = o.CapturedCredentials
+		}
+		kc, err := s.keychain(ctx, captured)
 		if err != nil {
 			return fail(err)
 		}
@@ -178,7 +189,7 @@ func New(ctx context.Context, o Options) (*Service, error) {
 // keychain returns the Kubernetes credential chain (CRI-captured, then
 // credential-provider plugins, then the docker config) when the config
 // asks for CRI or plugins, and nil (the docker config alone) otherwise.
-func (s *Service) keychain(ctx context.Context) (remote.CredentialSource, error) {
+func (s *Service) keychain(ctx context.Context, captured keychain.Source) (remote.CredentialSource, error) {
 	cfg := s.Config
 	if !cfg.CRI.Enable && cfg.CredentialProviders.Config == "" {
 		return nil, nil
@@ -195,7 +206,7 @@ func (s *Service) keychain(ctx context.Context) (remote.CredentialSource, error)
 		}
 		providers = p
 	}
-	return keychain.New(s.Captured, providers, keychain.DockerConfig(cfg.Registry.DockerConfig)), nil
+	return keychain.New(captured, providers, keychain.DockerConfig(cfg.Registry.DockerConfig)), nil
 }
 
 // LayerFS returns the adapter the snapshotter mounts remote snapshots with.
@@ -210,8 +221,28 @@ func (s *Service) LayerFS() *LayerFS {
 // OnLayerFailed sets what is told about a layer that failed verification
 // (the snapshotter, which stops offering its snapshot for reuse).
 func (s *Service) OnLayerFailed(fn func(ctx context.Context, mountpoint string, err error)) {
+	s.OnLayerFailure(func(ctx context.Context, f LayerFailure) { fn(ctx, f.Mountpoint, f.Err) })
+}
+
+// LayerFailure describes a layer that failed whole-layer verification.
+type LayerFailure struct {
+	// Mountpoint is where the layer is mounted.
+	Mountpoint string
+	// Image is the image reference it was mounted for, Layer its blob
+	// digest and ChainID the chain ID containerd commits it under.
+	Image   string
+	Layer   digest.Digest
+	ChainID string
+	// Err says how it differs from what its image commits to.
+	Err error
+}
+
+// OnLayerFailure is OnLayerFailed with what names the layer (the fuse
+// manager reports it to the daemon). It replaces what OnLayerFailed set.
+func (s *Service) OnLayerFailure(fn func(ctx context.Context, f LayerFailure)) {
 	if s.verifier != nil {
-		s.verifier.onFail.Store(&fn)
+		h := failureHandler(fn)
+		s.verifier.onFail.Store(&h)
 	}
 }
 

@@ -103,13 +103,13 @@ func TestNewKubernetesCredentials(t *testing.T) {
 	if svc.Captured == nil {
 		t.Fatal("no credential store for the CRI proxy")
 	}
-	kc, err := svc.keychain(ctx)
+	kc, err := svc.keychain(ctx, svc.Captured)
 	if err != nil || kc == nil {
 		t.Fatalf("keychain with [cri] enabled: %v %v", kc, err)
 	}
 	plain := DefaultConfig()
 	s2 := &Service{Config: plain}
-	if kc, err := s2.keychain(ctx); err != nil || kc != nil {
+	if kc, err := s2.keychain(ctx, nil); err != nil || kc != nil {
 		t.Fatalf("keychain without [cri] or plugins: %v %v", kc, err)
 	}
 }

@@ -48,7 +48,7 @@ type verifyState struct {
 }
 
 // failureHandler is told about a layer that failed verification.
-type failureHandler = func(ctx context.Context, mountpoint string, err error)
+type failureHandler = func(ctx context.Context, f LayerFailure)
 
 // verifier runs and remembers layer verifications.
 type verifier struct {
@@ -200,7 +200,7 @@ func (v *verifier) run(ctx context.Context, m *lfs.Mount, t verifyTarget) {
 			l.WithError(err).WithField("chain_id", t.chain).WithField("since_mount", took).
 				Error("LAYER FAILED VERIFICATION: it does not match what its image commits to; every read of it fails from now on")
 			if fn := v.onFail.Load(); fn != nil {
-				(*fn)(context.WithoutCancel(ctx), m.Dir(), err)
+				(*fn)(context.WithoutCancel(ctx), LayerFailure{Mountpoint: m.Dir(), Image: t.src.Ref, Layer: t.src.Digest, ChainID: t.chain, Err: err})
 			}
 			return
 		}

@@ -19,10 +19,15 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
 
 	"github.com/lazypull/lazypull/internal/fusemanager"
+	"github.com/lazypull/lazypull/keychain"
 	"github.com/lazypull/lazypull/service"
+	"github.com/lazypull/lazypull/snapshot"
 )
 
 // managerStartTimeout bounds the wait for a fuse manager the daemon started.
@@ -34,6 +39,12 @@ func managerAddress(cfg *service.Config, root string) string {
 		return cfg.FuseManager.Address
 	}
 	return filepath.Join(root, "fuse-manager.sock")
+}
+
+// credentialsAddress is the daemon's credential socket, which the fuse
+// manager asks for the credentials the CRI proxy captured.
+func credentialsAddress(root string) string {
+	return filepath.Join(root, "credentials.sock")
 }
 
 // connectManager connects to the running fuse manager, starting it (this
@@ -127,40 +138,16 @@ func runManager(args []string, stdout, stderr io.Writer) int {
 		fl.PrintDefaults()
 	}
 	address := fl.String("address", "", "unix socket (default: the config's fuse_manager.address, else ROOT/fuse-manager.sock)")
-	root := fl.String("root", defaultRoot, "state directory (overrides the config file's root)")
-	configPath := fl.String("config", service.DefaultConfigPath, "TOML configuration file (a missing default file means defaults)")
-	logLevel := fl.String("log-level", "info", "log level: debug, info, warn or error")
+	common := addCommonFlags(fl)
 	stop := fl.Bool("stop", false, "unmount every layer of the running manager and stop it")
-	if err := fl.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
+	if code, ok := common.parse(fl, args, stderr); !ok {
+		return code
 	}
-	if fl.NArg() > 0 {
-		fmt.Fprintf(stderr, "lazypull-snapshotter fuse-manager: unexpected argument %q\n", fl.Arg(0))
-		return 2
+	cc, code, ok := common.load(fl, stderr)
+	if !ok {
+		return code
 	}
-	given := map[string]bool{}
-	fl.Visit(func(f *flag.Flag) { given[f.Name] = true })
-	log.L.Logger.SetOutput(stderr)
-	if err := log.SetLevel(*logLevel); err != nil {
-		fmt.Fprintf(stderr, "lazypull-snapshotter fuse-manager: %v\n", err)
-		return 2
-	}
-	cfg, err := service.LoadConfig(*configPath, given["config"])
-	if err != nil {
-		fmt.Fprintf(stderr, "lazypull-snapshotter fuse-manager: %v\n", err)
-		return 1
-	}
-	r := *root
-	if !given["root"] && cfg.Root != "" {
-		r = cfg.Root
-	}
-	if r, err = filepath.Abs(r); err != nil {
-		fmt.Fprintf(stderr, "lazypull-snapshotter fuse-manager: %v\n", err)
-		return 1
-	}
+	cfg, r := cc.cfg, cc.root
 	addr := *address
 	if addr == "" {
 		addr = managerAddress(cfg, r)
@@ -264,15 +251,35 @@ func serveManager(ctx context.Context, addr, root string, cfg *service.Config) (
 		l.Close()
 		return err
 	}
-	svc, err := service.New(ctx, service.Options{
+	// The manager's metrics reach Prometheus through the daemon's
+	// /metrics (fusemanager.Client.Gather); its Go runtime and process
+	// metrics are prefixed so that they do not collide with the daemon's.
+	reg := prometheus.NewRegistry()
+	prefixed := prometheus.WrapRegistererWithPrefix("lazypull_fuse_manager_", reg)
+	prefixed.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	opts := service.Options{
 		Config:    cfg,
 		Root:      root,
 		UserAgent: "lazypull-snapshotter/" + versionString(),
-	})
+		Metrics:   reg,
+	}
+	if cfg.CRI.Enable {
+		// The daemon's CRI proxy captures kubelet's pull credentials; the
+		// manager asks it for them (credential providers and the docker
+		// config it reads itself, from the same config).
+		creds := fusemanager.NewCredentialSource(credentialsAddress(root))
+		defer creds.Close()
+		opts.CapturedCredentials = creds
+	}
+	svc, err := service.New(ctx, opts)
 	if err != nil {
 		l.Close()
 		return fmt.Errorf("setting up the layer file system: %w", err)
 	}
+	failures := fusemanager.NewFailureLog()
+	svc.OnLayerFailure(func(_ context.Context, f service.LayerFailure) {
+		failures.Add(fusemanager.Failure{Mountpoint: f.Mountpoint, Image: f.Image, Layer: f.Layer.String(), ChainID: f.ChainID, Err: f.Err.Error()})
+	})
 	var once sync.Once
 	var closeErr error
 	closeSvc := func() error {
@@ -286,7 +293,9 @@ func serveManager(ctx context.Context, addr, root string, cfg *service.Config) (
 	}()
 	log.G(ctx).WithField("address", addr).WithField("root", root).WithField("pid", os.Getpid()).WithField("version", versionString()).Info("fuse manager serving")
 	err = fusemanager.Serve(ctx, l, svc.LayerFS(), fusemanager.ServerOptions{
-		Version: versionString(),
+		Version:  versionString(),
+		Failures: failures,
+		Metrics:  reg,
 		Shutdown: func(context.Context) error {
 			log.G(ctx).Info("shutdown requested: unmounting every layer")
 			return closeSvc()
@@ -294,4 +303,64 @@ func serveManager(ctx context.Context, addr, root string, cfg *service.Config) (
 	})
 	log.G(ctx).Info("fuse manager stopping; unmounting every layer")
 	return err
+}
+
+// managerLayerFailed is told by the manager about a layer it failed
+// (whole-layer verification): the daemon logs it and removes its
+// snapshot, as it does when it serves the layers itself. A failure may be
+// reported again after a reconnection; removing it again is harmless.
+func managerLayerFailed(ctx context.Context, sn *snapshot.Snapshotter, f fusemanager.Failure) {
+	log.G(ctx).WithField("image", f.Image).WithField("layer", f.Layer).WithField("chain_id", f.ChainID).
+		WithField("mountpoint", f.Mountpoint).WithField("failed_at", f.At.Format(time.RFC3339)).WithField("error", f.Err).
+		Error("LAYER FAILED VERIFICATION (reported by the fuse manager): it does not match what its image commits to; removing its snapshot")
+	sn.LayerFailed(ctx, f.Mountpoint, errors.New(f.Err))
+}
+
+// managerMetrics gathers the fuse manager's metrics for the daemon's
+// /metrics, with lazypull_fuse_manager_up telling whether it answered.
+type managerMetrics struct{ c *fusemanager.Client }
+
+var managerUpDesc = prometheus.NewDesc("lazypull_fuse_manager_up",
+	"Whether the fuse manager answered the daemon's metrics request (1) or not (0): without it its metrics are missing.", nil, nil)
+
+// Gather implements prometheus.Gatherer.
+func (m managerMetrics) Gather() ([]*dto.MetricFamily, error) {
+	mfs, err := m.c.Gather()
+	up := 1.0
+	if err != nil {
+		up = 0
+	}
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(constCollector{prometheus.MustNewConstMetric(managerUpDesc, prometheus.GaugeValue, up)})
+	own, gerr := reg.Gather()
+	return append(mfs, own...), errors.Join(err, gerr)
+}
+
+// constCollector collects one constant metric.
+type constCollector struct{ m prometheus.Metric }
+
+func (c constCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.m.Desc() }
+func (c constCollector) Collect(ch chan<- prometheus.Metric) { ch <- c.m }
+
+// serveCredentials serves the credentials captured in captured to the
+// fuse manager on a unix socket only root can reach, until the returned
+// function is called.
+func serveCredentials(ctx context.Context, addr string, captured *keychain.Captured) (func(), error) {
+	l, err := listen(addr)
+	if err != nil {
+		return nil, fmt.Errorf("credential socket: %w", err)
+	}
+	if err := os.Chmod(addr, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("credential socket: %w", err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := fusemanager.ServeCredentials(cctx, l, captured); err != nil {
+			log.G(ctx).WithError(err).Error("serving credentials to the fuse manager")
+		}
+	}()
+	return func() { cancel(); <-done }, nil
 }

@@ -49,6 +49,7 @@ import (
 
 	"github.com/lazypull/lazypull/cri"
 	lfs "github.com/lazypull/lazypull/fs"
+	"github.com/lazypull/lazypull/internal/fusemanager"
 	"github.com/lazypull/lazypull/keychain"
 	"github.com/lazypull/lazypull/service"
 	"github.com/lazypull/lazypull/snapshot"
@@ -72,13 +73,7 @@ func main() {
 // daemonConfig is what the daemon runs with, flags and file combined.
 type daemonConfig struct {
 	address string
-	root    string
-	cfg     *service.Config
-	// logLevel, configPath and configGiven are passed on to a fuse
-	// manager the daemon starts.
-	logLevel    string
-	configPath  string
-	configGiven bool
+	commonConfig
 }
 
 // run is the whole command; it returns the exit status.
@@ -93,53 +88,20 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fl.PrintDefaults()
 	}
 	address := fl.String("address", defaultAddress, "unix socket to serve containerd's snapshots API on")
-	root := fl.String("root", defaultRoot, "state directory (overrides the config file's root)")
-	configPath := fl.String("config", service.DefaultConfigPath, "TOML configuration file (a missing default file means defaults)")
-	logLevel := fl.String("log-level", "info", "log level: debug, info, warn or error")
+	common := addCommonFlags(fl)
 	showVersion := fl.Bool("version", false, "print the version and exit")
-	if err := fl.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if fl.NArg() > 0 {
-		fmt.Fprintf(stderr, "lazypull-snapshotter: unexpected argument %q\n", fl.Arg(0))
-		fl.Usage()
-		return 2
-	}
-	switch *logLevel {
-	case "debug", "info", "warn", "error":
-	default:
-		fmt.Fprintf(stderr, "lazypull-snapshotter: invalid --log-level %q: want debug, info, warn or error\n", *logLevel)
-		return 2
+	if code, ok := common.parse(fl, args, stderr); !ok {
+		return code
 	}
 	if *showVersion {
 		fmt.Fprintf(stdout, "lazypull-snapshotter %s %s\n", versionString(), runtime.Version())
 		return 0
 	}
-	given := map[string]bool{}
-	fl.Visit(func(f *flag.Flag) { given[f.Name] = true })
-
-	log.L.Logger.SetOutput(stderr)
-	if err := log.SetFormat(log.TextFormat); err != nil {
-		fmt.Fprintf(stderr, "lazypull-snapshotter: %v\n", err)
-		return 1
+	cc, code, ok := common.load(fl, stderr)
+	if !ok {
+		return code
 	}
-	if err := log.SetLevel(*logLevel); err != nil {
-		fmt.Fprintf(stderr, "lazypull-snapshotter: %v\n", err)
-		return 2
-	}
-
-	cfg, err := service.LoadConfig(*configPath, given["config"])
-	if err != nil {
-		fmt.Fprintf(stderr, "lazypull-snapshotter: %v\n", err)
-		return 1
-	}
-	dc := daemonConfig{address: *address, root: *root, cfg: cfg, logLevel: *logLevel, configPath: *configPath, configGiven: given["config"]}
-	if !given["root"] && cfg.Root != "" {
-		dc.root = cfg.Root
-	}
+	dc := daemonConfig{address: *address, commonConfig: cc}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -163,10 +125,7 @@ func versionString() string {
 // serve runs the daemon until ctx is done.
 func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 	setMemoryLimit(ctx, dc.cfg)
-	root, err := filepath.Abs(dc.root)
-	if err != nil {
-		return err
-	}
+	root := dc.root
 	// Listen first: a daemon already serving on the address is reported
 	// before this one touches anything.
 	l, err := listen(dc.address)
@@ -195,16 +154,29 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 		opts.WrapObserver = func(o lfs.Observer) lfs.Observer { return loggingObserver{Observer: o, log: fetches} }
 	}
 	var (
-		svc     *service.Service
-		layerFS snapshot.LayerFS
+		svc      *service.Service
+		mc       *fusemanager.Client
+		layerFS  snapshot.LayerFS
+		captured *keychain.Captured
+		gatherer prometheus.Gatherer = reg
 	)
 	if dc.cfg.FuseManager.Enable {
-		mc, err := connectManager(ctx, dc, root)
-		if err != nil {
+		if mc, err = connectManager(ctx, dc, root); err != nil {
 			return fmt.Errorf("fuse manager: %w", err)
 		}
 		defer mc.Close() // the manager and its mounts stay
 		layerFS = mc
+		gatherer = prometheus.Gatherers{reg, managerMetrics{mc}}
+		if dc.cfg.CRI.Enable {
+			// The manager fetches, the CRI proxy here captures: the
+			// manager asks for the credentials over this socket.
+			captured = keychain.NewCaptured()
+			stopCreds, err := serveCredentials(ctx, credentialsAddress(root), captured)
+			if err != nil {
+				return err
+			}
+			defer stopCreds()
+		}
 	} else {
 		svc, err = service.New(ctx, opts)
 		if err != nil {
@@ -219,6 +191,7 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 			}
 		}()
 		layerFS = svc.LayerFS()
+		captured = svc.Captured
 	}
 
 	sn, err := snapshot.New(ctx, snapshot.Options{Root: root, LayerFS: layerFS})
@@ -241,6 +214,17 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 			}
 		}
 	}()
+	if mc != nil {
+		// Layers the manager fails are removed here, as without it. The
+		// watch ends before the snapshotter closes (defers run in reverse).
+		wctx, cancel := context.WithCancel(ctx)
+		watched := make(chan struct{})
+		go func() {
+			defer close(watched)
+			mc.WatchFailures(wctx, func(f fusemanager.Failure) { managerLayerFailed(wctx, sn, f) })
+		}()
+		defer func() { cancel(); <-watched }()
+	}
 
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
@@ -250,7 +234,7 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 
 	var proxy *cri.Proxy
 	if c := dc.cfg.CRI; c.Enable {
-		if proxy, err = startCRIProxy(ctx, c, svc.Captured, errc); err != nil {
+		if proxy, err = startCRIProxy(ctx, c, captured, errc); err != nil {
 			srv.Stop()
 			return err
 		}
@@ -264,7 +248,10 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 			return fmt.Errorf("metrics address: %w", err)
 		}
 		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		// With the fuse manager, a manager that does not answer leaves
+		// its metrics out (and lazypull_fuse_manager_up 0), not the
+		// daemon's.
+		mux.Handle("/metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
 		mux.Handle("/debug/fetches", fetches)
 		if dc.cfg.Metrics.Pprof {
 			mux.HandleFunc("/debug/pprof/", pprof.Index)

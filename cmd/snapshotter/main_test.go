@@ -331,7 +331,9 @@ func TestFlags(t *testing.T) {
 		{"fuse manager: unknown flag", []string{"fuse-manager", "--bogus"}, 2, "flag provided but not defined: -bogus"},
 		{"fuse manager: help", []string{"fuse-manager", "--help"}, 0, "--stop unmounts every layer"},
 		{"fuse manager: stop without one", []string{"fuse-manager", "--stop", "--root", tmp, "--config", writeConfig(t.TempDir(), "")}, 0, "no fuse manager running at " + filepath.Join(tmp, "fuse-manager.sock")},
-		{"fuse manager with cri", []string{"--config", writeConfig(t.TempDir(), "[cri]\nenable = true\n[fuse_manager]\nenable = true\n")}, 1, "fuse_manager.enable cannot be combined"},
+		{"fuse manager: bad log level", []string{"fuse-manager", "--log-level", "loud"}, 2, `invalid --log-level "loud"`},
+		{"fuse manager: extra argument", []string{"fuse-manager", "now"}, 2, `unexpected argument "now"`},
+		{"fuse manager: unknown config key", []string{"fuse-manager", "--config", writeConfig(t.TempDir(), "[fuse_manager]\nenabled = true\n")}, 1, "unknown key(s): fuse_manager.enabled"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out bytes.Buffer

@@ -1,15 +1,19 @@
 package fusemanager
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/rpc"
 	"sync"
 	"time"
 
 	"github.com/containerd/errdefs"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
 )
 
 // Client drives a fuse manager. It implements snapshot.LayerFS,
@@ -29,7 +33,7 @@ type Client struct {
 // Dial connects to the manager at addr and checks that it speaks Protocol.
 func Dial(ctx context.Context, addr string) (*Client, error) {
 	c := &Client{addr: addr}
-	if _, err := c.conn(ctx); err != nil {
+	if _, err := c.conn(ctx, false); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -50,14 +54,16 @@ func (c *Client) Manager() HelloReply {
 	return c.hello
 }
 
-func (c *Client) conn(ctx context.Context) (*rpc.Client, error) {
+// conn returns the connection, dialing (and, with start, starting a
+// manager if none answers) when there is none.
+func (c *Client) conn(ctx context.Context, start bool) (*rpc.Client, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.c != nil {
 		return c.c, nil
 	}
 	nc, err := dial(ctx, c.addr)
-	if err != nil && c.start != nil {
+	if err != nil && c.start != nil && start {
 		if serr := c.start(ctx); serr != nil {
 			return nil, fmt.Errorf("connecting to the fuse manager at %s: %w; starting one: %w", c.addr, err, serr)
 		}
@@ -102,15 +108,17 @@ func wait(ctx context.Context, rc *rpc.Client, method string, args, reply any) e
 	}
 }
 
-// call calls method, dialing again once if the connection was broken.
+// call calls method, dialing again once if the connection was broken
+// (and starting a manager if none answers, see SetStarter).
 func (c *Client) call(ctx context.Context, method string, args, reply any) error {
-	return c.callN(ctx, method, args, reply, 2)
+	return c.callN(ctx, method, args, reply, 2, true)
 }
 
-// callN calls method, at most attempts times while the connection breaks.
-func (c *Client) callN(ctx context.Context, method string, args, reply any, attempts int) error {
+// callN calls method, at most attempts times while the connection breaks;
+// start allows starting a manager when none answers.
+func (c *Client) callN(ctx context.Context, method string, args, reply any, attempts int, start bool) error {
 	for attempt := 1; ; attempt++ {
-		rc, err := c.conn(ctx)
+		rc, err := c.conn(ctx, start)
 		if err != nil {
 			return err
 		}
@@ -188,10 +196,71 @@ func (c *Client) Shutdown(ctx context.Context) error {
 	var r Result
 	// Once: a manager that went away meanwhile must not be asked again
 	// on a new connection (to a successor).
-	if err := c.callN(ctx, "Shutdown", Empty{}, &r, 1); err != nil {
+	if err := c.callN(ctx, "Shutdown", Empty{}, &r, 1, false); err != nil {
 		return err
 	}
 	return r.err()
+}
+
+// failuresWait is how long one Failures call of WatchFailures waits.
+const failuresWait = 30 * time.Second
+
+// WatchFailures calls fn with each layer the manager failed, until ctx is
+// done: first the failures of layers it still serves, then new ones as
+// they happen. After a reconnection (a daemon restart, or a new manager)
+// fn sees the failures of layers still mounted again: it must be
+// idempotent. It never starts a manager; while none answers it retries
+// every second.
+func (c *Client) WatchFailures(ctx context.Context, fn func(Failure)) {
+	var after uint64
+	pid := 0
+	for ctx.Err() == nil {
+		cctx, cancel := context.WithTimeout(ctx, failuresWait+10*time.Second)
+		var r FailuresReply
+		err := c.callN(cctx, "Failures", FailuresArgs{After: after, Wait: failuresWait}, &r, 2, false)
+		cancel()
+		if err != nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+			continue
+		}
+		if r.Pid != pid && after != 0 {
+			// Another manager: its numbers start again.
+			pid, after = r.Pid, 0
+			continue
+		}
+		pid = r.Pid
+		for _, f := range r.Failures {
+			fn(f)
+			after = max(after, f.Seq)
+		}
+	}
+}
+
+// Gather implements prometheus.Gatherer with the manager's metrics, so
+// that the daemon's /metrics carries them. It never starts a manager.
+func (c *Client) Gather() ([]*dto.MetricFamily, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var r MetricsReply
+	if err := c.callN(ctx, "Metrics", Empty{}, &r, 2, false); err != nil {
+		return nil, err
+	}
+	dec := expfmt.NewDecoder(bytes.NewReader(r.Families), expfmt.NewFormat(expfmt.TypeProtoDelim))
+	var out []*dto.MetricFamily
+	for {
+		mf := &dto.MetricFamily{}
+		err := dec.Decode(mf)
+		if errors.Is(err, io.EOF) {
+			return out, nil
+		}
+		if err != nil {
+			return out, fmt.Errorf("fuse manager metrics: %w", err)
+		}
+		out = append(out, mf)
+	}
 }
 
 // Close closes the connection; the manager keeps running.

@@ -6,7 +6,12 @@
 //
 // The manager (Serve) exposes a Backend over net/rpc on a unix socket; the
 // daemon drives it with a Client, which implements snapshot.LayerFS,
-// snapshot.LayerSizer and snapshot.MountLister. The protocol is versioned
+// snapshot.LayerSizer and snapshot.MountLister. The same socket carries
+// what the daemon needs back from the manager: the layers the manager
+// failed (whole-layer verification, Client.WatchFailures) and the
+// manager's Prometheus metrics (Client is a prometheus.Gatherer). The
+// manager in turn asks the daemon for the registry credentials the daemon
+// captured (ServeCredentials, CredentialSource). The protocol is versioned
 // (Protocol): a daemon refuses a manager speaking another version, and
 // the manager is upgraded by draining it (Client.Shutdown).
 package fusemanager
@@ -15,13 +20,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/containerd/errdefs"
 )
 
 // Protocol is the version of the RPC protocol. A change of the method set
-// or of an argument's meaning bumps it.
-const Protocol = 1
+// or of an argument's meaning bumps it. Version 2 added Failures and
+// Metrics.
+const Protocol = 2
 
 // serviceName is the net/rpc service name.
 const serviceName = "FuseManager"
@@ -66,6 +73,43 @@ type SizeReply struct {
 // ListReply lists the mountpoints served.
 type ListReply struct {
 	Mountpoints []string
+}
+
+// Failure is a layer the manager failed closed: its whole-layer
+// verification found it differs from what its image commits to.
+type Failure struct {
+	// Seq numbers the manager's failures from 1, in order; a new manager
+	// starts again (compare Pid).
+	Seq uint64
+	// Mountpoint is where the layer is mounted.
+	Mountpoint string
+	// Image, Layer and ChainID name the layer (its image reference, blob
+	// digest and the chain ID containerd commits it under).
+	Image, Layer, ChainID string
+	// Err says how the layer differs.
+	Err string
+	// At is when the layer was failed.
+	At time.Time
+}
+
+// FailuresArgs asks for the failures after Seq After, waiting up to Wait
+// for one if there is none yet.
+type FailuresArgs struct {
+	After uint64
+	Wait  time.Duration
+}
+
+// FailuresReply lists failures of layers still mounted, oldest first.
+type FailuresReply struct {
+	Failures []Failure
+	// Pid is the manager's: sequence numbers are per manager.
+	Pid int
+}
+
+// MetricsReply carries the manager's metric families, length-delimited
+// protobuf (expfmt.TypeProtoDelim).
+type MetricsReply struct {
+	Families []byte
 }
 
 // Empty is an empty argument or reply.

@@ -1,6 +1,7 @@
 package fusemanager
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,7 +12,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/common/expfmt"
 )
 
 // ServerOptions configure Serve.
@@ -21,7 +25,15 @@ type ServerOptions struct {
 	// Shutdown is called by a client's Shutdown: it must unmount every
 	// layer. Serve returns after it.
 	Shutdown func(ctx context.Context) error
+	// Failures holds the layers the manager failed, for Failures calls;
+	// nil means none are reported.
+	Failures *FailureLog
+	// Metrics is what Metrics calls answer with; nil means no metrics.
+	Metrics prometheus.Gatherer
 }
+
+// maxFailuresWait bounds how long a Failures call waits for a failure.
+const maxFailuresWait = time.Minute
 
 // rpcServer is the net/rpc receiver.
 type rpcServer struct {
@@ -36,13 +48,50 @@ type rpcServer struct {
 	shutdown     chan struct{}
 }
 
+// connServer is the net/rpc receiver of one client connection: the
+// server's methods, plus those that must know when their client hangs up.
+type connServer struct {
+	*rpcServer
+	// gone is closed when the client hangs up (a read fails): net/rpc
+	// keeps a connection (its descriptor, its goroutines) until its calls
+	// are answered, and a daemon that was killed never reads the answer
+	// of a Failures call waiting for a failure.
+	gone chan struct{}
+}
+
+// watchedConn closes gone when a read fails.
+type watchedConn struct {
+	net.Conn
+	once sync.Once
+	gone chan struct{}
+}
+
+func (c *watchedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil {
+		c.once.Do(func() { close(c.gone) })
+	}
+	return n, err
+}
+
 // Serve answers clients on l until ctx is done or a client asks for
 // Shutdown (after which it returns nil). It closes l.
 func Serve(ctx context.Context, l net.Listener, backend Backend, opts ServerOptions) error {
+	if opts.Failures == nil {
+		opts.Failures = NewFailureLog()
+	}
 	s := &rpcServer{ctx: ctx, backend: backend, opts: opts, locks: map[string]*sync.Mutex{}, shutdown: make(chan struct{})}
-	srv := rpc.NewServer()
-	if err := srv.RegisterName(serviceName, s); err != nil {
-		return fmt.Errorf("registering the fuse manager service: %w", err)
+	// One net/rpc server per connection, so that a method can tell that
+	// its client hung up (connServer).
+	newServer := func(gone chan struct{}) (*rpc.Server, error) {
+		srv := rpc.NewServer()
+		if err := srv.RegisterName(serviceName, &connServer{rpcServer: s, gone: gone}); err != nil {
+			return nil, fmt.Errorf("registering the fuse manager service: %w", err)
+		}
+		return srv, nil
+	}
+	if _, err := newServer(nil); err != nil {
+		return err
 	}
 	var wg sync.WaitGroup
 	conns := map[net.Conn]bool{}
@@ -59,7 +108,13 @@ func Serve(ctx context.Context, l net.Listener, backend Backend, opts ServerOpti
 			conns[c] = true
 			connsMu.Unlock()
 			wg.Go(func() {
-				srv.ServeConn(c)
+				gone := make(chan struct{})
+				srv, err := newServer(gone)
+				if err != nil {
+					c.Close()
+					return
+				}
+				srv.ServeConn(&watchedConn{Conn: c, gone: gone})
 				connsMu.Lock()
 				delete(conns, c)
 				connsMu.Unlock()
@@ -132,6 +187,7 @@ func (s *rpcServer) Mount(a MountArgs, reply *Result) error {
 			log.G(ctx).WithError(err).WithField("mountpoint", a.Mountpoint).Warn("unmounting unhealthy layer")
 		}
 	}
+	s.opts.Failures.Drop(a.Mountpoint)
 	*reply = toResult(s.backend.Mount(ctx, a.Mountpoint, a.Labels))
 	return nil
 }
@@ -145,7 +201,58 @@ func (s *rpcServer) Check(a MountArgs, reply *Result) error {
 // Unmount unmounts a layer.
 func (s *rpcServer) Unmount(a MountArgs, reply *Result) error {
 	defer s.lock(a.Mountpoint)()
-	*reply = toResult(s.backend.Unmount(s.ctx, a.Mountpoint))
+	err := s.backend.Unmount(s.ctx, a.Mountpoint)
+	if err == nil || errdefs.IsNotFound(err) {
+		s.opts.Failures.Drop(a.Mountpoint)
+	}
+	*reply = toResult(err)
+	return nil
+}
+
+// Failures answers with the failures numbered above a.After, waiting up
+// to a.Wait (at most maxFailuresWait) for one.
+func (s *connServer) Failures(a FailuresArgs, reply *FailuresReply) error {
+	reply.Pid = os.Getpid()
+	timer := time.NewTimer(min(max(a.Wait, 0), maxFailuresWait))
+	defer timer.Stop()
+	for {
+		fs, changed := s.opts.Failures.after(a.After)
+		if len(fs) > 0 {
+			reply.Failures = fs
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+			return nil
+		case <-s.gone:
+			return nil
+		case <-s.shutdown:
+			return nil
+		case <-s.ctx.Done():
+			return nil
+		}
+	}
+}
+
+// Metrics answers with the manager's metrics.
+func (s *rpcServer) Metrics(_ Empty, reply *MetricsReply) error {
+	if s.opts.Metrics == nil {
+		return nil
+	}
+	mfs, err := s.opts.Metrics.Gather()
+	if err != nil {
+		// What could be gathered is still worth answering with.
+		log.G(s.ctx).WithError(err).Warn("gathering the fuse manager's metrics")
+	}
+	var buf bytes.Buffer
+	enc := expfmt.NewEncoder(&buf, expfmt.NewFormat(expfmt.TypeProtoDelim))
+	for _, mf := range mfs {
+		if err := enc.Encode(mf); err != nil {
+			return fmt.Errorf("encoding metric family %s: %w", mf.GetName(), err)
+		}
+	}
+	reply.Families = buf.Bytes()
 	return nil
 }
 

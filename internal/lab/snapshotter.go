@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -179,8 +181,14 @@ func NewSnapshotter(t testing.TB, cfg SnapshotterConfig) *Snapshotter {
 		if b, rerr := os.ReadFile(s.logPath); rerr == nil && strings.Contains(string(b), "WARNING: DATA RACE") {
 			t.Errorf("snapshotter reported a data race; see its log")
 		}
+		if b, rerr := os.ReadFile(s.ManagerLogPath()); rerr == nil && strings.Contains(string(b), "WARNING: DATA RACE") {
+			t.Errorf("the fuse manager reported a data race; see its log")
+		}
 		if t.Failed() {
 			dumpLog(t, "snapshotter", s.logPath, 0)
+			if _, err := os.Stat(s.ManagerLogPath()); err == nil {
+				dumpLog(t, "fuse manager", s.ManagerLogPath(), 0)
+			}
 		}
 		if err != nil {
 			t.Errorf("stop snapshotter: %v", err)
@@ -243,13 +251,69 @@ func (s *Snapshotter) Restart(ctx context.Context) error {
 	return s.Start(ctx)
 }
 
-// Close kills the daemon if it still runs, unmounts what is left under its
-// directory (FUSE mounts of a killed daemon included) and removes the
-// directory if StartSnapshotter created it.
+// ManagerLogPath is the log of the fuse manager the daemon starts with
+// [fuse_manager] enable = true.
+func (s *Snapshotter) ManagerLogPath() string { return filepath.Join(s.cfg.Root, "fuse-manager.log") }
+
+// StopManager stops the fuse manager the daemon started, if one runs on
+// the root (`fuse-manager --stop`: every layer unmounted, the manager
+// gone); a manager that does not go is killed. The daemon must be
+// stopped first, or it starts a new manager on its next call.
+func (s *Snapshotter) StopManager() error {
+	if _, err := os.Stat(filepath.Join(s.cfg.Root, "fuse-manager.sock")); err != nil {
+		return nil
+	}
+	var errs []error
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, s.cfg.Binary, "fuse-manager", "--stop", "--root", s.cfg.Root, "--config", s.cfg.ConfigPath).CombinedOutput()
+	if err != nil {
+		errs = append(errs, fmt.Errorf("fuse-manager --stop: %w: %s", err, out))
+	}
+	for _, pid := range ProcessesNaming(s.cfg.Root) {
+		errs = append(errs, fmt.Errorf("process %d on %s still runs after fuse-manager --stop; killed", pid, s.cfg.Root))
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	return errors.Join(errs...)
+}
+
+// ProcessesNaming lists the processes one of whose arguments is arg (the
+// daemon and its fuse manager both get --root ROOT).
+func ProcessesNaming(arg string) []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		if slices.Contains(strings.Split(string(b), "\x00"), arg) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// Close kills the daemon if it still runs, stops its fuse manager if it
+// started one (StopManager), unmounts what is left under its directory
+// (FUSE mounts of a killed daemon included) and removes the directory if
+// StartSnapshotter created it.
 func (s *Snapshotter) Close() error {
 	var errs []error
 	if s.Running() {
 		s.halt(syscall.SIGKILL, 10*time.Second)
+	}
+	if s.cfg.Root != "" {
+		if err := s.StopManager(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if s.cfg.Dir != "" {
 		if err := unmountUnder(s.cfg.Dir); err != nil {
