@@ -115,7 +115,12 @@ func (l *Layer) noteRead(n *estargz.Node, k int64) {
 	if r == nil {
 		return
 	}
-	v, _ := l.readSeen.LoadOrStore(n, new(atomic.Int64))
+	// Load first: recording is on by default, and LoadOrStore would
+	// allocate a counter on every read.
+	v, ok := l.readSeen.Load(n)
+	if !ok {
+		v, _ = l.readSeen.LoadOrStore(n, new(atomic.Int64))
+	}
 	got := v.(*atomic.Int64)
 	if got.Load() < 0 {
 		return // recorded already
