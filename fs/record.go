@@ -139,3 +139,22 @@ func (l *Layer) noteChunk(c estargz.Chunk) {
 		}
 	}
 }
+
+// notePassthroughOpen tells the Recorder about a file opened for kernel
+// passthrough: its reads never reach the daemon, so the open stands for
+// them. A small file (RecordSmallFile) counts as read whole; of a larger
+// one only the first chunk is noted, since a program may map a large
+// library and touch a few pages of it.
+func (l *Layer) notePassthroughOpen(n *estargz.Node) {
+	if l.opts.Recorder == nil || len(n.Chunks) == 0 {
+		return
+	}
+	cs := n.Chunks
+	if n.Size > RecordSmallFile {
+		cs = cs[:1]
+	}
+	for _, c := range cs {
+		l.noteChunk(c)
+	}
+	l.noteRead(n, min(n.Size, RecordSmallFile))
+}
