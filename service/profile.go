@@ -548,7 +548,9 @@ func FetchProfile(ctx context.Context, reg *remote.Registry, ref string, m diges
 		}
 		b, err := reg.FetchArtifact(ctx, ref, d, profile.ArtifactType, profile.MediaType, profile.MaxEncodedSize)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("profile %s: %w", d.Digest, err))
+			err = fmt.Errorf("profile %s: %w", d.Digest, err)
+			log.G(ctx).WithError(err).Warn("refusing a start-up profile found in the registry")
+			errs = append(errs, err)
 			continue
 		}
 		p, err := profile.Unmarshal(b)
@@ -556,7 +558,9 @@ func FetchProfile(ctx context.Context, reg *remote.Registry, ref string, m diges
 			err = fmt.Errorf("a profile of %s: %w", p.Image, profile.ErrInvalid)
 		}
 		if err != nil {
-			errs = append(errs, fmt.Errorf("profile %s: %w", d.Digest, err))
+			err = fmt.Errorf("profile %s: %w", d.Digest, err)
+			log.G(ctx).WithError(err).Warn("refusing a start-up profile found in the registry")
+			errs = append(errs, err)
 			continue
 		}
 		return p, repoRef(ref) + "@" + d.Digest.String(), nil
