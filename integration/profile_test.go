@@ -281,5 +281,3 @@ func indexOf(list []int64, v int64) int {
 	}
 	return -1
 }
-
-
