@@ -49,6 +49,9 @@ const (
 	maxProfileImages = 256
 	// profileLookupTimeout bounds a registry lookup.
 	profileLookupTimeout = time.Minute
+	// profileRecheck is how long a registry's "no profile" answer for an
+	// image is believed.
+	profileRecheck = time.Hour
 	// profileCandidates is how many referrers, newest first, a lookup
 	// tries before giving up.
 	profileCandidates = 3
@@ -286,12 +289,24 @@ func (p *profiles) lookup(ctx context.Context, img *imageProfile) {
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		log.G(ctx).WithError(err).Warn("ignoring the saved start-up profile")
 	}
-	if prof == nil && p.reg != nil {
+	if prof == nil && p.reg != nil && !p.askedRecently(img.manifest) {
 		lctx, cancel := context.WithTimeout(ctx, profileLookupTimeout)
 		prof, source, err = FetchProfile(lctx, p.reg, img.ref, img.manifest)
 		cancel()
-		if err != nil {
+		switch {
+		case err != nil:
 			log.G(ctx).WithError(err).Info("no start-up profile from the registry")
+		case prof == nil:
+			log.G(ctx).Debug("no start-up profile in the registry")
+		}
+		if prof != nil {
+			// Kept, so that remounts (a restart) need no registry.
+			prof.Image = img.manifest
+			if _, err := SaveProfile(p.dir, prof); err != nil {
+				log.G(ctx).WithError(err).Warn("saving the start-up profile found in the registry failed")
+			}
+		} else if err == nil {
+			p.noteAsked(img.manifest)
 		}
 	}
 	if prof == nil {
@@ -307,6 +322,26 @@ func (p *profiles) lookup(ctx context.Context, img *imageProfile) {
 		}
 	}
 	log.G(ctx).WithFields(log.Fields{"source": source, "runs": prof.Runs, "chunks": prof.ChunkCount(), "hinted": n}).Info("start-up profile found")
+}
+
+// askedRecently reports whether the registry said, less than
+// profileRecheck ago, that manifest m has no profile: the image's remounts
+// after a restart, and its next cold starts on this node for a while, do
+// not ask again.
+func (p *profiles) askedRecently(m digest.Digest) bool {
+	fi, err := os.Stat(noneMarker(p.dir, m))
+	return err == nil && time.Since(fi.ModTime()) < profileRecheck
+}
+
+func (p *profiles) noteAsked(m digest.Digest) {
+	if err := os.WriteFile(noneMarker(p.dir, m), nil, 0o600); err != nil {
+		log.G(p.ctx).WithError(err).Debug("noting a profile lookup failed")
+	}
+}
+
+// noneMarker is the file noting that the registry has no profile of m.
+func noneMarker(dir string, m digest.Digest) string {
+	return filepath.Join(dir, m.Algorithm().String()+"-"+m.Encoded()+".none")
 }
 
 // hintLocked hands layer l the profile's chunks for it, once; it returns
