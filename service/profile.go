@@ -572,10 +572,12 @@ func FetchProfile(ctx context.Context, reg *remote.Registry, ref string, m diges
 	if err != nil {
 		return nil, "", fmt.Errorf("listing the referrers of %s: %w", m, err)
 	}
-	slices.SortStableFunc(refs, func(a, b ocispec.Descriptor) int {
-		// Newest first; RFC 3339 in UTC sorts as text.
-		return strings.Compare(b.Annotations[ocispec.AnnotationCreated], a.Annotations[ocispec.AnnotationCreated])
-	})
+	// Newest first; entries without a readable time last, in list order.
+	created := func(d ocispec.Descriptor) time.Time {
+		t, _ := time.Parse(time.RFC3339Nano, d.Annotations[ocispec.AnnotationCreated])
+		return t
+	}
+	slices.SortStableFunc(refs, func(a, b ocispec.Descriptor) int { return created(b).Compare(created(a)) })
 	var errs []error
 	for i, d := range refs {
 		if i == profileCandidates {

@@ -305,3 +305,31 @@ func TestProfileHostile(t *testing.T) {
 		t.Fatalf("three newest invalid: %+v %v", p, err)
 	}
 }
+
+// The newest referrer is taken by its creation time, not by the text of
+// the annotation (".74Z" is earlier than ".743Z").
+func TestFetchProfileNewest(t *testing.T) {
+	pi := newProfileImage(t)
+	client, err := remote.New(remote.Options{PlainHTTP: true, HostsDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for i, at := range []string{"2026-12-07T20:53:50.743Z", "2026-12-07T20:53:50.74Z", "not a time"} {
+		b, err := (&profile.Profile{Version: profile.Version, Runs: 1,
+			Layers: []profile.Layer{{Digest: pi.layer, Chunks: []int64{int64(i)}}}}).Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := client.PushReferrer(ctx, pi.ref, remote.Artifact{
+			ArtifactType: profile.ArtifactType, MediaType: profile.MediaType, Data: b, Subject: pi.manifest,
+			Annotations: map[string]string{ocispec.AnnotationCreated: at},
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p, _, err := FetchProfile(ctx, client, pi.ref, pi.manifest.Digest)
+	if err != nil || p == nil || p.Layers[0].Chunks[0] != 0 {
+		t.Fatalf("FetchProfile took %+v, %v; want the one created at .743", p, err)
+	}
+}
