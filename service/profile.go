@@ -93,6 +93,7 @@ type imageProfile struct {
 	layers    map[digest.Digest][]*lfs.Layer // mounted layers
 	found     *profile.Profile               // looked up; nil until then or if none
 	source    string                         // where found came from
+	lookedUp  bool                           // the lookup is over
 	hinted    map[*lfs.Layer]bool
 	recording bool
 	mounted   time.Time // first mount
@@ -256,6 +257,9 @@ func (p *profiles) run(ctx context.Context, img *imageProfile) {
 	if p.cfg.Lookup {
 		p.lookup(ctx, img)
 	}
+	p.mu.Lock()
+	img.lookedUp = true
+	p.mu.Unlock()
 	p.watch(ctx, img)
 }
 

@@ -333,3 +333,47 @@ func TestFetchProfileNewest(t *testing.T) {
 		t.Fatalf("FetchProfile took %+v, %v; want the one created at .743", p, err)
 	}
 }
+
+// A registry's "no profile" is noted: the image's mounts after a restart
+// (the same root) do not ask again.
+func TestProfileLookupRemembersNone(t *testing.T) {
+	requireRoot(t)
+	pi := newProfileImage(t)
+	cfg := DefaultConfig()
+	cfg.Verify.Policy = VerifyOff
+	cfg.Fetch.Prefetch, cfg.Fetch.BackgroundFetch = false, false
+	root := t.TempDir()
+	asks := func() int {
+		return pi.reg.Count(func(q remotetest.Request) bool {
+			return strings.Contains(q.Path, "/referrers/") || strings.Contains(q.Path, "/manifests/sha256-")
+		})
+	}
+	for i := range 2 {
+		svc, err := New(context.Background(), Options{Root: root, Config: cfg})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mp := filepath.Join(t.TempDir(), "mnt")
+		if err := svc.LayerFS().Mount(context.Background(), mp, pi.labels()); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, "lookup over", func() bool {
+			svc.profiles.mu.Lock()
+			defer svc.profiles.mu.Unlock()
+			for _, img := range svc.profiles.images {
+				return img.lookedUp
+			}
+			return false
+		})
+		if _, err := os.Stat(noneMarker(svc.profiles.dir, pi.manifest.Digest)); err != nil {
+			t.Fatalf("run %d: the registry's none was not noted: %v", i, err)
+		}
+		if err := svc.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Asked once: the referrers API, then the tag.
+	if n := asks(); n != 2 {
+		t.Fatalf("%d referrer requests for two daemon runs, want the 2 of the first", n)
+	}
+}
