@@ -377,3 +377,29 @@ func TestProfileLookupRemembersNone(t *testing.T) {
 		t.Fatalf("%d referrer requests for two daemon runs, want the 2 of the first", n)
 	}
 }
+
+// BenchmarkProfileChunkRead is the cost recording adds to the first read
+// of a chunk: of a layer no image records, and of one an image records.
+func BenchmarkProfileChunkRead(b *testing.B) {
+	p, err := newProfiles(ProfileConfig{Record: true}, b.TempDir(), nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.close()
+	layer := digest.FromString("layer")
+	b.Run("not recording", func(b *testing.B) {
+		for i := range b.N {
+			p.ChunkRead(layer, estargz.Chunk{Offset: int64(i)})
+		}
+	})
+	img := &imageProfile{recording: true, chunks: map[digest.Digest][]recordedChunk{}}
+	p.byLayer[layer] = []*imageProfile{img}
+	b.Run("recording", func(b *testing.B) {
+		for i := range b.N {
+			if i%profile.MaxChunksPerLayer == 0 {
+				img.chunks[layer], img.nchunks = img.chunks[layer][:0], 0
+			}
+			p.ChunkRead(layer, estargz.Chunk{Offset: int64(i)})
+		}
+	})
+}
