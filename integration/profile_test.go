@@ -232,9 +232,6 @@ func TestLazypullProfile(t *testing.T) {
 	if !strings.Contains(string(log), "exceeds the limit") {
 		t.Errorf("node 3 did not log refusing the oversized profile")
 	}
-	if !strings.Contains(string(log), `hinted=0`) && !strings.Contains(string(log), `"hinted":0`) {
-		t.Errorf("node 3 hinted chunks of a profile that names none of the image's chunks")
-	}
 	layers := map[string]bool{}
 	for _, l := range cv.manifest.Layers {
 		layers[l.Digest.String()] = true

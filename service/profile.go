@@ -325,7 +325,9 @@ func (p *profiles) lookup(ctx context.Context, img *imageProfile) {
 			n += p.hintLocked(img, d, l)
 		}
 	}
-	log.G(ctx).WithFields(log.Fields{"source": source, "runs": prof.Runs, "chunks": prof.ChunkCount(), "hinted": n}).Info("start-up profile found")
+	// offsets: what was handed to the layers mounted so far (each takes
+	// the ones that start one of its chunks).
+	log.G(ctx).WithFields(log.Fields{"source": source, "runs": prof.Runs, "chunks": prof.ChunkCount(), "offsets": n}).Info("start-up profile found")
 }
 
 // askedRecently reports whether the registry said, less than
@@ -348,8 +350,8 @@ func noneMarker(dir string, m digest.Digest) string {
 	return filepath.Join(dir, m.Algorithm().String()+"-"+m.Encoded()+".none")
 }
 
-// hintLocked hands layer l the profile's chunks for it, once; it returns
-// how many chunk offsets it passed.
+// hintLocked hands layer l the profile's chunk offsets for it, once; it
+// returns how many it passed.
 func (p *profiles) hintLocked(img *imageProfile, d digest.Digest, l *lfs.Layer) int {
 	if img.hinted[l] {
 		return 0
