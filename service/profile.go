@@ -29,6 +29,7 @@ import (
 	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/profile"
 	"github.com/lazypull/lazypull/remote"
+	"github.com/lazypull/lazypull/snapshot"
 )
 
 // LabelManifestDigest is the label containerd's image handler
@@ -64,6 +65,9 @@ type profiles struct {
 	cfg ProfileConfig
 	dir string
 	reg *remote.Registry
+	// mounted lists the layers mounted now (the manager's), to hint the
+	// layers an image shares with images mounted before it.
+	mountedLayers func() []*lfs.Layer
 
 	// quiet, maxRec, maxIdle and tick are the recording bounds (fields so
 	// tests can shorten them).
@@ -90,7 +94,8 @@ type imageProfile struct {
 	ref      string
 
 	// Under profiles.mu:
-	layers    map[digest.Digest][]*lfs.Layer // mounted layers
+	layers    map[digest.Digest][]*lfs.Layer // layers mounted for this image
+	all       map[digest.Digest]bool         // every layer of the image (the image-layers label)
 	found     *profile.Profile               // looked up; nil until then or if none
 	source    string                         // where found came from
 	lookedUp  bool                           // the lookup is over
@@ -108,13 +113,13 @@ type recordedChunk struct {
 	ms  int64
 }
 
-func newProfiles(cfg ProfileConfig, dir string, reg *remote.Registry) (*profiles, error) {
+func newProfiles(cfg ProfileConfig, dir string, reg *remote.Registry, mountedLayers func() []*lfs.Layer) (*profiles, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating the profile directory: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &profiles{
-		cfg: cfg, dir: dir, reg: reg,
+		cfg: cfg, dir: dir, reg: reg, mountedLayers: mountedLayers,
 		quiet: profileQuiet, maxRec: profileMaxRecording, maxIdle: profileMaxIdle, tick: time.Second,
 		ctx: ctx, cancel: cancel,
 		images: map[digest.Digest]*imageProfile{}, byLayer: map[digest.Digest][]*imageProfile{}, mounts: map[string]mountedLayer{},
@@ -137,6 +142,14 @@ func (p *profiles) mounted(ctx context.Context, mountpoint string, labels map[st
 	if key == "" {
 		key = digest.Digest("ref:" + src.Ref)
 	}
+	// The image's other layers, some perhaps mounted for other images
+	// before (containerd prepares only the layers it does not have).
+	all := map[digest.Digest]bool{src.Digest: true}
+	for _, s := range strings.Split(labels[snapshot.LabelCRIImageLayers], ",") {
+		if d, err := digest.Parse(strings.TrimSpace(s)); err == nil && len(all) < profile.MaxLayers {
+			all[d] = true
+		}
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	img := p.images[key]
@@ -145,8 +158,8 @@ func (p *profiles) mounted(ctx context.Context, mountpoint string, labels map[st
 			p.dropOldestLocked()
 		}
 		img = &imageProfile{
-			manifest: m, ref: src.Ref, layers: map[digest.Digest][]*lfs.Layer{}, hinted: map[*lfs.Layer]bool{},
-			mounted: time.Now(), chunks: map[digest.Digest][]recordedChunk{}, recording: p.cfg.Record,
+			manifest: m, ref: src.Ref, layers: map[digest.Digest][]*lfs.Layer{}, all: map[digest.Digest]bool{},
+			hinted: map[*lfs.Layer]bool{}, mounted: time.Now(), chunks: map[digest.Digest][]recordedChunk{}, recording: p.cfg.Record,
 		}
 		p.images[key] = img
 		p.wg.Add(1)
@@ -154,8 +167,14 @@ func (p *profiles) mounted(ctx context.Context, mountpoint string, labels map[st
 	}
 	img.layers[src.Digest] = append(img.layers[src.Digest], l)
 	p.mounts[mountpoint] = mountedLayer{image: img, layer: l}
-	if img.recording && !slices.Contains(p.byLayer[src.Digest], img) {
-		p.byLayer[src.Digest] = append(p.byLayer[src.Digest], img)
+	for d := range all {
+		if len(img.all) >= profile.MaxLayers {
+			break
+		}
+		img.all[d] = true
+		if img.recording && !slices.Contains(p.byLayer[d], img) {
+			p.byLayer[d] = append(p.byLayer[d], img)
+		}
 	}
 	if img.found != nil {
 		p.hintLocked(img, src.Digest, l)
@@ -316,6 +335,10 @@ func (p *profiles) lookup(ctx context.Context, img *imageProfile) {
 	if prof == nil {
 		return
 	}
+	var others []*lfs.Layer
+	if p.mountedLayers != nil {
+		others = p.mountedLayers()
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	img.found, img.source = prof, source
@@ -323,6 +346,12 @@ func (p *profiles) lookup(ctx context.Context, img *imageProfile) {
 	for d, ls := range img.layers {
 		for _, l := range ls {
 			n += p.hintLocked(img, d, l)
+		}
+	}
+	// Layers of the image mounted for other images before it.
+	for _, l := range others {
+		if img.all[l.Digest()] {
+			n += p.hintLocked(img, l.Digest(), l)
 		}
 	}
 	// offsets: what was handed to the layers mounted so far (each takes

@@ -381,7 +381,7 @@ func TestProfileLookupRemembersNone(t *testing.T) {
 // BenchmarkProfileChunkRead is the cost recording adds to the first read
 // of a chunk: of a layer no image records, and of one an image records.
 func BenchmarkProfileChunkRead(b *testing.B) {
-	p, err := newProfiles(ProfileConfig{Record: true}, b.TempDir(), nil)
+	p, err := newProfiles(ProfileConfig{Record: true}, b.TempDir(), nil, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -402,4 +402,52 @@ func BenchmarkProfileChunkRead(b *testing.B) {
 			p.ChunkRead(layer, estargz.Chunk{Offset: int64(i)})
 		}
 	})
+}
+
+// An image whose layer containerd did not prepare (it was mounted for
+// another image before) still gets that layer hinted: the image-layers
+// label names it.
+func TestProfileHintsSharedLayer(t *testing.T) {
+	requireRoot(t)
+	pi := newProfileImage(t) // its layer is the shared one
+	var out bytes.Buffer
+	res, err := estargz.Build(context.Background(), &out, bytes.NewReader(tarOf(t, map[string]string{"bin/x": "own"})), estargz.BuildOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	own := pi.reg.PushBlob(t, "app", out.Bytes()).Digest
+	node := newProfileService(t, ProfileConfig{Record: true, Lookup: true})
+	_, shared := pi.mount(t, node) // for image P (pi.labels)
+
+	// Image Q = shared + own, with a saved profile naming shared chunks.
+	q := digest.FromString("image Q")
+	want := offsets(t, shared, "f4", "f1")
+	if _, err := SaveProfile(node.profiles.dir, &profile.Profile{Version: profile.Version, Image: q, Runs: 1,
+		Layers: []profile.Layer{{Digest: pi.layer, Chunks: want}}}); err != nil {
+		t.Fatal(err)
+	}
+	labels := map[string]string{
+		snapshot.LabelCRIImageRef:    pi.ref,
+		snapshot.LabelCRILayerDigest: own.String(),
+		snapshot.LabelTOCDigest:      res.TOCDigest.String(),
+		snapshot.LabelCRIImageLayers: pi.layer.String() + "," + own.String(),
+		LabelManifestDigest:          q.String(),
+	}
+	mp := filepath.Join(t.TempDir(), "q")
+	if err := node.LayerFS().Mount(context.Background(), mp, labels); err != nil {
+		t.Fatal(err)
+	}
+	defer node.LayerFS().Unmount(context.Background(), mp)
+	waitUntil(t, "the shared layer's profile chunks fetched", func() bool {
+		for _, name := range []string{"f4", "f1"} {
+			n, _ := shared.Index().Lookup(name)
+			if !node.Store.Has(n.Chunks[0].Digest) {
+				return false
+			}
+		}
+		return true
+	})
+	if st := shared.Stats(); st.CacheHits+st.CacheMisses != 0 {
+		t.Fatalf("the shared layer was read: %+v", st)
+	}
 }

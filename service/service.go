@@ -139,7 +139,7 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		if dir == "" {
 			dir = filepath.Join(o.Root, "profiles")
 		}
-		if s.profiles, err = newProfiles(cfg.Profile, dir, s.Registry); err != nil {
+		if s.profiles, err = newProfiles(cfg.Profile, dir, s.Registry, s.mountedLayers); err != nil {
 			return fail(err)
 		}
 		if cfg.Profile.Record {
@@ -192,6 +192,20 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		m.mounts = func() int { return len(s.Manager.Mounts()) }
 	}
 	return s, nil
+}
+
+// mountedLayers lists the layers mounted now.
+func (s *Service) mountedLayers() []*lfs.Layer {
+	if s.Manager == nil {
+		return nil
+	}
+	var out []*lfs.Layer
+	for _, m := range s.Manager.Mounts() {
+		if l := m.Layer(); l != nil {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // keychain returns the Kubernetes credential chain (CRI-captured, then
