@@ -78,6 +78,7 @@ type profiles struct {
 	wg     sync.WaitGroup
 
 	mu      sync.Mutex
+	closed  bool
 	images  map[digest.Digest]*imageProfile   // by manifest digest
 	byLayer map[digest.Digest][]*imageProfile // recording images by layer digest
 	mounts  map[string]mountedLayer           // by mountpoint
@@ -134,8 +135,9 @@ func (p *profiles) mounted(ctx context.Context, mountpoint string, labels map[st
 	}
 	m, err := digest.Parse(labels[LabelManifestDigest])
 	if err != nil {
-		// Without the label (containerd 1.6), the image's manifest is
-		// resolved from its reference in the background.
+		// Without the label (a client that does not set it, e.g. CRI
+		// of containerd 1.6), the image's manifest is resolved from its
+		// reference in the background.
 		m = ""
 	}
 	key := m
@@ -152,6 +154,9 @@ func (p *profiles) mounted(ctx context.Context, mountpoint string, labels map[st
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
 	img := p.images[key]
 	if img == nil {
 		if len(p.images) >= maxProfileImages {
@@ -512,6 +517,9 @@ func (p *profiles) close() {
 	if p == nil {
 		return
 	}
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
 	p.cancel()
 	p.wg.Wait()
 }
