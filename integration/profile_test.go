@@ -278,3 +278,92 @@ func indexOf(list []int64, v int64) int {
 	}
 	return -1
 }
+
+// newProfileEnv is newLazyEnv's daemon (defaults of lazyOptions) with a
+// [profile] section of its own.
+func newProfileEnv(t *testing.T, v lab.Version, reg *lab.Registry, profileSection string) *lazyEnv {
+	t.Helper()
+	if err := v.Check(); err != nil {
+		t.Fatal(err)
+	}
+	hostsDir, err := reg.WriteHostsDir(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := `[fetch]
+prefetch = true
+background_fetch = false
+timeout = "10s"
+retries = 2
+read_timeout = "20s"
+
+[registry]
+hosts_dir = "` + hostsDir + `"
+
+[verify]
+policy = "off"
+
+[metrics]
+address = "127.0.0.1:0"
+
+[profile]
+` + profileSection
+	sn := lab.NewSnapshotter(t, lab.SnapshotterConfig{Binary: lazypullSnapshotter(t), Config: cfg, LogLevel: "debug"})
+	c := lab.NewContainerd(t, lab.ContainerdConfig{Version: v, ProxySnapshotters: map[string]string{lazypullName: sn.Address()}})
+	return &lazyEnv{sn: sn, c: c}
+}
+
+// With [profile] push = true the daemon pushes the profile itself once
+// the recording ends; with lookup = false a node does not ask the
+// registry for one.
+func TestLazypullProfileAutoPush(t *testing.T) {
+	img, wantSum := profileTestImage(t)
+	cv := convertImage(t, img, estargz.Gzip)
+	v := lab.Containerd2()
+	reg := lab.NewRegistry(t)
+	ref := push(t, reg, "profile/auto:v1", cv.image)
+	hostsDir, err := reg.WriteHostsDir(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := registryClient(hostsDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	node1 := newProfileEnv(t, v, reg, "push = true\n")
+	ctx := node1.c.Namespace(t)
+	image := node1.pull(t, ctx, ref)
+	if out := node1.run(t, ctx, image, "sh", "-c", profileWorkload); out != wantSum {
+		t.Fatalf("node 1 workload: %q, want %q", out, wantSum)
+	}
+	var refs []ocispec.Descriptor
+	if !waitFor(60*time.Second, func() bool {
+		refs, err = client.Referrers(context.Background(), ref, image.Target().Digest, profile.ArtifactType)
+		return err == nil && len(refs) == 1
+	}) {
+		t.Fatalf("the daemon did not push its profile within 60 s: %v, %v (daemon log %s)", refs, err, node1.sn.LogPath())
+	}
+	b, err := client.FetchArtifact(context.Background(), ref, refs[0], profile.ArtifactType, profile.MediaType, profile.MaxEncodedSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pushed, err := profile.Unmarshal(b)
+	if err != nil || pushed.Image != image.Target().Digest || pushed.ChunkCount() == 0 {
+		t.Fatalf("pushed profile %+v, %v", pushed, err)
+	}
+
+	// lookup = false: no referrer request, no hinted fetch.
+	reg.ResetRequests()
+	node2 := newProfileEnv(t, v, reg, "lookup = false\nrecord = false\n")
+	ctx2 := node2.c.Namespace(t)
+	image2 := node2.pull(t, ctx2, ref)
+	if out := node2.run(t, ctx2, image2, "sh", "-c", profileWorkload); out != wantSum {
+		t.Fatalf("node 2 workload: %q, want %q", out, wantSum)
+	}
+	for _, r := range reg.Requests() {
+		if strings.Contains(r.Path, "/referrers/") || strings.Contains(r.Path, "/manifests/sha256-") {
+			t.Errorf("lookup = false, yet the daemon asked %s", r.Path)
+		}
+	}
+}
