@@ -266,6 +266,7 @@ func (nd *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32
 		}
 		if nd.ptFile != nil {
 			nd.ptOpens++
+			nd.fs.layer.notePassthroughOpen(nd.n)
 			return &passthroughFile{nd: nd}, fuse.FOPEN_KEEP_CACHE, 0
 		}
 	}

@@ -115,7 +115,12 @@ func (l *Layer) noteRead(n *estargz.Node, k int64) {
 	if r == nil {
 		return
 	}
-	v, _ := l.readSeen.LoadOrStore(n, new(atomic.Int64))
+	// Load first: recording is on by default, and LoadOrStore would
+	// allocate a counter on every read.
+	v, ok := l.readSeen.Load(n)
+	if !ok {
+		v, _ = l.readSeen.LoadOrStore(n, new(atomic.Int64))
+	}
 	got := v.(*atomic.Int64)
 	if got.Load() < 0 {
 		return // recorded already
@@ -133,4 +138,23 @@ func (l *Layer) noteChunk(c estargz.Chunk) {
 			r.ChunkRead(l.digest, c)
 		}
 	}
+}
+
+// notePassthroughOpen tells the Recorder about a file opened for kernel
+// passthrough: its reads never reach the daemon, so the open stands for
+// them. A small file (RecordSmallFile) counts as read whole; of a larger
+// one only the first chunk is noted, since a program may map a large
+// library and touch a few pages of it.
+func (l *Layer) notePassthroughOpen(n *estargz.Node) {
+	if l.opts.Recorder == nil || len(n.Chunks) == 0 {
+		return
+	}
+	cs := n.Chunks
+	if n.Size > RecordSmallFile {
+		cs = cs[:1]
+	}
+	for _, c := range cs {
+		l.noteChunk(c)
+	}
+	l.noteRead(n, min(n.Size, RecordSmallFile))
 }

@@ -5,9 +5,14 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
+	"github.com/opencontainers/go-digest"
+
+	"github.com/lazypull/lazypull/estargz"
 	lfs "github.com/lazypull/lazypull/fs"
+	"github.com/lazypull/lazypull/internal/fixture"
 )
 
 // A ReadLog records, per image, each file the first time it is opened or
@@ -62,4 +67,73 @@ func TestReadLog(t *testing.T) {
 			t.Error("app/other prefetched")
 		}
 	}
+}
+
+// chunkLog is a layer Recorder collecting chunk reads.
+type chunkLog struct {
+	mu     sync.Mutex
+	chunks []int64
+}
+
+func (c *chunkLog) FirstRead(digest.Digest, string) {}
+
+func (c *chunkLog) ChunkRead(_ digest.Digest, ch estargz.Chunk) {
+	c.mu.Lock()
+	c.chunks = append(c.chunks, ch.Offset)
+	c.mu.Unlock()
+}
+
+func (c *chunkLog) list() []int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.chunks)
+}
+
+// A layer Recorder keeps passthrough on, so a file already cached when it
+// is opened is read by the kernel: its open is what the recorder learns.
+func TestRecorderSeesPassthroughOpens(t *testing.T) {
+	fx := newFixture(t, []fixture.Entry{
+		fixture.Reg("single", 0o644, fixture.Random(90, 10000)),
+		fixture.Reg("other", 0o644, fixture.Random(91, 3000)),
+	})
+	b := oursGzip.build(t, fx.tar, 64<<10, nil)
+	rec := &chunkLog{}
+	e := newEnv(t, envOptions{manager: lfs.ManagerOptions{
+		Mount: lfs.MountOptions{Passthrough: true},
+		Layer: lfs.LayerOptions{Recorder: rec},
+	}})
+	src := e.push(t, "ptrecord", b)
+	dir, m := e.mount(t, src)
+	mustRead(t, filepath.Join(dir, "single"), fx.want["single"].Data)
+	off := chunkOffsets(t, m.Layer(), "single")
+	if got := rec.list(); !slices.Equal(got, off) {
+		t.Fatalf("first read through FUSE recorded %v, want %v", got, off)
+	}
+	if err := m.Unmount(); err != nil {
+		t.Fatal(err)
+	}
+	// Mounted again: "single" is cached, so its open is passthrough and
+	// no READ reaches the daemon; the open is recorded.
+	dir2, m2 := e.mount(t, src)
+	mustRead(t, filepath.Join(dir2, "single"), fx.want["single"].Data)
+	mustRead(t, filepath.Join(dir2, "other"), fx.want["other"].Data)
+	want := append(slices.Clone(off), off...)
+	want = append(want, chunkOffsets(t, m2.Layer(), "other")...)
+	if got := rec.list(); !slices.Equal(got, want) {
+		t.Fatalf("recorded %v, want %v", got, want)
+	}
+}
+
+// chunkOffsets are the compressed offsets of file p's chunks.
+func chunkOffsets(t *testing.T, l *lfs.Layer, p string) []int64 {
+	t.Helper()
+	n, ok := l.Index().Lookup(p)
+	if !ok {
+		t.Fatalf("%s not in the layer", p)
+	}
+	var out []int64
+	for _, c := range n.Chunks {
+		out = append(out, c.Offset)
+	}
+	return out
 }

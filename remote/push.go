@@ -204,7 +204,7 @@ func (r *Registry) putBlob(ctx context.Context, ep *endpoint, spec refSpec, desc
 	pep := ep
 	if u.Host != ep.host.Host {
 		// Upload elsewhere (some registries hand off uploads): no registry credentials.
-		pep = &endpoint{host: docker.RegistryHost{Host: u.Host, Scheme: u.Scheme}, client: ep.client}
+		pep = &endpoint{host: docker.RegistryHost{Host: u.Host, Scheme: u.Scheme}, client: ep.client, auths: map[string]*authorizer{}}
 	}
 	wd.arm()
 	resp, err := r.send(actx, pep, q)
@@ -304,22 +304,30 @@ func (v *uploadBody) Read(p []byte) (int, error) {
 // both must name desc.Digest. The blobs and manifests it refers to must be
 // pushed first.
 func (r *Registry) PushManifest(ctx context.Context, ref string, desc ocispec.Descriptor, raw []byte) error {
+	_, err := r.pushManifest(ctx, ref, desc, raw)
+	return err
+}
+
+// pushManifest is PushManifest, returning the headers of the registry's
+// answer (OCI-Subject tells that it indexed the manifest's subject).
+func (r *Registry) pushManifest(ctx context.Context, ref string, desc ocispec.Descriptor, raw []byte) (http.Header, error) {
+	var header http.Header
 	spec, err := parseRef(ref)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := desc.Digest.Validate(); err != nil {
-		return &Error{Op: "push manifest", Repo: spec.name(), Err: fmt.Errorf("descriptor digest: %w", err), class: errdefs.ErrInvalidArgument}
+		return nil, &Error{Op: "push manifest", Repo: spec.name(), Err: fmt.Errorf("descriptor digest: %w", err), class: errdefs.ErrInvalidArgument}
 	}
 	size := desc.Size
 	if size == 0 {
 		size = -1
 	}
 	if err := verifyBytes(raw, desc.Digest, size); err != nil {
-		return &Error{Op: "push manifest", Repo: spec.name(), Ref: desc.Digest.String(), Err: err, class: errdefs.ErrInvalidArgument}
+		return nil, &Error{Op: "push manifest", Repo: spec.name(), Ref: desc.Digest.String(), Err: err, class: errdefs.ErrInvalidArgument}
 	}
 	if spec.dgst != "" && spec.dgst != desc.Digest {
-		return &Error{Op: "push manifest", Repo: spec.name(), Ref: desc.Digest.String(),
+		return nil, &Error{Op: "push manifest", Repo: spec.name(), Ref: desc.Digest.String(),
 			Err: fmt.Errorf("reference names digest %s", spec.dgst), class: errdefs.ErrInvalidArgument}
 	}
 	object := spec.tag
@@ -332,9 +340,9 @@ func (r *Registry) PushManifest(ctx context.Context, ref string, desc ocispec.De
 	}
 	ep, err := r.pushEndpoint(spec)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	return r.retry(ctx, true, func(attempt int) (err error) {
+	err = r.retry(ctx, true, func(attempt int) (err error) {
 		actx, wd := r.attempt(ctx)
 		defer wd.done()
 		t0 := time.Now()
@@ -362,6 +370,8 @@ func (r *Registry) PushManifest(ctx context.Context, ref string, desc ocispec.De
 		if got := resp.Header.Get("Docker-Content-Digest"); got != "" && got != desc.Digest.String() {
 			return &Error{Err: fmt.Errorf("registry stored the manifest as %s", got), class: errdefs.ErrDataLoss}
 		}
+		header = resp.Header
 		return nil
 	})
+	return header, err
 }

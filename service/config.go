@@ -62,6 +62,12 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //	[fuse_manager]
 //	enable = false
 //	address = ""
+//
+//	[profile]
+//	record = true
+//	lookup = true
+//	push = false
+//	dir = ""
 type Config struct {
 	// Root is the snapshotter's state directory (metadata.db, snapshots/).
 	// Default "": the --root flag's value (/var/lib/lazypull). An explicit
@@ -90,6 +96,28 @@ type Config struct {
 	CRI                 CRIConfig                 `toml:"cri"`
 	CredentialProviders CredentialProvidersConfig `toml:"credential_providers"`
 	FuseManager         FuseManagerConfig         `toml:"fuse_manager"`
+	Profile             ProfileConfig             `toml:"profile"`
+}
+
+// ProfileConfig is the [profile] section: learned start-up profiles (see
+// docs/profiles.md). A profile only orders fetches; it never changes what
+// is served.
+type ProfileConfig struct {
+	// Record records, for each image, which chunks each layer served in
+	// order during its start-up (from the first read until reads go quiet)
+	// and saves the profile in Dir, merged with earlier runs. Default true.
+	Record bool `toml:"record"`
+	// Lookup, at the first mount of an image, looks for its profile (in
+	// Dir, else as a referrer of the image manifest in its registry) off
+	// the critical path, and fetches the chunks it names ahead of the
+	// workload. Default true.
+	Lookup bool `toml:"lookup"`
+	// Push pushes the profile to the image's repository (an OCI artifact
+	// whose subject is the image manifest) once a recording ends, with the
+	// node's credentials; a failure is logged. Default false.
+	Push bool `toml:"push"`
+	// Dir holds the profiles. Default "": <root>/profiles.
+	Dir string `toml:"dir"`
 }
 
 // FuseManagerConfig is the [fuse_manager] section: with Enable, the layers'
@@ -256,6 +284,7 @@ func DefaultConfig() *Config {
 		CredentialProviders: CredentialProvidersConfig{
 			Timeout: Duration(time.Minute),
 		},
+		Profile: ProfileConfig{Record: true, Lookup: true},
 	}
 }
 

@@ -60,6 +60,12 @@ containerd_address = "/run/k3s/containerd.sock"
 config = "/etc/kubernetes/credential-providers.yaml"
 bin_dir = "/usr/libexec/kubernetes/credential-providers"
 timeout = "10s"
+
+[profile]
+record = false
+lookup = true
+push = true
+dir = "/srv/profiles"
 `)
 	cfg, err := LoadConfig(p, true)
 	if err != nil {
@@ -79,6 +85,7 @@ timeout = "10s"
 			BinDir:  "/usr/libexec/kubernetes/credential-providers",
 			Timeout: Duration(10 * time.Second),
 		},
+		Profile: ProfileConfig{Record: false, Lookup: true, Push: true, Dir: "/srv/profiles"},
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Fatalf("got %+v\nwant %+v", cfg, want)

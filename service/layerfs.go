@@ -27,6 +27,8 @@ type LayerFS struct {
 	// verifier proves mounted layers in the background; nil when
 	// verification is off.
 	verifier *verifier
+	// profiles records and looks up start-up profiles; nil when off.
+	profiles *profiles
 
 	mu        sync.Mutex
 	preloaded map[digest.Digest]bool
@@ -108,6 +110,7 @@ func (l *LayerFS) Mount(ctx context.Context, mountpoint string, labels map[strin
 	if l.verifier != nil && !verified {
 		l.verifier.start(m, target)
 	}
+	l.profiles.mounted(ctx, mountpoint, labels, src, m.Layer())
 	return nil
 }
 
@@ -164,6 +167,7 @@ func (l *LayerFS) Unmount(ctx context.Context, mountpoint string) error {
 	if l.verifier != nil {
 		l.verifier.stop(mountpoint)
 	}
+	l.profiles.unmounted(mountpoint)
 	return l.mgr.Unmount(ctx, mountpoint)
 }
 

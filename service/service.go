@@ -73,6 +73,7 @@ type Service struct {
 	Captured *keychain.Captured
 
 	readLog  *lfs.ReadLog
+	profiles *profiles // nil when [profile] record and lookup are off
 	verifier *verifier // nil when verify.policy is off
 	layerFS  *LayerFS
 }
@@ -144,6 +145,24 @@ func New(ctx context.Context, o Options) (*Service, error) {
 	}
 	var m *metrics
 	layerOpts := lfs.LayerOptions{FetchTimeout: time.Duration(cfg.Fetch.ReadTimeout)}
+	if cfg.Profile.Record || cfg.Profile.Lookup {
+		dir := cfg.Profile.Dir
+		if dir == "" {
+			dir = filepath.Join(o.Root, "profiles")
+		}
+		if s.profiles, err = newProfiles(cfg.Profile, dir, s.Registry, s.mountedLayers); err != nil {
+			return fail(err)
+		}
+		if cfg.Profile.Record {
+			// A layer recorder keeps passthrough on (cheap); an image
+			// recorder (record_dir) turns it off and gets the reads too.
+			if recorder != nil {
+				recorder = imageRecorder{p: s.profiles, also: recorder}
+			} else {
+				layerOpts.Recorder = s.profiles
+			}
+		}
+	}
 	// Opaque directories must carry the xattr the overlay mounts stacked
 	// on the layers read: the snapshotter mounts them with userxattr in a
 	// user namespace (see snapshot.Options.MountOptions).
@@ -186,6 +205,20 @@ func New(ctx context.Context, o Options) (*Service, error) {
 	return s, nil
 }
 
+// mountedLayers lists the layers mounted now.
+func (s *Service) mountedLayers() []*lfs.Layer {
+	if s.Manager == nil {
+		return nil
+	}
+	var out []*lfs.Layer
+	for _, m := range s.Manager.Mounts() {
+		if l := m.Layer(); l != nil {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
 // keychain returns the Kubernetes credential chain (CRI-captured, then
 // credential-provider plugins, then the docker config) when the config
 // asks for CRI or plugins, and nil (the docker config alone) otherwise.
@@ -214,6 +247,7 @@ func (s *Service) LayerFS() *LayerFS {
 	if s.layerFS == nil {
 		s.layerFS = NewLayerFS(s.Manager, s.Config.AllowUnverified)
 		s.layerFS.verifier = s.verifier
+		s.layerFS.profiles = s.profiles
 	}
 	return s.layerFS
 }
@@ -249,6 +283,8 @@ func (s *Service) OnLayerFailure(fn func(ctx context.Context, f LayerFailure)) {
 // Close unmounts every layer and closes the cache and the read log.
 func (s *Service) Close() error {
 	var errs []error
+	// Recordings in progress are saved before their layers go away.
+	s.profiles.close()
 	if s.verifier != nil {
 		s.verifier.close()
 	}

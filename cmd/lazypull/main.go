@@ -59,7 +59,7 @@ func newRootCommand() *cobra.Command {
 		return usageError{fmt.Errorf("%w (see %s --help)", err, cmd.CommandPath())}
 	})
 	root.PersistentFlags().StringVar(&logLevel, "log-level", "warn", "log level: debug, info, warn, error")
-	root.AddCommand(newConvertCommand(), newMountCommand(), newPullCommand(), newBenchCommand(), newOptimizeCommand(), newExecInRootfsCommand())
+	root.AddCommand(newConvertCommand(), newMountCommand(), newPullCommand(), newBenchCommand(), newOptimizeCommand(), newProfileCommand(), newExecInRootfsCommand())
 	return root
 }
 

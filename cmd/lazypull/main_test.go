@@ -135,7 +135,7 @@ func TestHelp(t *testing.T) {
 		args []string
 		want []string
 	}{
-		{[]string{"--help"}, []string{"convert", "mount", "pull", "--log-level"}},
+		{[]string{"--help"}, []string{"convert", "mount", "pull", "bench", "optimize", "profile", "--log-level"}},
 		{[]string{"convert", "--help"}, []string{"convert [flags] SRC DST", "oci-layout:DIR[:TAG]", "--zstd", "--chunk-size", "--level", "--prioritize", "--platform", "--plain-http"}},
 		{[]string{"mount", "--help"}, []string{"mount [flags] REF DIR", "--blob", "--cache-dir", "--platform"}},
 		{[]string{"pull", "--help"}, []string{"pull [flags] REF", "--address", "--snapshotter"}},
