@@ -570,7 +570,7 @@ func (r *Runner) Run(ctx context.Context) (_ *Result, retErr error) {
 								// profile the first node pushes reaches only
 								// this repeat's second node, never the other
 								// modes' runs.
-								profileRepo = fmt.Sprintf("bench/%s-profile-%s-%s-%d:esgz", sanitize(w.Name), runID, fileSafe(p.Name), rep)
+								profileRepo = fmt.Sprintf("bench/%s-profile-%s-%s-%d:esgz", sanitize(w.Name), runID, sanitize(p.Name), rep)
 								if err := r.copyWithin(ctx, info.Refs[ModeLazy], profileRepo); err != nil {
 									return fmt.Errorf("%s: copying the image for the profile runs: %w", tag, err)
 								}
