@@ -542,6 +542,9 @@ func (r *Runner) Run(ctx context.Context) (_ *Result, retErr error) {
 			return nil, fmt.Errorf("preparing %s: %w", w.Name, err)
 		}
 		res.Images = append(res.Images, *r.infos[w.Name])
+		if r.remoteRefs[w.Name][ModeLazy] && (r.hasMode(ModeFirstNode) || r.hasMode(ModeSecondNode)) {
+			return nil, fmt.Errorf("bench: %s: modes %s and %s need the image in the bench's loopback registry (the first node pushes its profile there): use --convert or --wan", w.Name, ModeFirstNode, ModeSecondNode)
+		}
 	}
 	total := len(works) * len(r.cfg.Profiles) * len(r.cfg.Modes) * r.cfg.Repeats
 	done := 0
