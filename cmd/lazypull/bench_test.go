@@ -477,6 +477,51 @@ func TestBenchPeer(t *testing.T) {
 	}
 }
 
+// TestBenchSecondNode runs the "second node" pair: a first daemon records
+// the start-up and pushes its profile to the registry, then a fresh daemon
+// and cache looks it up there. Needs the daemon's [profile] section.
+func TestBenchSecondNode(t *testing.T) {
+	e := setupBench(t)
+	stdout, stderr, err := runBenchCmd(t, 5*time.Minute, "--snapshotter-bin", e.snapshotter, "--cache-dir", t.TempDir(),
+		"--convert", "--wan", "20ms,100Mbit", "--modes", "lazypull,lazypull-second-node", "--json",
+		"--out", t.TempDir(), "--hosts-dir", t.TempDir(), e.ref, "--", "/bin/sh", "-c", "cat /data/a /data/b >/dev/null")
+	if err != nil {
+		t.Fatalf("bench: %v\n%s", err, stderr)
+	}
+	var res bench.Result
+	if err := json.Unmarshal([]byte(stdout), &res); err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Samples) != 3 {
+		t.Fatalf("%d samples, want lazypull, the first node and the second", len(res.Samples))
+	}
+	want := []bench.Mode{bench.ModeLazy, bench.ModeFirstNode, bench.ModeSecondNode}
+	lookups := map[bench.Mode]int{}
+	for i, s := range res.Samples {
+		checkSample(t, s)
+		if s.Mode != want[i] {
+			t.Fatalf("sample %d is %s, want %s", i, s.Mode, want[i])
+		}
+		for _, q := range s.Requests {
+			if q.By == "snapshotter" && q.Kind == bench.KindManifest {
+				lookups[s.Mode]++
+			}
+		}
+	}
+	lazy, first, second := res.Samples[0], res.Samples[1], res.Samples[2]
+	// The pair pulls a copy of the image of its own, so the profile the
+	// first node pushed reached no other mode.
+	if first.Ref != second.Ref || first.Ref == lazy.Ref || !strings.Contains(first.Ref, "-profile-") {
+		t.Errorf("refs: lazypull %s, first node %s, second node %s", lazy.Ref, first.Ref, second.Ref)
+	}
+	// The bench waited for the first node's profile to reach the registry
+	// (else the run fails); the second node asked the registry for it,
+	// while the first node (lookup off) did not.
+	if lookups[bench.ModeSecondNode] == 0 || lookups[bench.ModeFirstNode] != 0 {
+		t.Errorf("the daemons' profile lookups: %v", lookups)
+	}
+}
+
 func TestParseWANs(t *testing.T) {
 	ps, err := parseWANs([]string{"40ms,100Mbit", "none", " 500us , 800kbit"})
 	if err != nil {
