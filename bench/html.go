@@ -18,7 +18,7 @@ func (res *Result) writeHTML(path, dir string) error {
 <html lang="en"><head><meta charset="utf-8"><title>lazypull bench</title>
 <style>
 body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:1em 0}
+table{border-collapse:collapse;margin:1em 0;display:block;overflow-x:auto}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td:first-child,td:nth-child(2),th{text-align:left}
 h2{margin-top:2em} .note{color:#555;font-size:90%}

@@ -244,37 +244,52 @@ func (res *Result) barChart(profile, path, title, label string, withLimit bool, 
 		series = append(series, "limit")
 	}
 	w := vg.Points(14)
+	type bar struct {
+		name  string
+		color int // the mode's colour, the same in every chart
+		vals  plotter.Values
+	}
+	var drawn []bar
 	for i, name := range series {
 		vals := make(plotter.Values, len(names))
+		any := false
 		for j, img := range names {
 			if name == "limit" {
 				if l := res.limitOf(img, profile); l != nil {
 					vals[j] = l.Seconds
 				}
-				continue
-			}
-			for _, s := range res.Summary {
-				if s.Image == img && s.Profile == profile && string(s.Mode) == name {
-					vals[j] = value(s)
+			} else {
+				for _, s := range res.Summary {
+					if s.Image == img && s.Profile == profile && string(s.Mode) == name {
+						vals[j] = value(s)
+					}
 				}
 			}
+			any = any || vals[j] != 0
 		}
-		bars, err := plotter.NewBarChart(vals, w)
+		// A cost chart leaves out the modes it has nothing for (a full
+		// pull has no snapshotter CPU).
+		if any || withLimit {
+			drawn = append(drawn, bar{name, i, vals})
+		}
+	}
+	for i, b := range drawn {
+		bars, err := plotter.NewBarChart(b.vals, w)
 		if err != nil {
 			return err
 		}
 		bars.LineStyle.Width = 0
-		bars.Color = plotutil.Color(i)
-		if name == "limit" {
+		bars.Color = plotutil.Color(b.color)
+		if b.name == "limit" {
 			bars.Color = color.Gray{Y: 150}
 		}
-		bars.Offset = w * vg.Length(float64(i)-float64(len(series)-1)/2)
+		bars.Offset = w * vg.Length(float64(i)-float64(len(drawn)-1)/2)
 		p.Add(bars)
-		p.Legend.Add(name, bars)
+		p.Legend.Add(b.name, bars)
 	}
 	p.NominalX(names...)
 	p.Y.Max *= 1.35 // room for the legend above the bars
-	return p.Save(vg.Points(float64(max(520, 30*len(series)*len(names)+200))), 4*vg.Inch, path)
+	return p.Save(vg.Points(float64(max(520, 30*len(drawn)*len(names)+200))), 4*vg.Inch, path)
 }
 
 // modeNames lists the result's modes, in the order measured.

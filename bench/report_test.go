@@ -114,8 +114,12 @@ func TestWriteReport(t *testing.T) {
 	page, _ := os.ReadFile(filepath.Join(dir, "report.html"))
 	for _, name := range []string{"daemon-cpu", "link-utilization", "foreground-latency"} {
 		svg, err := os.ReadFile(filepath.Join(dir, name+"-40ms-100Mbit.svg"))
-		if err != nil || !strings.Contains(string(svg), "<svg") {
+		if err != nil || !strings.Contains(string(svg), "<svg") || !strings.Contains(string(svg), "lazypull") {
 			t.Errorf("%s chart: %v", name, err)
+		}
+		// A full pull runs no snapshotter of its own: no CPU or latency bar.
+		if name != "link-utilization" && strings.Contains(string(svg), "full-pull") {
+			t.Errorf("%s chart has a full-pull bar", name)
 		}
 	}
 	if n := strings.Count(string(page), "<svg"); n < 4 {
