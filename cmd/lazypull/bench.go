@@ -75,7 +75,8 @@ lazypull is unpacked like a full pull). IMAGE is a registry reference or
 oci-layout:DIR[:TAG]; credentials come from the docker config.
 
 The report goes to --out: results.json (every run, with its phases and every
-registry request), results.md (medians, ratios against the full pull), a
+registry request), results.md (medians, ratios against the full pull and the
+peer), a
 chart of the totals, one timeline per mode (timeline-*.svg: the requests over
 time coloured by kind, the phases, the link's utilization) and report.html
 bundling them; with each mode's daemon CPU-seconds, peak memory, link
