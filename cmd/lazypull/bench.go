@@ -76,11 +76,10 @@ oci-layout:DIR[:TAG]; credentials come from the docker config.
 
 The report goes to --out: results.json (every run, with its phases and every
 registry request), results.md (medians, ratios against the full pull and the
-peer), a
-chart of the totals, one timeline per mode (timeline-*.svg: the requests over
-time coloured by kind, the phases, the link's utilization) and report.html
-bundling them; with each mode's daemon CPU-seconds, peak memory, link
-utilization and foreground fetch latency. Needs root.
+peer), a chart of the totals, charts of each mode's snapshotter CPU-seconds,
+link utilization and foreground fetch latency, one timeline per mode
+(timeline-*.svg: the requests over time coloured by kind, the phases, the
+link's utilization) and report.html bundling them. Needs root.
 
 The stargz-snapshotter mode runs containerd-stargz-grpc from --stargz-bin,
 next to lazypull, or $PATH; failing those, in a lazypull source tree, it is
