@@ -4,7 +4,7 @@ BIN := bin
 GOFLAGS_BUILD := -trimpath
 TEST_TIMEOUT ?= 60m
 
-.PHONY: all build deps test test-unit vet fmt bench bench-micro demo clean
+.PHONY: all build deps test test-unit vet fmt bench bench-peer bench-reduced bench-micro demo clean
 
 all: build
 
@@ -39,13 +39,29 @@ DEMO_OUT ?= /tmp/lazypull-demo
 demo: deps build
 	$(BIN)/lazypull bench --preset hellobench:python --modes full-pull,lazypull --wan 40ms,100Mbit --repeats 1 --out $(DEMO_OUT)
 
-# bench is the full cold-start benchmark of the built-in images; results
-# go to docs/benchmarks. Benchmark your own image with `lazypull bench`.
-BENCH_IMAGES ?= python,gcc,node,large
+# bench is the full cold-start benchmark of the built-in images, every
+# mode (full pull, lazypull plain and optimized, stargz-snapshotter v0.19.1,
+# the second-node pair); results go to docs/benchmarks. Benchmark your own
+# image with `lazypull bench`.
+BENCH_IMAGES ?= python,gcc,node,pandas,large
+BENCH_MODES ?= all
 BENCH_WAN ?= --wan 40ms,100Mbit --wan 2ms,1Gbit
 BENCH_REPEATS ?= 3
-bench: deps build
-	$(BIN)/lazypull bench --preset hellobench:$(BENCH_IMAGES) --modes all $(BENCH_WAN) --repeats $(BENCH_REPEATS) --out docs/benchmarks
+bench: deps build bench-peer
+	$(BIN)/lazypull bench --preset hellobench:$(BENCH_IMAGES) --modes $(BENCH_MODES) $(BENCH_WAN) --repeats $(BENCH_REPEATS) --out docs/benchmarks
+
+# bench-reduced is one image, one link, one repeat: full pull, lazypull
+# and the peer (about 3 minutes with the image built).
+bench-reduced: deps build bench-peer
+	$(BIN)/lazypull bench --preset hellobench:python --modes full-pull,lazypull,stargz-snapshotter --wan 40ms,100Mbit --repeats 1 --out $(DEMO_OUT)-reduced
+
+# bench-peer builds the peer the bench compares against,
+# stargz-snapshotter's containerd-stargz-grpc, from its Go module via the
+# bench's own module (bench/peer/stargz): lazypull's go.mod does not
+# depend on it. `lazypull bench` finds it next to bin/lazypull.
+bench-peer:
+	@mkdir -p $(BIN)
+	cd bench/peer/stargz && $(GO) build $(GOFLAGS_BUILD) -o $(CURDIR)/$(BIN)/containerd-stargz-grpc .
 
 # bench-micro runs the Go benchmarks (format, cache, FUSE mount).
 bench-micro:

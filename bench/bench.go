@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -50,13 +51,51 @@ const (
 	// ModeOptimized pulls the eStargz image whose start-up files were
 	// recorded and prioritized, with lazypull.
 	ModeOptimized Mode = "lazypull-optimized"
+	// ModePeer pulls the lazypull mode's eStargz image with
+	// stargz-snapshotter v0.19.1 (Config.Peer), a fresh daemon and root
+	// per run like lazypull's.
+	ModePeer Mode = "stargz-snapshotter"
+	// ModeFirstNode pulls the eStargz image with a fresh lazypull daemon
+	// that records the start-up profile and pushes it to the registry
+	// ([profile] record = true, push = true, lookup = false); the bench
+	// waits until the registry has it.
+	ModeFirstNode Mode = "lazypull-first-node"
+	// ModeSecondNode pulls the same image with another fresh daemon and
+	// cache that looks the first node's profile up ([profile] lookup =
+	// true) and prefetches by it. Selecting it runs ModeFirstNode right
+	// before it in every repeat.
+	ModeSecondNode Mode = "lazypull-second-node"
 )
 
 // Modes lists the built-in modes in report order.
-var Modes = []Mode{ModeFull, ModeLazy, ModeOptimized}
+var Modes = []Mode{ModeFull, ModeLazy, ModeOptimized, ModePeer, ModeFirstNode, ModeSecondNode}
 
 // lazypull reports whether the mode runs lazypull-snapshotter.
-func (m Mode) lazypull() bool { return m == ModeLazy || m == ModeOptimized }
+func (m Mode) lazypull() bool {
+	return m == ModeLazy || m == ModeOptimized || m == ModeFirstNode || m == ModeSecondNode
+}
+
+// fresh reports whether every run of the mode starts a snapshotter of its
+// own (lazypull's or the peer's), whose CPU time and peak memory are
+// measured.
+func (m Mode) fresh() bool { return m.lazypull() || m == ModePeer }
+
+// profileNode reports whether the mode is one of the two "second node"
+// runs, which pull a copy of the image of their own per repeat so that the
+// profile the first node pushes reaches only its second node.
+func (m Mode) profileNode() bool { return m == ModeFirstNode || m == ModeSecondNode }
+
+// profileConfig is the daemon's [profile] table for the mode (empty for
+// the others: a daemon without the profile settings is never given them).
+func (m Mode) profileConfig() string {
+	switch m {
+	case ModeFirstNode:
+		return "[profile]\nrecord = true\npush = true\nlookup = false\n"
+	case ModeSecondNode:
+		return "[profile]\nrecord = false\npush = false\nlookup = true\n"
+	}
+	return ""
+}
 
 // NoWAN is the profile name that measures the registry and link as they
 // are, without the WAN emulator.
@@ -125,6 +164,14 @@ type Config struct {
 	CacheDir string
 	// Snapshotter is the lazypull-snapshotter binary.
 	Snapshotter string
+	// Peer is stargz-snapshotter's daemon (containerd-stargz-grpc, see
+	// BuildPeer) for ModePeer.
+	Peer string
+	// PeerConfig is the peer daemon's TOML (default: upstream's defaults).
+	PeerConfig string
+	// ProfileWait bounds the wait for the first node's profile to appear
+	// in the registry (default 60s).
+	ProfileWait time.Duration
 	// SnapshotterConfig is extra TOML for the daemon (fetch settings).
 	SnapshotterConfig string
 	// Remote reads and writes images for conversion (default: plain
@@ -215,11 +262,20 @@ type Sample struct {
 	ForegroundRequests, BackgroundRequests int64
 	// DaemonRequests is lazypull_fetch_requests_total at the ready line.
 	DaemonRequests int64
-	PeakRSSBytes   int64 // lazypull-snapshotter's VmHWM (0 for other modes)
-	// DaemonCPUSeconds is the user+system CPU time lazypull-snapshotter
-	// spent from the pull to the ready line (0 for other modes).
+	PeakRSSBytes   int64 // the snapshotter's VmHWM (modes with a fresh daemon: lazypull's and the peer)
+	// DaemonCPUSeconds is the user+system CPU time the snapshotter spent
+	// from the pull to the ready line (modes with a fresh daemon).
 	DaemonCPUSeconds float64
-	ReadyLine        string
+	// LinkUtilization is the share of the link the run used: bytes over
+	// the link (the WAN emulator's count, both directions' payload toward
+	// the node) / (link rate × TotalSeconds); 0 without an emulated link.
+	LinkUtilization float64
+	// ForegroundLatencyMedian and ForegroundLatencyP90 are the median and
+	// 90th percentile, in seconds, of the daemon's foreground fetches (a
+	// read's miss with its read-ahead; prefetches of a prioritized region
+	// excluded), from its fetch log (lazypull modes; 0 when none).
+	ForegroundLatencyMedian, ForegroundLatencyP90 float64
+	ReadyLine                                     string
 	// Requests is the timeline: every registry request, by start.
 	Requests []Request
 }
@@ -280,8 +336,15 @@ type Summary struct {
 	Requests                         int
 	PeakRSSBytes                     int64
 	DaemonCPUSeconds                 float64 // median
-	VsFullPull                       float64 // TotalSeconds / full pull's
-	VsLimit                          float64 // TotalSeconds / limit
+	LinkUtilization                  float64 // median
+	// ForegroundLatencyMedian and ForegroundLatencyP90 are the medians of
+	// the runs' foreground fetch latencies, in seconds.
+	ForegroundLatencyMedian, ForegroundLatencyP90 float64
+	VsFullPull                                    float64 // TotalSeconds / full pull's
+	// VsPeer is TotalSeconds / the peer's (ModePeer) on the same image
+	// and link.
+	VsPeer  float64
+	VsLimit float64 // TotalSeconds / limit
 }
 
 // Runner runs the benchmark.
@@ -313,6 +376,9 @@ func NewRunner(cfg Config) (*Runner, error) {
 	if len(cfg.Modes) == 0 {
 		cfg.Modes = []Mode{ModeFull, ModeLazy}
 	}
+	if cfg.ProfileWait <= 0 {
+		cfg.ProfileWait = time.Minute
+	}
 	if len(cfg.Profiles) == 0 {
 		cfg.Profiles = []wan.Profile{{Name: NoWAN}}
 	}
@@ -340,12 +406,23 @@ func NewRunner(cfg Config) (*Runner, error) {
 			return nil, fmt.Errorf("bench: mode %q given twice", m)
 		}
 		seen[m] = true
-		if m == ModeFull || m.lazypull() {
+		if m == ModeFull || m.fresh() {
 			continue
 		}
 		if _, ok := cfg.Proxies[string(m)]; !ok {
-			return nil, fmt.Errorf("bench: unknown mode %q (built in: %s, %s, %s; others need --snapshotter %s=SOCKET)", m, ModeFull, ModeLazy, ModeOptimized, m)
+			var names []string
+			for _, b := range Modes {
+				names = append(names, string(b))
+			}
+			return nil, fmt.Errorf("bench: unknown mode %q (built in: %s; others need --snapshotter %s=SOCKET)", m, strings.Join(names, ", "), m)
 		}
+	}
+	cfg.Modes = withFirstNode(cfg.Modes)
+	if seen[ModePeer] && cfg.Peer == "" {
+		return nil, fmt.Errorf("bench: mode %s needs stargz-snapshotter's daemon (containerd-stargz-grpc: make bench-peer, or --stargz-bin)", ModePeer)
+	}
+	if (seen[ModeFirstNode] || seen[ModeSecondNode]) && strings.Contains(cfg.SnapshotterConfig, "[profile]") {
+		return nil, fmt.Errorf("bench: modes %s and %s set the daemon's [profile]: leave it out of the snapshotter config", ModeFirstNode, ModeSecondNode)
 	}
 	if seen[ModeOptimized] && !cfg.Convert && len(cfg.Workloads) > 0 {
 		return nil, fmt.Errorf("bench: mode %s needs --convert: the image is converted again with its recorded start-up files first", ModeOptimized)
@@ -353,7 +430,7 @@ func NewRunner(cfg Config) (*Runner, error) {
 	if cfg.Limit && !seen[ModeOptimized] {
 		cfg.Limit = false
 	}
-	if (seen[ModeLazy] || seen[ModeOptimized]) && cfg.Snapshotter == "" {
+	if (seen[ModeLazy] || seen[ModeOptimized] || seen[ModeFirstNode] || seen[ModeSecondNode]) && cfg.Snapshotter == "" {
 		return nil, errors.New("bench: no lazypull-snapshotter binary")
 	}
 	if err := lab.Containerd2().Check(); err != nil {
@@ -382,6 +459,30 @@ func NewRunner(cfg Config) (*Runner, error) {
 		chunkCache: map[string]*layerChunks{}}, nil
 }
 
+// withFirstNode puts ModeFirstNode right before ModeSecondNode (adding it
+// when missing): the second node finds the profile the first one pushed in
+// the same repeat.
+func withFirstNode(modes []Mode) []Mode {
+	second := false
+	for _, m := range modes {
+		second = second || m == ModeSecondNode
+	}
+	if !second {
+		return modes
+	}
+	out := make([]Mode, 0, len(modes)+1)
+	for _, m := range modes {
+		switch m {
+		case ModeFirstNode:
+		case ModeSecondNode:
+			out = append(out, ModeFirstNode, ModeSecondNode)
+		default:
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
 func (r *Runner) logf(format string, args ...any) {
 	fmt.Fprintf(r.log, "bench: "+format+"\n", args...)
 }
@@ -392,6 +493,7 @@ func (r *Runner) logf(format string, args ...any) {
 // returns, also on errors.
 func (r *Runner) Run(ctx context.Context) (_ *Result, retErr error) {
 	res := &Result{Started: time.Now().UTC(), Profiles: r.cfg.Profiles, Modes: r.cfg.Modes, Containerd: lab.Containerd2().Name}
+	runID := fmt.Sprintf("%x", time.Now().UnixNano()&0xffffffffff)
 	res.Host, _ = os.Hostname()
 	tmp, err := os.MkdirTemp("", "lazypull-bench-")
 	if err != nil {
@@ -440,6 +542,9 @@ func (r *Runner) Run(ctx context.Context) (_ *Result, retErr error) {
 			return nil, fmt.Errorf("preparing %s: %w", w.Name, err)
 		}
 		res.Images = append(res.Images, *r.infos[w.Name])
+		if r.remoteRefs[w.Name][ModeLazy] && (r.hasMode(ModeFirstNode) || r.hasMode(ModeSecondNode)) {
+			return nil, fmt.Errorf("bench: %s: modes %s and %s need the image in the bench's loopback registry (the first node pushes its profile there): use --convert or --wan", w.Name, ModeFirstNode, ModeSecondNode)
+		}
 	}
 	total := len(works) * len(r.cfg.Profiles) * len(r.cfg.Modes) * r.cfg.Repeats
 	done := 0
@@ -457,10 +562,27 @@ func (r *Runner) Run(ctx context.Context) (_ *Result, retErr error) {
 			for _, w := range works {
 				info := r.infos[w.Name]
 				for rep := 1; rep <= r.cfg.Repeats; rep++ {
+					profileRepo := ""
 					for _, mode := range r.cfg.Modes {
 						done++
 						ref := r.refFor(info, mode, px)
 						tag := fmt.Sprintf("[%d/%d] %s %s %s #%d", done, total, w.Name, mode, p.Name, rep)
+						if mode.profileNode() && !r.remoteRefs[info.Name][ModeLazy] {
+							if profileRepo == "" {
+								// A repository of its own per repeat: the
+								// profile the first node pushes reaches only
+								// this repeat's second node, never the other
+								// modes' runs.
+								profileRepo = fmt.Sprintf("bench/%s-profile-%s-%s-%d:esgz", sanitize(w.Name), runID, sanitize(p.Name), rep)
+								if err := r.copyWithin(ctx, info.Refs[ModeLazy], profileRepo); err != nil {
+									return fmt.Errorf("%s: copying the image for the profile runs: %w", tag, err)
+								}
+							}
+							ref = r.reg.Ref(profileRepo)
+							if px != nil {
+								ref = px.Addr() + "/" + profileRepo
+							}
+						}
 						s, err := r.measure(ctx, w, mode, ref, px, tag)
 						if err != nil {
 							return fmt.Errorf("%s %s %s #%d: %w", w.Name, mode, p.Name, rep, err)
@@ -871,10 +993,10 @@ func summarize(res *Result) []Summary {
 		limits[[2]string{l.Image, l.Profile}] = l.Seconds
 	}
 	var out []Summary
-	full := map[[2]string]float64{}
+	full, peer := map[[2]string]float64{}, map[[2]string]float64{}
 	for _, k := range order {
 		ss := groups[k]
-		var pull, ready, total, bytes, fg, bg, rss, reqs, cpu []float64
+		var pull, ready, total, bytes, fg, bg, rss, reqs, cpu, util, latMed, latP90 []float64
 		phases := map[string][]float64{}
 		for _, s := range ss {
 			pull = append(pull, s.PullSeconds)
@@ -885,6 +1007,9 @@ func summarize(res *Result) []Summary {
 			bg = append(bg, float64(s.BackgroundBytes))
 			rss = append(rss, float64(s.PeakRSSBytes))
 			cpu = append(cpu, s.DaemonCPUSeconds)
+			util = append(util, s.LinkUtilization)
+			latMed = append(latMed, s.ForegroundLatencyMedian)
+			latP90 = append(latP90, s.ForegroundLatencyP90)
 			reqs = append(reqs, float64(len(s.Requests)))
 			for _, p := range s.Phases {
 				phases[p.Name] = append(phases[p.Name], p.Seconds)
@@ -893,14 +1018,18 @@ func summarize(res *Result) []Summary {
 		sum := Summary{Image: k.img, Profile: k.prof, Mode: k.mode,
 			PullSeconds: median(pull), ReadySeconds: median(ready), TotalSeconds: median(total),
 			BytesReceived: int64(median(bytes)), ForegroundBytes: int64(median(fg)), BackgroundBytes: int64(median(bg)),
-			Requests: int(median(reqs)), PeakRSSBytes: int64(slicesMax(rss)), DaemonCPUSeconds: median(cpu)}
+			Requests: int(median(reqs)), PeakRSSBytes: int64(slicesMax(rss)), DaemonCPUSeconds: median(cpu),
+			LinkUtilization: median(util), ForegroundLatencyMedian: median(latMed), ForegroundLatencyP90: median(latP90)}
 		for _, name := range PhaseNames {
 			if v, ok := phases[name]; ok {
 				sum.Phases = append(sum.Phases, Phase{Name: name, Seconds: median(v)})
 			}
 		}
-		if k.mode == ModeFull {
+		switch k.mode {
+		case ModeFull:
 			full[[2]string{k.img, k.prof}] = sum.TotalSeconds
+		case ModePeer:
+			peer[[2]string{k.img, k.prof}] = sum.TotalSeconds
 		}
 		out = append(out, sum)
 	}
@@ -908,6 +1037,9 @@ func summarize(res *Result) []Summary {
 		s := &out[i]
 		if f := full[[2]string{s.Image, s.Profile}]; f > 0 {
 			s.VsFullPull = s.TotalSeconds / f
+		}
+		if pe := peer[[2]string{s.Image, s.Profile}]; pe > 0 {
+			s.VsPeer = s.TotalSeconds / pe
 		}
 		if l := limits[[2]string{s.Image, s.Profile}]; l > 0 {
 			s.VsLimit = s.TotalSeconds / l
@@ -922,4 +1054,32 @@ func slicesMax(xs []float64) float64 {
 		m = max(m, x)
 	}
 	return m
+}
+
+// copyWithin copies an image of the loopback registry to another
+// repository of it (blobs are pushed again: the registry mounts nothing
+// across repositories on its own).
+func (r *Runner) copyWithin(ctx context.Context, from, to string) error {
+	src, err := convert.OpenStore(r.reg.Ref(from), r.remote)
+	if err != nil {
+		return err
+	}
+	dst, err := convert.OpenStore(r.reg.Ref(to), r.remote)
+	if err != nil {
+		return err
+	}
+	_, err = r.copyImage(ctx, src, dst)
+	return err
+}
+
+// percentile returns the nearest-rank p-th percentile (0 < p <= 100) of
+// xs, 0 for none.
+func percentile(xs []float64, p float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	i := int(math.Ceil(p/100*float64(len(s)))) - 1
+	return s[min(max(i, 0), len(s)-1)]
 }

@@ -43,6 +43,14 @@ func (res *Result) Write(dir string) error {
 		if err := res.chart(p.Name, filepath.Join(dir, chartFile(p.Name))); err != nil {
 			return fmt.Errorf("chart for %s: %w", p.Name, err)
 		}
+		for _, c := range costCharts {
+			if !res.hasCost(p.Name, c.value) {
+				continue
+			}
+			if err := res.barChart(p.Name, filepath.Join(dir, costChartFile(c.file, p.Name)), c.title+" ("+p.Name+")", c.label, false, c.value); err != nil {
+				return fmt.Errorf("%s chart for %s: %w", c.file, p.Name, err)
+			}
+		}
 	}
 	for _, tl := range res.timelines() {
 		if err := os.WriteFile(filepath.Join(dir, tl.file), tl.svg, 0o644); err != nil {
@@ -90,8 +98,8 @@ func (res *Result) Markdown(w io.Writer) {
 		} else {
 			fmt.Fprintf(w, "\n### %s (RTT %s, %d Mbit/s)\n\n", p.Name, p.RTT, p.BitsPerSecond/1_000_000)
 		}
-		fmt.Fprintln(w, "| image | mode | pull s | run s | total s | vs full pull | vs limit | MB received | snapshotter MB foreground / background | requests | snapshotter peak RSS |")
-		fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		fmt.Fprintln(w, "| image | mode | pull s | run s | total s | vs full pull | vs peer | vs limit | MB received | link used | snapshotter MB foreground / background | foreground ms median / p90 | requests | snapshotter peak RSS | snapshotter CPU s |")
+		fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, s := range res.Summary {
 			if s.Profile != p.Name {
 				continue
@@ -100,8 +108,9 @@ func (res *Result) Markdown(w io.Writer) {
 			if s.ForegroundBytes+s.BackgroundBytes > 0 {
 				fgbg = fmt.Sprintf("%.1f / %.1f", float64(s.ForegroundBytes)/1e6, float64(s.BackgroundBytes)/1e6)
 			}
-			fmt.Fprintf(w, "| %s | %s | %.2f | %.2f | **%.2f** | %s | %s | %.1f | %s | %d | %s |\n", s.Image, s.Mode,
-				s.PullSeconds, s.ReadySeconds, s.TotalSeconds, ratio(s.VsFullPull), ratio(s.VsLimit), float64(s.BytesReceived)/1e6, fgbg, s.Requests, mb(s.PeakRSSBytes))
+			fmt.Fprintf(w, "| %s | %s | %.2f | %.2f | **%.2f** | %s | %s | %s | %.1f | %s | %s | %s | %d | %s | %s |\n", s.Image, s.Mode,
+				s.PullSeconds, s.ReadySeconds, s.TotalSeconds, ratio(s.VsFullPull), ratio(s.VsPeer), ratio(s.VsLimit), float64(s.BytesReceived)/1e6,
+				percent(s.LinkUtilization), fgbg, latency(s.ForegroundLatencyMedian, s.ForegroundLatencyP90), s.Requests, mb(s.PeakRSSBytes), cpuSecs(s.DaemonCPUSeconds))
 		}
 		fmt.Fprint(w, "\nPhases (median seconds since the pull began):\n\n")
 		fmt.Fprintf(w, "| image | mode | %s |\n", strings.Join(PhaseNames, " | "))
@@ -150,6 +159,29 @@ func ratio(x float64) string {
 	return fmt.Sprintf("%.2fx", x)
 }
 
+// percent formats a share (0.35 → "35%"), "-" for none.
+func percent(x float64) string {
+	if x == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f%%", 100*x)
+}
+
+// latency formats a median / p90 pair of seconds in milliseconds.
+func latency(med, p90 float64) string {
+	if med == 0 && p90 == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f / %.0f", 1000*med, 1000*p90)
+}
+
+func cpuSecs(x float64) string {
+	if x == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f", x)
+}
+
 func mdEscape(s string) string { return strings.ReplaceAll(s, "|", "\\|") }
 
 func human(n int64) string {
@@ -166,53 +198,98 @@ func human(n int64) string {
 
 // chart draws grouped bars: per image, each mode's total and the limit.
 func (res *Result) chart(profile, path string) error {
+	return res.barChart(profile, path, "Pull + start to first useful output ("+profile+")", "seconds, median", res.hasLimits(profile),
+		func(s Summary) float64 { return s.TotalSeconds })
+}
+
+// costCharts are the per-run costs drawn beside the totals, one chart
+// each: file name prefix, title, axis label and the value.
+var costCharts = []struct {
+	file, title, label string
+	value              func(Summary) float64
+}{
+	{"daemon-cpu", "Snapshotter CPU-seconds per cold start", "CPU seconds, median", func(s Summary) float64 { return s.DaemonCPUSeconds }},
+	{"link-utilization", "Link utilization during the run", "% of link rate x total time, median", func(s Summary) float64 { return 100 * s.LinkUtilization }},
+	{"foreground-latency", "Foreground fetch latency (p90)", "milliseconds, median of runs", func(s Summary) float64 { return 1000 * s.ForegroundLatencyP90 }},
+}
+
+func costChartFile(prefix, profile string) string { return prefix + "-" + fileSafe(profile) + ".svg" }
+
+// hasCost reports whether any summary of the profile has a cost value.
+func (res *Result) hasCost(profile string, value func(Summary) float64) bool {
+	for _, s := range res.Summary {
+		if s.Profile == profile && value(s) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// barChart draws grouped bars of value: per image, one bar per mode (and
+// the limit when withLimit).
+func (res *Result) barChart(profile, path, title, label string, withLimit bool, value func(Summary) float64) error {
 	var names []string
 	for _, im := range res.Images {
 		names = append(names, im.Name)
 	}
 	modes := res.modeNames()
 	p := plot.New()
-	p.Title.Text = "Pull + start to first useful output (" + profile + ")"
-	p.Y.Label.Text = "seconds, median"
+	p.Title.Text = title
+	p.Y.Label.Text = label
 	p.Legend.Top = true
 	p.Legend.Left = true
 	p.Legend.XOffs = vg.Points(40)
 	series := modes
-	if res.hasLimits(profile) {
+	if withLimit {
 		series = append(series, "limit")
 	}
 	w := vg.Points(14)
+	type bar struct {
+		name  string
+		color int // the mode's colour, the same in every chart
+		vals  plotter.Values
+	}
+	var drawn []bar
 	for i, name := range series {
 		vals := make(plotter.Values, len(names))
+		any := false
 		for j, img := range names {
 			if name == "limit" {
 				if l := res.limitOf(img, profile); l != nil {
 					vals[j] = l.Seconds
 				}
-				continue
-			}
-			for _, s := range res.Summary {
-				if s.Image == img && s.Profile == profile && string(s.Mode) == name {
-					vals[j] = s.TotalSeconds
+			} else {
+				for _, s := range res.Summary {
+					if s.Image == img && s.Profile == profile && string(s.Mode) == name {
+						vals[j] = value(s)
+					}
 				}
 			}
+			any = any || vals[j] != 0
 		}
-		bars, err := plotter.NewBarChart(vals, w)
+		// A cost chart leaves out the modes it has nothing for (a full
+		// pull has no snapshotter CPU).
+		if any || withLimit {
+			drawn = append(drawn, bar{name, i, vals})
+		}
+	}
+	for i, b := range drawn {
+		bars, err := plotter.NewBarChart(b.vals, w)
 		if err != nil {
 			return err
 		}
 		bars.LineStyle.Width = 0
-		bars.Color = plotutil.Color(i)
-		if name == "limit" {
+		bars.Color = plotutil.Color(b.color)
+		if b.name == "limit" {
 			bars.Color = color.Gray{Y: 150}
 		}
-		bars.Offset = w * vg.Length(float64(i)-float64(len(series)-1)/2)
+		bars.Offset = w * vg.Length(float64(i)-float64(len(drawn)-1)/2)
 		p.Add(bars)
-		p.Legend.Add(name, bars)
+		p.Legend.Add(b.name, bars)
 	}
 	p.NominalX(names...)
 	p.Y.Max *= 1.35 // room for the legend above the bars
-	return p.Save(vg.Points(float64(max(520, 30*len(series)*len(names)+200))), 4*vg.Inch, path)
+	return p.Save(vg.Points(float64(max(520, 30*len(drawn)*len(names)+200))), 4*vg.Inch, path)
 }
 
 // modeNames lists the result's modes, in the order measured.
@@ -239,16 +316,17 @@ func (res *Result) Table() string {
 	var b strings.Builder
 	for _, p := range res.Profiles {
 		fmt.Fprintf(&b, "%s\n", p.Name)
-		fmt.Fprintf(&b, "  %-8s %-19s %8s %8s %8s %10s %9s %9s\n", "image", "mode", "pull", "run", "total", "vs full", "vs limit", "MB")
+		fmt.Fprintf(&b, "  %-8s %-21s %8s %8s %8s %8s %8s %9s %8s %6s %7s\n", "image", "mode", "pull", "run", "total", "vs full", "vs peer", "vs limit", "MB", "link", "CPU s")
 		for _, s := range res.Summary {
 			if s.Profile != p.Name {
 				continue
 			}
-			fmt.Fprintf(&b, "  %-8s %-19s %7.2fs %7.2fs %7.2fs %10s %9s %9.1f\n", s.Image, s.Mode, s.PullSeconds, s.ReadySeconds, s.TotalSeconds, ratio(s.VsFullPull), ratio(s.VsLimit), float64(s.BytesReceived)/1e6)
+			fmt.Fprintf(&b, "  %-8s %-21s %7.2fs %7.2fs %7.2fs %8s %8s %9s %8.1f %6s %7s\n", s.Image, s.Mode, s.PullSeconds, s.ReadySeconds, s.TotalSeconds,
+				ratio(s.VsFullPull), ratio(s.VsPeer), ratio(s.VsLimit), float64(s.BytesReceived)/1e6, percent(s.LinkUtilization), cpuSecs(s.DaemonCPUSeconds))
 		}
 		for _, l := range res.Limits {
 			if l.Profile == p.Name {
-				fmt.Fprintf(&b, "  %-8s %-19s %35.2fs\n", l.Image, "limit", l.Seconds)
+				fmt.Fprintf(&b, "  %-8s %-21s %26.2fs\n", l.Image, "limit", l.Seconds)
 			}
 		}
 	}

@@ -25,11 +25,13 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/lazypull/lazypull/bench/wan"
+	"github.com/lazypull/lazypull/convert"
 	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/internal/lab"
 )
@@ -75,16 +77,37 @@ func pingSnapshotter(ctx context.Context, name, sock string) error {
 // one run's containerd and snapshotter; each is removed after its run.
 const EnvDirPrefix = "lpbr"
 
-// env is one cold machine: a fresh containerd and, for lazypull modes, a
-// fresh snapshotter with an empty cache.
+// env is one cold machine: a fresh containerd and, for lazypull modes and
+// the peer, a fresh snapshotter with an empty cache and root.
 type env struct {
 	dir         string
 	c           *lab.Containerd
 	sn          *lab.Snapshotter
-	metricsAddr string
+	metricsAddr string // lazypull's
 }
 
-func (r *Runner) startEnv(ctx context.Context, lazy bool, extraConfig string) (_ *env, retErr error) {
+// daemonKind says which snapshotter an env starts besides containerd.
+type daemonKind int
+
+const (
+	noDaemon daemonKind = iota
+	lazypullDaemon
+	peerDaemon
+)
+
+func kindOf(m Mode) daemonKind {
+	switch {
+	case m.lazypull():
+		return lazypullDaemon
+	case m == ModePeer:
+		return peerDaemon
+	}
+	return noDaemon
+}
+
+// startEnv starts a cold machine. For lazypull, topConfig goes at the top
+// of the daemon's TOML (before any table) and tables after the user's.
+func (r *Runner) startEnv(ctx context.Context, kind daemonKind, topConfig, tables string) (_ *env, retErr error) {
 	// Directly under /tmp: containerd's shim sockets must have short paths.
 	dir, err := os.MkdirTemp("/tmp", EnvDirPrefix)
 	if err != nil {
@@ -100,7 +123,8 @@ func (r *Runner) startEnv(ctx context.Context, lazy bool, extraConfig string) (_
 	for name, sock := range r.cfg.Proxies {
 		proxies[name] = sock
 	}
-	if lazy {
+	switch kind {
+	case lazypullDaemon:
 		if e.metricsAddr, err = freeAddr(); err != nil {
 			return nil, err
 		}
@@ -108,13 +132,21 @@ func (r *Runner) startEnv(ctx context.Context, lazy bool, extraConfig string) (_
 			Binary: r.cfg.Snapshotter, Dir: filepath.Join(dir, "s"),
 			// pprof: the daemon is a throwaway on loopback; its CPU can be
 			// profiled during a run (see docs/benchmarks.md).
-			Config:   fmt.Sprintf("%s%s\n[metrics]\naddress = %q\npprof = true\n", extraConfig, r.cfg.SnapshotterConfig, e.metricsAddr),
+			Config:   fmt.Sprintf("%s%s\n%s[metrics]\naddress = %q\npprof = true\n", topConfig, r.cfg.SnapshotterConfig, tables, e.metricsAddr),
 			LogLevel: "info",
 		})
 		if err != nil {
 			return nil, fmt.Errorf("starting lazypull-snapshotter: %w", err)
 		}
 		proxies["lazypull"] = e.sn.Address()
+	case peerDaemon:
+		e.sn, err = lab.StartSnapshotter(ctx, lab.SnapshotterConfig{
+			Binary: r.cfg.Peer, Dir: filepath.Join(dir, "p"), Config: r.cfg.PeerConfig, LogLevel: "info",
+		})
+		if err != nil {
+			return nil, fmt.Errorf("starting %s: %w", ModePeer, err)
+		}
+		proxies[string(ModePeer)] = e.sn.Address()
 	}
 	e.c, err = lab.StartContainerd(ctx, lab.ContainerdConfig{Version: lab.Containerd2(), Dir: filepath.Join(dir, "c"), ProxySnapshotters: proxies, LogLevel: "warn"})
 	if err != nil {
@@ -161,7 +193,7 @@ func (r *Runner) record(ctx context.Context, w Workload, ref string) ([]string, 
 		return nil, 0, err
 	}
 	defer os.RemoveAll(recDir)
-	e, err := r.startEnv(ctx, true, fmt.Sprintf("record_dir = %q\n", recDir))
+	e, err := r.startEnv(ctx, lazypullDaemon, fmt.Sprintf("record_dir = %q\n", recDir), "")
 	if err != nil {
 		return nil, 0, err
 	}
@@ -213,8 +245,9 @@ func (r *Runner) record(ctx context.Context, w Workload, ref string) ([]string, 
 // measure runs one cold start.
 func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string, px *wan.Proxy, tag string) (Sample, error) {
 	lazy := mode.lazypull()
-	r.logf("%s: starting a fresh containerd%s", tag, map[bool]string{true: " and lazypull-snapshotter", false: ""}[lazy])
-	e, err := r.startEnv(ctx, lazy, "")
+	kind := kindOf(mode)
+	r.logf("%s: starting a fresh containerd%s", tag, map[daemonKind]string{lazypullDaemon: " and lazypull-snapshotter", peerDaemon: " and " + string(ModePeer)}[kind])
+	e, err := r.startEnv(ctx, kind, "", mode.profileConfig())
 	if err != nil {
 		return Sample{}, err
 	}
@@ -227,7 +260,7 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 	}
 	r.logf("%s: pulling %s", tag, ref)
 	var cpu0 float64
-	if lazy {
+	if e.sn != nil {
 		cpu0 = cpuSeconds(e.sn.Pid())
 	}
 	rec := &recorder{start: time.Now()}
@@ -242,7 +275,7 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 		return Sample{}, err
 	}
 	var cpu1 float64
-	if lazy {
+	if e.sn != nil {
 		cpu1 = cpuSeconds(e.sn.Pid())
 	}
 	if _, proxied := r.cfg.Proxies[string(mode)]; proxied {
@@ -266,9 +299,12 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 		s.BackgroundBytes = int64(m[`lazypull_fetch_bytes_total{kind="background"}`])
 		s.ForegroundRequests = int64(m[`lazypull_fetch_requests_total{kind="foreground",result="ok"}`] + m[`lazypull_fetch_requests_total{kind="foreground",result="error"}`])
 		s.BackgroundRequests = int64(m[`lazypull_fetch_requests_total{kind="background",result="ok"}`] + m[`lazypull_fetch_requests_total{kind="background",result="error"}`])
+		classify(s.Requests, r.layerIndexes(ctx, r.directRef(r.infos[w.Name], mode), s.Requests))
+		s.ForegroundLatencyMedian, s.ForegroundLatencyP90 = foregroundLatency(s.Requests)
+	}
+	if e.sn != nil {
 		s.PeakRSSBytes = peakRSS(e.sn.Pid())
 		s.DaemonCPUSeconds = cpu1 - cpu0
-		classify(s.Requests, r.layerIndexes(ctx, r.directRef(r.infos[w.Name], mode), s.Requests))
 	}
 	sort.SliceStable(s.Requests, func(i, j int) bool { return s.Requests[i].Start < s.Requests[j].Start })
 	if px != nil {
@@ -282,7 +318,143 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 	s.PullSeconds = pulled.Sub(rec.start).Seconds()
 	s.TotalSeconds = s.Phases[len(s.Phases)-1].Seconds
 	s.ReadySeconds = s.TotalSeconds - s.PullSeconds
+	if px != nil {
+		s.LinkUtilization = linkUtilization(s.BytesReceived, px.Profile(), s.TotalSeconds)
+	}
+	if mode == ModeFirstNode {
+		if err := r.waitProfile(ctx, e, ref, tag); err != nil {
+			return Sample{}, err
+		}
+	}
 	return s, nil
+}
+
+// linkUtilization is the share of the link's capacity a run used: bytes
+// received over it / (rate × seconds), 0 when either is unknown.
+func linkUtilization(bytes int64, p wan.Profile, seconds float64) float64 {
+	bps := p.BytesPerSecond()
+	if bps <= 0 || seconds <= 0 {
+		return 0
+	}
+	return float64(bytes) / (bps * seconds)
+}
+
+// foregroundLatency returns the median and 90th percentile duration of
+// the daemon's foreground fetches in a run's timeline: misses and their
+// read-ahead (prefetches of a prioritized region are not waited on by a
+// reader and are left out).
+func foregroundLatency(reqs []Request) (median, p90 float64) {
+	var d []float64
+	for _, q := range reqs {
+		if q.By == "snapshotter" && (q.Kind == KindForeground || q.Kind == KindReadAhead) {
+			d = append(d, q.End-q.Start)
+		}
+	}
+	return percentile(d, 50), percentile(d, 90)
+}
+
+// waitProfile waits, after a first node's run, until the registry holds a
+// start-up profile for the image at ref: a referrer of its manifest (the
+// referrers API) or the tag-schema fallback's tag "sha256-HEX". A daemon
+// that pushes only when it stops is stopped (SIGTERM) once half the wait
+// has passed.
+func (r *Runner) waitProfile(ctx context.Context, e *env, ref, tag string) error {
+	repo, dgst, err := r.manifestDigest(ctx, ref)
+	if err != nil {
+		return fmt.Errorf("resolving %s for its profile: %w", ref, err)
+	}
+	r.logf("%s: waiting for the start-up profile of %s@%s in the registry", tag, repo, dgst)
+	start := time.Now()
+	stopped := false
+	for {
+		found, err := hasReferrer(ctx, r.reg.URL(), repo, dgst)
+		if err != nil {
+			return err
+		}
+		if found {
+			r.logf("%s: profile in the registry after %.1fs", tag, time.Since(start).Seconds())
+			return nil
+		}
+		waited := time.Since(start)
+		if !stopped && waited > r.cfg.ProfileWait/2 {
+			r.logf("%s: no profile yet; stopping the daemon (it may push on the way out)", tag)
+			_ = e.sn.Stop()
+			stopped = true
+		}
+		if waited > r.cfg.ProfileWait {
+			return fmt.Errorf("the first node pushed no start-up profile for %s@%s within %s (no referrer, no tag %s); is [profile] push supported by this lazypull-snapshotter?",
+				repo, dgst, r.cfg.ProfileWait, referrersTag(dgst))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// manifestDigest returns the repository (in the loopback registry) and
+// the digest of the platform's manifest of ref (which may name the
+// registry through the WAN emulator).
+func (r *Runner) manifestDigest(ctx context.Context, ref string) (string, digest.Digest, error) {
+	_, nameTag, ok := strings.Cut(ref, "/")
+	if !ok {
+		return "", "", fmt.Errorf("reference %q has no repository", ref)
+	}
+	repo := nameTag
+	if i := strings.LastIndex(repo, ":"); i > strings.LastIndex(repo, "/") {
+		repo = repo[:i]
+	}
+	src, err := convert.OpenStore(r.reg.Ref(nameTag), r.remote)
+	if err != nil {
+		return "", "", err
+	}
+	desc, _, _, err := r.platformManifest(ctx, src)
+	if err != nil {
+		return "", "", err
+	}
+	return repo, desc.Digest, nil
+}
+
+// referrersTag is the OCI distribution spec's fallback tag for the
+// referrers of a manifest: its digest with ':' turned into '-'.
+func referrersTag(d digest.Digest) string { return d.Algorithm().String() + "-" + d.Encoded() }
+
+// hasReferrer reports whether the registry at base lists a referrer of
+// repo@dgst through the referrers API or holds the fallback tag.
+func hasReferrer(ctx context.Context, base, repo string, dgst digest.Digest) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	get := func(url, accept string) (int, []byte, error) {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			return 0, nil, err
+		}
+		req.Header.Set("Accept", accept)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return 0, nil, fmt.Errorf("asking the registry for the profile: %w", err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+		return resp.StatusCode, b, err
+	}
+	code, b, err := get(fmt.Sprintf("%s/v2/%s/referrers/%s", base, repo, dgst), ocispec.MediaTypeImageIndex)
+	if err != nil {
+		return false, err
+	}
+	if code == http.StatusOK {
+		var idx ocispec.Index
+		if json.Unmarshal(b, &idx) == nil && len(idx.Manifests) > 0 {
+			return true, nil
+		}
+	}
+	code, _, err = get(fmt.Sprintf("%s/v2/%s/manifests/%s", base, repo, referrersTag(dgst)),
+		ocispec.MediaTypeImageIndex+", "+ocispec.MediaTypeImageManifest)
+	if err != nil {
+		return false, err
+	}
+	return code == http.StatusOK, nil
 }
 
 // phases derives a run's phases from its timestamps and requests. Each
@@ -540,7 +712,7 @@ func (w *lineWatcher) output() string {
 // limit measures the warm local time and computes the image's bound.
 func (r *Runner) limit(ctx context.Context, w Workload, p wan.Profile) (Limit, error) {
 	info := r.infos[w.Name]
-	e, err := r.startEnv(ctx, false, "")
+	e, err := r.startEnv(ctx, noDaemon, "", "")
 	if err != nil {
 		return Limit{}, err
 	}

@@ -132,10 +132,25 @@ m = sklearn.linear_model.LinearRegression().fit(df[["a", "b", "c"]], df["d"])
 print("ready: det %.3f, coef %.3f" % (scipy.linalg.det(a[:8, :8]), m.coef_[0]), flush=True)
 `
 
+// pandasStart is an import-heavy scientific start-up: pandas (and numpy
+// under it, with their compiled extensions and shared libraries) and a
+// small computation, as a data job or a notebook kernel begins.
+const pandasStart = `import time
+t0 = time.monotonic()
+import numpy as np
+import pandas as pd
+rng = np.random.default_rng(7)
+df = pd.DataFrame({"k": rng.integers(0, 16, 20000), "v": rng.standard_normal(20000)})
+g = df.groupby("k")["v"].agg(["mean", "std", "count"])
+s = pd.Series(pd.date_range("2026-01-01", periods=96, freq="h")).dt.day.value_counts()
+print("ready: pandas %s numpy %s, %d groups, %d days, mean %.4f, %.2fs" % (pd.__version__, np.__version__, len(g), len(s), g["mean"].mean(), time.monotonic() - t0), flush=True)
+`
+
 // DefaultSpecs returns the benchmark's images: an interpreter whose
 // start-up imports about a thousand small files, a compiler building a
-// small program, a JavaScript runtime starting a server, and an image of
-// more than 1 GB uncompressed whose workload uses a small part of it.
+// small program, a JavaScript runtime starting a server, an import-heavy
+// scientific Python start-up (pandas), and an image of more than 1 GB
+// uncompressed whose workload uses a small part of it.
 func DefaultSpecs() []Spec {
 	return []Spec{
 		{
@@ -160,6 +175,14 @@ func DefaultSpecs() []Spec {
 			Packages:    []string{"nodejs"},
 			Files:       map[string]string{"/bench/start.js": nodeStart},
 			Cmd:         []string{"node", "/bench/start.js"},
+			Ready:       "ready",
+		},
+		{
+			Name:        "pandas",
+			Description: "python3 importing pandas and numpy (compiled extensions, shared libraries) and grouping 20k rows",
+			Packages:    []string{"python3-numpy", "python3-pandas"},
+			Files:       map[string]string{"/bench/start.py": pandasStart},
+			Cmd:         []string{"python3", "/bench/start.py"},
 			Ready:       "ready",
 		},
 		{

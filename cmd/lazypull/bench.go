@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -39,6 +41,8 @@ type benchFlags struct {
 	timeout        time.Duration
 	snapshotterBin string
 	snapshotterCfg string
+	stargzBin      string
+	stargzCfg      string
 	cacheDir       string
 	name           string
 	from           string
@@ -52,8 +56,13 @@ func newBenchCommand() *cobra.Command {
 		Short: "Measure cold starts of an image: full pull against lazy pull, with a timeline of every request",
 		Long: `Measure how long IMAGE takes to start, cold, with each mode: a full pull with
 overlayfs (full-pull), lazypull (lazypull), lazypull with the start-up files
-recorded and prioritized (lazypull-optimized, needs --convert), and any other
-proxy snapshotter given with --snapshotter NAME=SOCKET.
+recorded and prioritized (lazypull-optimized, needs --convert),
+stargz-snapshotter v0.19.1 on the same eStargz image (stargz-snapshotter, a
+fresh daemon and root per run), a "second node" pair (lazypull-second-node: a
+fresh daemon records the start-up profile and pushes it to the registry
+(lazypull-first-node), then another fresh daemon and cache finds it and
+prefetches by it), and any other proxy snapshotter given with --snapshotter
+NAME=SOCKET.
 
 Every run starts a fresh containerd 2 in a temporary directory (never the
 machine's own), a fresh lazypull-snapshotter with an empty cache, and drops
@@ -66,10 +75,15 @@ lazypull is unpacked like a full pull). IMAGE is a registry reference or
 oci-layout:DIR[:TAG]; credentials come from the docker config.
 
 The report goes to --out: results.json (every run, with its phases and every
-registry request), results.md (medians, ratios against the full pull), a
-chart of the totals, one timeline per mode (timeline-*.svg: the requests over
-time coloured by kind, the phases, the link's utilization) and report.html
-bundling them. Needs root.`,
+registry request), results.md (medians, ratios against the full pull and the
+peer), a chart of the totals, charts of each mode's snapshotter CPU-seconds,
+link utilization and foreground fetch latency, one timeline per mode
+(timeline-*.svg: the requests over time coloured by kind, the phases, the
+link's utilization) and report.html bundling them. Needs root.
+
+The stargz-snapshotter mode runs containerd-stargz-grpc from --stargz-bin,
+next to lazypull, or $PATH; failing those, in a lazypull source tree, it is
+built from bench/peer/stargz (its own Go module) into --cache-dir.`,
 		Example: `  lazypull bench --convert --wan 40ms,100Mbit --ready 'Listening on' \
       registry.example.com/app:v1 -- /app/server
   lazypull bench --modes full-pull,lazypull,stargz --snapshotter stargz=/run/containerd-stargz-grpc/containerd-stargz-grpc.sock \
@@ -82,7 +96,7 @@ bundling them. Needs root.`,
 	f.rf.add(cmd)
 	fl := cmd.Flags()
 	fl.StringVar(&f.ready, "ready", "", "regular expression of the output line that means \"started\" (default: the command's exit)")
-	fl.StringVar(&f.modes, "modes", "", "comma-separated modes: full-pull, lazypull, lazypull-optimized, or a --snapshotter name; \"all\" for the three built-in ones (default full-pull,lazypull and every --snapshotter)")
+	fl.StringVar(&f.modes, "modes", "", "comma-separated modes: full-pull, lazypull, lazypull-optimized, stargz-snapshotter, lazypull-second-node (runs lazypull-first-node before it), or a --snapshotter name; \"all\" for every built-in one (default full-pull,lazypull and every --snapshotter)")
 	fl.StringArrayVar(&f.snapshotters, "snapshotter", nil, "another proxy snapshotter to measure, as NAME=SOCKET (repeatable); it pulls the lazypull mode's image")
 	fl.StringArrayVar(&f.wans, "wan", []string{"none"}, "emulated link as RTT,BANDWIDTH (e.g. 40ms,100Mbit), or none (repeatable)")
 	fl.IntVar(&f.repeats, "repeats", 1, "cold starts per mode and link (the median is reported)")
@@ -95,6 +109,8 @@ bundling them. Needs root.`,
 	fl.DurationVar(&f.timeout, "timeout", 10*time.Minute, "how long a run may take to become ready")
 	fl.StringVar(&f.snapshotterBin, "snapshotter-bin", "", "lazypull-snapshotter binary (default: next to lazypull, then $PATH)")
 	fl.StringVar(&f.snapshotterCfg, "snapshotter-config", "", "TOML file with extra lazypull-snapshotter settings (e.g. [fetch])")
+	fl.StringVar(&f.stargzBin, "stargz-bin", "", "stargz-snapshotter's containerd-stargz-grpc for the stargz-snapshotter mode (default: next to lazypull, $PATH, else built from bench/peer/stargz)")
+	fl.StringVar(&f.stargzCfg, "stargz-config", "", "TOML file for containerd-stargz-grpc (default: its own defaults)")
 	fl.StringVar(&f.cacheDir, "cache-dir", "/var/cache/lazypull-bench", "keeps built preset images and the loopback registry between runs")
 	fl.StringVar(&f.name, "name", "", "name of IMAGE in the report (default: from the reference)")
 	fl.StringVar(&f.from, "from", "", "write the report of an earlier results.json again instead of measuring")
@@ -181,6 +197,19 @@ func runBench(cmd *cobra.Command, args []string, f *benchFlags) error {
 	if err != nil {
 		return err
 	}
+	var peerBin, peerCfg string
+	if slices.Contains(modes, bench.ModePeer) {
+		if f.stargzCfg != "" {
+			b, err := os.ReadFile(f.stargzCfg)
+			if err != nil {
+				return usageError{fmt.Errorf("--stargz-config: %w", err)}
+			}
+			peerCfg = string(b)
+		}
+		if peerBin, err = findPeer(ctx, f.stargzBin, f.cacheDir, stderr); err != nil {
+			return err
+		}
+	}
 	var snCfg string
 	if f.snapshotterCfg != "" {
 		b, err := os.ReadFile(f.snapshotterCfg)
@@ -208,7 +237,7 @@ func runBench(cmd *cobra.Command, args []string, f *benchFlags) error {
 		Preset: preset, Profiles: profiles, Modes: modes, Proxies: proxies,
 		Convert: f.convert || len(preset) > 0, ConvertTo: f.convertTo, Platform: f.platform, Repeats: f.repeats,
 		ReadyTimeout: f.timeout, Limit: len(preset) > 0, CacheDir: f.cacheDir,
-		Snapshotter: snBin, SnapshotterConfig: snCfg, Remote: reg, Log: log,
+		Snapshotter: snBin, SnapshotterConfig: snCfg, Peer: peerBin, PeerConfig: peerCfg, Remote: reg, Log: log,
 		Resolver: func() remotes.Resolver { return docker.NewResolver(f.rf.resolver(ctx)) },
 	}
 	if image != "" {
@@ -296,6 +325,43 @@ func findSnapshotter(flag string) (string, error) {
 		return "", errors.New("lazypull-snapshotter not found next to lazypull nor on $PATH (make build, or --snapshotter-bin)")
 	}
 	return filepath.Abs(p)
+}
+
+// findPeer returns stargz-snapshotter's daemon: the flag's, the one next
+// to this executable, the one on $PATH, or else a build from the peer's
+// module in the lazypull source tree around the working directory, kept
+// in cacheDir.
+func findPeer(ctx context.Context, flag, cacheDir string, log io.Writer) (string, error) {
+	if flag != "" {
+		p, err := filepath.Abs(flag)
+		if err != nil {
+			return "", err
+		}
+		if _, err := os.Stat(p); err != nil {
+			return "", usageError{fmt.Errorf("--stargz-bin: %w", err)}
+		}
+		return p, nil
+	}
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), bench.PeerBinary)
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	if p, err := exec.LookPath(bench.PeerBinary); err == nil {
+		return filepath.Abs(p)
+	}
+	wd, _ := os.Getwd()
+	mod := bench.FindPeerModule(wd)
+	if mod == "" {
+		return "", fmt.Errorf("%s not found (--stargz-bin, next to lazypull, $PATH) and no lazypull source tree here to build it from %s (make bench-peer)", bench.PeerBinary, bench.PeerModuleDir)
+	}
+	fmt.Fprintf(log, "bench: building stargz-snapshotter %s from %s\n", bench.PeerVersion, mod)
+	p, err := bench.BuildPeer(ctx, mod, filepath.Join(cacheDir, "peer"))
+	if err != nil {
+		return "", fmt.Errorf("building stargz-snapshotter: %w", err)
+	}
+	return p, nil
 }
 
 // parseModes parses --modes; the default is the full pull, lazypull and

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -183,6 +184,9 @@ func TestBenchEndToEnd(t *testing.T) {
 		if s.BytesReceived <= 0 {
 			t.Errorf("%s: no bytes over the link", s.Mode)
 		}
+		if s.LinkUtilization <= 0 || s.LinkUtilization > 1.05 {
+			t.Errorf("%s: link utilization %v", s.Mode, s.LinkUtilization)
+		}
 		kinds := map[string]int{}
 		for _, q := range s.Requests {
 			kinds[q.Kind]++
@@ -206,8 +210,13 @@ func TestBenchEndToEnd(t *testing.T) {
 			if s.ForegroundBytes+s.BackgroundBytes < 2<<20 {
 				t.Errorf("lazypull: %d foreground and %d background bytes; the command reads 2 MiB of random data", s.ForegroundBytes, s.BackgroundBytes)
 			}
-			if s.PeakRSSBytes <= 0 {
-				t.Errorf("lazypull: no peak RSS")
+			if s.PeakRSSBytes <= 0 || s.DaemonCPUSeconds <= 0 {
+				t.Errorf("lazypull: peak RSS %d, CPU %vs", s.PeakRSSBytes, s.DaemonCPUSeconds)
+			}
+			// The reads miss: the foreground fetches took at least the
+			// emulated round trip.
+			if s.ForegroundLatencyMedian < 0.02 || s.ForegroundLatencyP90 < s.ForegroundLatencyMedian {
+				t.Errorf("lazypull: foreground latency median %v p90 %v", s.ForegroundLatencyMedian, s.ForegroundLatencyP90)
 			}
 		}
 	}
@@ -223,8 +232,8 @@ func TestBenchEndToEnd(t *testing.T) {
 		t.Errorf("results.md lacks the rows:\n%s", md)
 	}
 	page, _ := os.ReadFile(filepath.Join(out, "report.html"))
-	if strings.Count(string(page), "<svg") != 3 {
-		t.Errorf("report.html holds %d SVGs, want the chart and two timelines", strings.Count(string(page), "<svg"))
+	if strings.Count(string(page), "<svg") != 6 {
+		t.Errorf("report.html holds %d SVGs, want the chart, the CPU, link and latency charts and two timelines", strings.Count(string(page), "<svg"))
 	}
 }
 
@@ -425,6 +434,94 @@ func TestBenchProxySnapshotter(t *testing.T) {
 	}
 }
 
+// TestBenchPeer measures stargz-snapshotter v0.19.1, built from the
+// bench's module of its own (bench/peer/stargz) into the cache directory,
+// on the converted image, beside lazypull.
+func TestBenchPeer(t *testing.T) {
+	e := setupBench(t)
+	cache := t.TempDir()
+	stdout, stderr, err := runBenchCmd(t, 8*time.Minute, "--snapshotter-bin", e.snapshotter, "--cache-dir", cache,
+		"--convert", "--wan", "20ms,100Mbit", "--modes", "stargz-snapshotter", "--json", "--ready", "^ready$",
+		"--out", t.TempDir(), "--hosts-dir", t.TempDir(), e.ref, "--", "/bin/sh", "-c", "cat /data/a >/dev/null && echo ready")
+	if err != nil {
+		t.Fatalf("bench: %v\n%s", err, stderr)
+	}
+	var res bench.Result
+	if err := json.Unmarshal([]byte(stdout), &res); err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Samples) != 1 {
+		t.Fatalf("%d samples, want 1", len(res.Samples))
+	}
+	s := res.Samples[0]
+	checkSample(t, s)
+	if s.Mode != bench.ModePeer || s.ReadyLine != "ready" {
+		t.Errorf("sample %s, ready line %q", s.Mode, s.ReadyLine)
+	}
+	if s.PeakRSSBytes <= 0 || s.DaemonCPUSeconds <= 0 {
+		t.Errorf("peer: peak RSS %d, CPU %vs: the fresh daemon was not measured", s.PeakRSSBytes, s.DaemonCPUSeconds)
+	}
+	// Lazily: the image is ~3 MB compressed, the command reads 1 MiB of
+	// random data; the layers never went through containerd.
+	for _, q := range s.Requests {
+		if q.Kind == bench.KindLayer {
+			t.Errorf("containerd fetched a layer (%s): the peer did not serve it remotely", q.Layer)
+		}
+	}
+	if s.BytesReceived < 1<<20 || s.LinkUtilization <= 0 {
+		t.Errorf("peer: %d bytes over the link, utilization %v", s.BytesReceived, s.LinkUtilization)
+	}
+	bins, _ := filepath.Glob(filepath.Join(cache, "peer", bench.PeerBinary+"-"+bench.PeerVersion+"-*"))
+	if len(bins) != 1 {
+		t.Errorf("built peers in the cache: %v", bins)
+	}
+}
+
+// TestBenchSecondNode runs the "second node" pair: a first daemon records
+// the start-up and pushes its profile to the registry, then a fresh daemon
+// and cache looks it up there. Needs the daemon's [profile] section.
+func TestBenchSecondNode(t *testing.T) {
+	e := setupBench(t)
+	stdout, stderr, err := runBenchCmd(t, 5*time.Minute, "--snapshotter-bin", e.snapshotter, "--cache-dir", t.TempDir(),
+		"--convert", "--wan", "20ms,100Mbit", "--modes", "lazypull,lazypull-second-node", "--json",
+		"--out", t.TempDir(), "--hosts-dir", t.TempDir(), e.ref, "--", "/bin/sh", "-c", "cat /data/a /data/b >/dev/null")
+	if err != nil {
+		t.Fatalf("bench: %v\n%s", err, stderr)
+	}
+	var res bench.Result
+	if err := json.Unmarshal([]byte(stdout), &res); err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Samples) != 3 {
+		t.Fatalf("%d samples, want lazypull, the first node and the second", len(res.Samples))
+	}
+	want := []bench.Mode{bench.ModeLazy, bench.ModeFirstNode, bench.ModeSecondNode}
+	lookups := map[bench.Mode]int{}
+	for i, s := range res.Samples {
+		checkSample(t, s)
+		if s.Mode != want[i] {
+			t.Fatalf("sample %d is %s, want %s", i, s.Mode, want[i])
+		}
+		for _, q := range s.Requests {
+			if q.By == "snapshotter" && q.Kind == bench.KindManifest {
+				lookups[s.Mode]++
+			}
+		}
+	}
+	lazy, first, second := res.Samples[0], res.Samples[1], res.Samples[2]
+	// The pair pulls a copy of the image of its own, so the profile the
+	// first node pushed reached no other mode.
+	if first.Ref != second.Ref || first.Ref == lazy.Ref || !strings.Contains(first.Ref, "-profile-") {
+		t.Errorf("refs: lazypull %s, first node %s, second node %s", lazy.Ref, first.Ref, second.Ref)
+	}
+	// The bench waited for the first node's profile to reach the registry
+	// (else the run fails); the second node asked the registry for it,
+	// while the first node (lookup off) did not.
+	if lookups[bench.ModeSecondNode] == 0 || lookups[bench.ModeFirstNode] != 0 {
+		t.Errorf("the daemons' profile lookups: %v", lookups)
+	}
+}
+
 func TestParseWANs(t *testing.T) {
 	ps, err := parseWANs([]string{"40ms,100Mbit", "none", " 500us , 800kbit"})
 	if err != nil {
@@ -449,7 +546,7 @@ func TestParseWANs(t *testing.T) {
 		}
 	}
 	modes, err := parseModes("all,stargz", nil)
-	if err != nil || len(modes) != 4 || modes[3] != "stargz" {
+	if err != nil || len(modes) != len(bench.Modes)+1 || modes[len(bench.Modes)] != "stargz" || !slices.Contains(modes, bench.ModePeer) {
 		t.Errorf("parseModes: %v %v", modes, err)
 	}
 	if modes, _ := parseModes("", []bench.Mode{"soci"}); len(modes) != 3 || modes[2] != "soci" {
