@@ -134,7 +134,9 @@ type Layer struct {
 	bgCancel context.CancelFunc
 	bgDone   chan struct{}
 
-	// Hinted fetches (hint.go), stopped by Close.
+	// Speculation (speculate.go); its workers are stopped by Close
+	// through hintCancels and hintWG.
+	spec        speculation
 	hintCancels []context.CancelFunc // guarded by bgMu
 	hintWG      sync.WaitGroup
 }

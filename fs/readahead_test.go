@@ -73,9 +73,11 @@ func TestReadAheadChunks(t *testing.T) {
 			want: []string{"a/c0", "a/c1", "b/c2"}},
 		{name: "blob order stops at the first chunk ending past the window", from: 2, noDirIndex: true, dirBudget: 1 << 20, readAhead: 1050,
 			want: []string{"b/c2", "a/c3"}},
-		{name: "directory first, then blob order", from: 0, dirBudget: 400, readAhead: 100,
-			// a/c4 (1000 bytes) exceeds what is left of the budget.
-			want: []string{"a/c0", "a/c1", "a/c3", "a/c1"}},
+		{name: "blob order first, then the directory", from: 0, dirBudget: 400, readAhead: 100,
+			// a/c4 ends past twice the budget.
+			want: []string{"a/c0", "a/c1", "a/c3"}},
+		{name: "the directory's chunks listed already are not repeated", from: 0, dirBudget: 400, readAhead: 300,
+			want: []string{"a/c0", "a/c1", "b/c2", "a/c3"}},
 		{name: "directory stops at its budget", from: 3, dirBudget: 1050, readAhead: 1,
 			// c6 would be within the span but over the budget.
 			want: []string{"a/c3", "a/c4"}},
