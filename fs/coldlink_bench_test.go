@@ -41,7 +41,7 @@ const (
 	coldFilesPerPkg  = 24
 	coldBigFiles     = 4
 	coldBigSize      = 8 << 20
-	coldChunkSize    = 1 << 20
+	coldChunkSize    = 256 << 10
 	coldPkgsRead     = 18
 	coldThink        = 300 * time.Microsecond
 	coldPagesPerPeek = 4 << 10

@@ -6,8 +6,8 @@
 // (speculate.go) — never in the request the reader waits for — the chunks
 // that follow the missed one in the blob (up to LayerOptions.ReadAhead
 // compressed bytes: the rest of a file being read, then the next files),
-// then the uncached chunks of the following files of the same directory
-// (up to LayerOptions.DirReadAhead compressed bytes, never spanning more
+// then the uncached first chunks of the following files of the same
+// directory (up to LayerOptions.DirReadAhead compressed bytes, never spanning more
 // than twice that in the blob). The decision is readAheadChunks, a pure
 // function of the layer's chunks, the directory index and what is cached.
 
@@ -25,6 +25,10 @@ import (
 type dirIndex struct {
 	chunkDir  []string         // directory of each chunk's file
 	dirChunks map[string][]int // indexes into chunks, per directory
+	// notFirst marks chunks that are not the first of their file:
+	// directory read-ahead takes a neighbouring file's first chunk only
+	// (all of a small file, the head of a large one).
+	notFirst []bool
 }
 
 // buildDirIndex builds the layer's directory index; until it is there,
@@ -38,22 +42,31 @@ func (l *Layer) buildDirIndex() {
 // of several directories (identical content) counts for one of them.
 func newDirIndex(ix *estargz.Index, chunks []estargz.Chunk) *dirIndex {
 	type key struct{ off, inner int64 }
-	dirs := make(map[key]string, len(chunks))
+	type where struct {
+		dir   string
+		first bool
+	}
+	dirs := make(map[key]where, len(chunks))
 	seen := make(map[*estargz.Node]bool)
 	ix.Walk(func(name string, n *estargz.Node) bool {
 		if n.Type == estargz.TypeReg && !seen[n] {
 			seen[n] = true
-			for _, c := range n.Chunks {
-				dirs[key{c.Offset, c.InnerOffset}] = path.Dir(name)
+			for i, c := range n.Chunks {
+				k := key{c.Offset, c.InnerOffset}
+				if w, ok := dirs[k]; ok && w.first {
+					continue // the first chunk of another file too
+				}
+				dirs[k] = where{path.Dir(name), i == 0}
 			}
 		}
 		return true
 	})
-	di := &dirIndex{chunkDir: make([]string, len(chunks)), dirChunks: make(map[string][]int)}
+	di := &dirIndex{chunkDir: make([]string, len(chunks)), dirChunks: make(map[string][]int), notFirst: make([]bool, len(chunks))}
 	for i, c := range chunks {
-		d := dirs[key{c.Offset, c.InnerOffset}]
-		di.chunkDir[i] = d
-		di.dirChunks[d] = append(di.dirChunks[d], i)
+		w := dirs[key{c.Offset, c.InnerOffset}]
+		di.chunkDir[i] = w.dir
+		di.notFirst[i] = !w.first
+		di.dirChunks[w.dir] = append(di.dirChunks[w.dir], i)
 	}
 	return di
 }
@@ -67,8 +80,10 @@ func (l *Layer) readAheadGroup(c estargz.Chunk) []estargz.Chunk {
 // readAheadChunks returns c and the chunks a miss of it suggests, most
 // likely read first: the chunks that follow c in the blob and end within
 // readAhead bytes of its end (its file's next chunks, then the next
-// files); then the uncached chunks of the files of c's directory that
-// follow it in the blob, up to dirBudget compressed bytes and within
+// files); then the uncached first chunks of the files of c's directory
+// that follow it in the blob (all of a small file, the head of a large
+// one: the rest of a large file is read only if its reader gets there),
+// up to dirBudget compressed bytes and within
 // 2*dirBudget of c's start (a directory whose files are far apart —
 // subdirectories sort between them — must not drag in everything
 // between), without those listed already. chunks are the layer's
@@ -100,7 +115,7 @@ func readAheadChunks(chunks []estargz.Chunk, di *dirIndex, c estargz.Chunk, cach
 		budget := dirBudget
 		for _, j := range di.dirChunks[di.chunkDir[i]] {
 			next := chunks[j]
-			if j <= last || cached(next.Digest) {
+			if j <= last || (di.notFirst != nil && di.notFirst[j]) || cached(next.Digest) {
 				continue
 			}
 			if next.End-c.Offset > 2*dirBudget {

@@ -122,6 +122,7 @@ type Scheduler struct {
 	// WithBusyBackground), each of at most spareBytes.
 	spare      chan struct{}
 	spareBytes int64
+	spareDepth int
 
 	// legacyReadAhead makes a miss fetch its read-ahead in a second
 	// foreground request instead of queueing it for speculation: the
@@ -148,6 +149,11 @@ const DefaultMaxBackground = 1
 // 100 Mbit/s link it adds at most about 21 ms to a foreground request, and
 // BenchmarkColdStartSlowLink measured it (docs/benchmarks.md).
 const DefaultBusyBytes = 256 << 10
+
+// DefaultBusyDepth is how many busy-lane requests run at once by default:
+// two keep a 40 ms, 100 Mbit/s link busy between requests while bounding
+// speculation beside readers to 512 KiB (BenchmarkColdStartSlowLink).
+const DefaultBusyDepth = 2
 
 // Background requests start at minBackgroundRange after foreground
 // activity and double for every backgroundGrowthStep of quiet, up to the
@@ -184,11 +190,28 @@ func WithQuietPeriod(d time.Duration) SchedulerOption {
 // speculation waits for the quiet period.
 func WithBusyBackground(maxBytes int64) SchedulerOption {
 	return func(s *Scheduler) {
-		if maxBytes > 0 {
-			s.spare, s.spareBytes = make(chan struct{}, 1), maxBytes
-		} else {
-			s.spare, s.spareBytes = nil, 0
-		}
+		s.spareBytes = max(0, maxBytes)
+		s.setLane()
+	}
+}
+
+// WithBusyDepth sets how many busy-lane requests may be in flight at once
+// (default DefaultBusyDepth): on a link whose round trip is long next to
+// a lane request's transfer time, one request at a time leaves most of
+// the link idle between them. Speculation beside readers is then at most
+// depth × the lane's bytes.
+func WithBusyDepth(n int) SchedulerOption {
+	return func(s *Scheduler) {
+		s.spareDepth = max(1, n)
+		s.setLane()
+	}
+}
+
+func (s *Scheduler) setLane() {
+	if s.spareBytes > 0 {
+		s.spare = make(chan struct{}, max(1, s.spareDepth))
+	} else {
+		s.spare = nil
 	}
 }
 
@@ -205,7 +228,8 @@ func NewScheduler(maxBackground int, opts ...SchedulerOption) *Scheduler {
 	idle := make(chan struct{})
 	close(idle)
 	s := &Scheduler{clock: systemClock{}, quiet: DefaultQuietPeriod, idle: idle, bg: make(chan struct{}, max(1, maxBackground))}
-	WithBusyBackground(DefaultBusyBytes)(s)
+	s.spareBytes, s.spareDepth = DefaultBusyBytes, DefaultBusyDepth
+	s.setLane()
 	for _, o := range opts {
 		o(s)
 	}

@@ -193,14 +193,14 @@ type gateBlob struct {
 	release  chan struct{}
 	mu       sync.Mutex
 	inflight int
-	arrived  chan struct{}
+	arrived  chan *gateBlob
 }
 
 func (b *gateBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	b.mu.Lock()
 	b.inflight++
 	b.mu.Unlock()
-	b.arrived <- struct{}{}
+	b.arrived <- b
 	<-b.release
 	b.mu.Lock()
 	b.inflight--
@@ -208,20 +208,30 @@ func (b *gateBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, error)
 	return b.recordingBlob.ReadAt(ctx, p, off)
 }
 
-// While a read is fetching, speculation has exactly one request in flight
-// (the busy lane), even with several background slots and several layers
-// wanting them; the next goes as soon as it ends, without waiting for
-// the read.
-func TestSpeculationOneRequestBesideReads(t *testing.T) {
+// While a read is fetching, speculation has the busy lane's depth of
+// requests in flight (2 by default), never more, even with more
+// background slots and several layers wanting them; the next goes as soon
+// as one ends, without waiting for the read.
+func TestSpeculationBusyLaneBesideReads(t *testing.T) {
 	clk := newFakeClock()
 	sched := NewScheduler(3, WithClock(clk))
 	var layers []*specLayer
+	arrived := make(chan *gateBlob, 64)
 	var gates []*gateBlob
 	for range 2 {
 		sl := newSpecLayer(t, 6, sched, LayerOptions{})
-		g := &gateBlob{recordingBlob: recordingBlob{r: sl.rb.r}, release: make(chan struct{}), arrived: make(chan struct{}, 16)}
+		g := &gateBlob{recordingBlob: recordingBlob{r: sl.rb.r}, release: make(chan struct{}), arrived: arrived}
 		sl.openBlob = func(context.Context) (Blob, error) { return g, nil }
 		layers, gates = append(layers, sl), append(gates, g)
+	}
+	inflight := func() int {
+		n := 0
+		for _, g := range gates {
+			g.mu.Lock()
+			n += g.inflight
+			g.mu.Unlock()
+		}
+		return n
 	}
 	done := sched.foreground() // a reader is fetching the whole time
 	for _, sl := range layers {
@@ -231,28 +241,23 @@ func TestSpeculationOneRequestBesideReads(t *testing.T) {
 		sl.spec.mu.Unlock()
 		sl.wakeSpeculation()
 	}
-	total := 0
-	for total < 12 {
-		// Exactly one request arrives, from either layer...
-		var g *gateBlob
-		select {
-		case <-gates[0].arrived:
-			g = gates[0]
-		case <-gates[1].arrived:
-			g = gates[1]
-		case <-time.After(watchdog):
-			t.Fatalf("no speculative request while a read fetches (after %d)", total)
+	var held []*gateBlob
+	for total := 0; total < 12; {
+		// Requests arrive until the lane's depth is in flight...
+		for len(held) < DefaultBusyDepth && total+len(held) < 12 {
+			select {
+			case g := <-arrived:
+				held = append(held, g)
+			case <-time.After(watchdog):
+				t.Fatalf("%d speculative requests in flight beside a read, want %d (after %d)", len(held), DefaultBusyDepth, total)
+			}
+			if n := inflight(); n > DefaultBusyDepth {
+				t.Fatalf("%d speculative requests in flight beside a read, lane depth %d", n, DefaultBusyDepth)
+			}
 		}
-		gates[0].mu.Lock()
-		gates[1].mu.Lock()
-		n := gates[0].inflight + gates[1].inflight
-		gates[1].mu.Unlock()
-		gates[0].mu.Unlock()
-		if n != 1 {
-			t.Fatalf("%d speculative requests in flight beside a read, want 1", n)
-		}
-		// ...and the next only after it ends.
-		g.release <- struct{}{}
+		// ...and the next only after one ends.
+		held[0].release <- struct{}{}
+		held = held[1:]
 		total++
 	}
 	for _, sl := range layers {
