@@ -132,7 +132,13 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		recorder = s.readLog
 	}
 	var m *metrics
-	layerOpts := lfs.LayerOptions{FetchTimeout: time.Duration(cfg.Fetch.ReadTimeout)}
+	layerOpts := lfs.LayerOptions{
+		FetchTimeout: time.Duration(cfg.Fetch.ReadTimeout),
+		// One Scheduler for all layers: the busy lane bounds speculation
+		// beside reads across the whole link.
+		Scheduler: lfs.NewScheduler(lfs.DefaultMaxBackground,
+			lfs.WithBusyBackground(cfg.Fetch.BusyLaneBytes), lfs.WithBusyDepth(cfg.Fetch.BusyLaneRequests)),
+	}
 	// Opaque directories must carry the xattr the overlay mounts stacked
 	// on the layers read: the snapshotter mounts them with userxattr in a
 	// user namespace (see snapshot.Options.MountOptions).
