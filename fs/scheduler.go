@@ -1,13 +1,14 @@
-// Prefetch, background fetch and the Scheduler.
+// StartFetching and the Scheduler.
 //
 // After a mount a layer may prefetch its prioritized region (the files
-// before .prefetch.landmark) and then fetch every other chunk in the
-// background. Foreground reads always win: prefetch counts as foreground,
-// and a background request starts only when no foreground fetch has been
-// in flight for a quiet period. Background requests start small right after
-// foreground activity and grow while it stays quiet, so that a read that
-// arrives behind one on a slow link does not wait long. The Scheduler reads
-// time from a Clock, so tests can drive these decisions without sleeping.
+// before .prefetch.landmark) and fetch every other chunk in the
+// background; both are queued for speculation (speculate.go), the
+// prioritized region as expected reads (foreground, parallel), the rest
+// below the neighbourhoods of recent misses. The Scheduler decides when a
+// speculative request may run: readers first, a bounded busy lane beside
+// them, full-size requests once reads have been quiet (see Scheduler). It
+// reads time from a Clock, so tests drive these decisions without
+// sleeping.
 
 package fs
 
