@@ -17,6 +17,10 @@ func coldVariants() []coldVariant {
 		{"before-lane-256K", func() *lfs.Scheduler {
 			return lfs.NewScheduler(1, lfs.WithBusyBackground(256<<10), lfs.WithForegroundReadAhead())
 		}},
+		{"no-lane", func() *lfs.Scheduler { return lfs.NewScheduler(1, lfs.WithBusyBackground(0)) }},
+		{"lane-128Kx4", func() *lfs.Scheduler {
+			return lfs.NewScheduler(1, lfs.WithBusyBackground(128<<10), lfs.WithBusyDepth(4))
+		}},
 		{"lane-256Kx1", func() *lfs.Scheduler { return lfs.NewScheduler(1, lfs.WithBusyDepth(1)) }},
 		{"default", func() *lfs.Scheduler { return lfs.NewScheduler(lfs.DefaultMaxBackground) }},
 		{"default-max2", func() *lfs.Scheduler { return lfs.NewScheduler(2) }},
