@@ -23,16 +23,19 @@ import (
 
 // FetchOptions control StartFetching.
 type FetchOptions struct {
-	// Prefetch fetches the prioritized region first.
+	// Prefetch fetches the prioritized region (after any hints), as
+	// expected reads.
 	Prefetch bool
-	// Background fetches every other chunk afterwards.
+	// Background fetches every other chunk, as speculation below the
+	// neighbourhoods of misses.
 	Background bool
-	// RangeSize is the compressed size of one prefetch or background
-	// request (default 1 MiB: small enough that a read arriving behind a
-	// background request on a slow link does not wait long).
+	// RangeSize is the largest compressed size of one prefetch, hinted or
+	// background request (default 1 MiB: small enough that a read
+	// arriving behind a background request on a slow link does not wait
+	// long); the busy lane bounds background requests beside reads further.
 	RangeSize int64
-	// PrefetchParallel is how many prefetch requests run at once
-	// (default 3, to keep a high-latency link busy).
+	// PrefetchParallel is how many prefetch and hinted requests run at
+	// once (default 3, to keep a high-latency link busy).
 	PrefetchParallel int
 }
 
