@@ -5,24 +5,26 @@ import lfs "github.com/lazypull/lazypull/fs"
 // coldVariants are the scheduler configurations BenchmarkColdStartSlowLink
 // compares: "before" is the engine before speculation (read-ahead in a
 // second foreground request, speculation only after a quiet period),
-// "before-lane-256K" that read path with today's busy lane (one request),
-// "no-lane" the speculation queue without a busy lane, "lane-256Kx1" with
-// a lane of one 256 KiB request, "default" the defaults (two), and
-// "default-max2" two background requests once quiet.
+// "before+lane" that read path with the default busy lane, "no-lane" the
+// speculation queue without a busy lane, "lane-SxN" with a lane of N
+// requests of S, and "default" the defaults (128 KiB x 4).
 func coldVariants() []coldVariant {
+	lane := func(size int64, depth int) func() *lfs.Scheduler {
+		return func() *lfs.Scheduler {
+			return lfs.NewScheduler(lfs.DefaultMaxBackground, lfs.WithBusyBackground(size), lfs.WithBusyDepth(depth))
+		}
+	}
 	return []coldVariant{
 		{"before", func() *lfs.Scheduler {
-			return lfs.NewScheduler(1, lfs.WithBusyBackground(0), lfs.WithForegroundReadAhead())
+			return lfs.NewScheduler(lfs.DefaultMaxBackground, lfs.WithBusyBackground(0), lfs.WithForegroundReadAhead())
 		}},
-		{"before-lane-256K", func() *lfs.Scheduler {
-			return lfs.NewScheduler(1, lfs.WithBusyBackground(256<<10), lfs.WithForegroundReadAhead())
+		{"before+lane", func() *lfs.Scheduler {
+			return lfs.NewScheduler(lfs.DefaultMaxBackground, lfs.WithForegroundReadAhead())
 		}},
-		{"no-lane", func() *lfs.Scheduler { return lfs.NewScheduler(1, lfs.WithBusyBackground(0)) }},
-		{"lane-128Kx4", func() *lfs.Scheduler {
-			return lfs.NewScheduler(1, lfs.WithBusyBackground(128<<10), lfs.WithBusyDepth(4))
-		}},
-		{"lane-256Kx1", func() *lfs.Scheduler { return lfs.NewScheduler(1, lfs.WithBusyDepth(1)) }},
+		{"no-lane", lane(0, 1)},
+		{"lane-256Kx1", lane(256<<10, 1)},
+		{"lane-256Kx2", lane(256<<10, 2)},
+		{"lane-64Kx8", lane(64<<10, 8)},
 		{"default", func() *lfs.Scheduler { return lfs.NewScheduler(lfs.DefaultMaxBackground) }},
-		{"default-max2", func() *lfs.Scheduler { return lfs.NewScheduler(2) }},
 	}
 }

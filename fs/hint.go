@@ -22,9 +22,10 @@ const MaxHintChunks = 1 << 16
 // requests at a time and foreground for the Scheduler. Chunks adjacent in
 // the blob and in the list share a request. Offsets that name no chunk of
 // the layer, repeats, and chunks already cached or being fetched are
-// skipped; at most MaxHintChunks are taken. A hint only orders fetches:
-// what a read returns is unchanged. It returns at once; ctx ending drops
-// what is not fetched yet, and Close stops the work.
+// skipped; at most MaxHintChunks are taken, and queued (older hints are
+// dropped first). A hint only orders fetches: what a read returns is
+// unchanged. It returns at once; ctx ending drops what is not fetched
+// yet, and Close stops the work.
 func (l *Layer) Hint(ctx context.Context, offsets []int64) {
 	cs := l.hintChunks(offsets)
 	if len(cs) == 0 {
@@ -33,6 +34,15 @@ func (l *Layer) Hint(ctx context.Context, offsets []int64) {
 	s := &l.spec
 	s.mu.Lock()
 	s.hints = append(s.hints, &specRun{ctx: ctx, cs: cs})
+	// Queued hints are bounded too: the oldest runs go first.
+	queued := 0
+	for _, r := range s.hints {
+		queued += len(r.cs) - r.pos
+	}
+	for queued > MaxHintChunks && len(s.hints) > 1 {
+		queued -= len(s.hints[0].cs) - s.hints[0].pos
+		s.hints = s.hints[1:]
+	}
 	s.mu.Unlock()
 	l.wakeSpeculation()
 }

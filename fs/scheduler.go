@@ -149,15 +149,18 @@ const DefaultQuietPeriod = 100 * time.Millisecond
 // run at once, when no reader is fetching, unless told otherwise.
 const DefaultMaxBackground = 1
 
-// DefaultBusyBytes is the busy lane's default request size: on a
-// 100 Mbit/s link it adds at most about 21 ms to a foreground request, and
-// BenchmarkColdStartSlowLink measured it (docs/benchmarks.md).
-const DefaultBusyBytes = 256 << 10
-
-// DefaultBusyDepth is how many busy-lane requests run at once by default:
-// two keep a 40 ms, 100 Mbit/s link busy between requests while bounding
-// speculation beside readers to 512 KiB (BenchmarkColdStartSlowLink).
-const DefaultBusyDepth = 2
+// DefaultBusyBytes is the busy lane's default request size and
+// DefaultBusyDepth how many lane requests run at once by default: 512 KiB
+// of speculation at most beside readers (about 42 ms at 100 Mbit/s if all
+// of it were ahead of a read). Of the shapes of that bound measured by
+// BenchmarkColdStartSlowLink (docs/benchmarks.md), 128 KiB x 4 kept a
+// 40 ms, 100 Mbit/s link busiest between requests and let the newest
+// miss's neighbourhood start soonest; one request at a time leaves the
+// link idle for a round trip between requests.
+const (
+	DefaultBusyBytes = 128 << 10
+	DefaultBusyDepth = 4
+)
 
 // Background requests start at minBackgroundRange after foreground
 // activity and double for every backgroundGrowthStep of quiet, up to the

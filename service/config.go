@@ -37,8 +37,8 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //	retries = 5
 //	read_timeout = "60s"
 //	passthrough = true
-//	busy_lane_bytes = 262144
-//	busy_lane_requests = 2
+//	busy_lane_bytes = 131072
+//	busy_lane_requests = 4
 //
 //	[registry]
 //	hosts_dir = "/etc/containerd/certs.d"
@@ -189,11 +189,11 @@ type FetchConfig struct {
 	// neighbourhood, the rest of a layer) that may run while reads are
 	// fetching, so that the link stays busy without delaying them much:
 	// a read shares the link with at most BusyLaneRequests of them.
-	// Default 262144 (256 KiB); 0 turns the lane off (speculation then
+	// Default 131072 (128 KiB); 0 turns the lane off (speculation then
 	// waits until reads have been quiet for 100 ms).
 	BusyLaneBytes int64 `toml:"busy_lane_bytes"`
 	// BusyLaneRequests is how many such requests may be in flight at
-	// once. Default 2; must be at least 1.
+	// once. Default 4; must be at least 1.
 	BusyLaneRequests int `toml:"busy_lane_requests"`
 }
 
