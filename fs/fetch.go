@@ -70,13 +70,23 @@ func (l *Layer) fetchGroup(ctx context.Context, name string, group []estargz.Chu
 		return err
 	}
 	// Readers first: every chunk is decoded, verified and handed to its
-	// waiting readers before any is written to the cache (see deliver).
-	// Close waits for this part: a chunk a reader got is cached before the
-	// layer goes away (and is served again after a remount offline).
+	// waiting readers before any is written to the cache (see deliver),
+	// and chunks someone waits for are decoded before the others (see
+	// decodeOrder). Close waits for this part: a chunk a reader got is
+	// cached before the layer goes away (and is served again after a
+	// remount offline).
 	l.storing.RLock()
 	defer l.storing.RUnlock()
-	decoded := make([][]byte, len(group))
+	l.pmu.Lock()
+	entries := make([]*inflight, len(group))
 	for i, g := range group {
+		entries[i] = l.pending[g.Digest]
+	}
+	l.pmu.Unlock()
+	decoded := make([][]byte, len(group))
+	next := decodeOrder(entries)
+	for i := next(); i >= 0; i = next() {
+		g := group[i]
 		data, err := l.dec.DecodeChunk(l.comp, buf[g.Offset-start:g.End-start], g, nil)
 		if err != nil {
 			fname := ""
@@ -100,6 +110,41 @@ func (l *Layer) fetchGroup(ctx context.Context, name string, group []estargz.Chu
 		l.resolve(g, data, nil)
 	}
 	return nil
+}
+
+// decodeOrder returns an iterator over the indexes of a group's chunks
+// (given their in-flight entries, nil for none): each call returns the
+// first chunk not returned yet that a reader waits for at that moment,
+// else the first not returned yet in group order, and -1 at the end. So a
+// reader that joins a speculative request waits for its own chunk's
+// decoding only, not for the chunks before it.
+func decodeOrder(entries []*inflight) func() int {
+	taken := make([]bool, len(entries))
+	left, first := len(entries), 0
+	return func() int {
+		if left == 0 {
+			return -1
+		}
+		pick := -1
+		for i := first; i < len(entries); i++ {
+			if taken[i] {
+				continue
+			}
+			if pick < 0 {
+				pick = i
+			}
+			if p := entries[i]; p != nil && p.waiters.Load() > 0 {
+				pick = i
+				break
+			}
+		}
+		taken[pick] = true
+		left--
+		for first < len(entries) && taken[first] {
+			first++
+		}
+		return pick
+	}
 }
 
 // verifyError counts, reports and logs chunk c of file name failing

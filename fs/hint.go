@@ -7,8 +7,6 @@ import (
 	"context"
 	"sort"
 
-	"github.com/containerd/log"
-
 	"github.com/lazypull/lazypull/estargz"
 )
 
@@ -19,39 +17,34 @@ const MaxHintChunks = 1 << 16
 
 // Hint asks the layer to fetch the chunks that start at the given
 // compressed offsets in the blob soon, in the given order, ahead of the
-// background fetch (they count as prefetch: foreground for the Scheduler).
-// Offsets that name no chunk of the layer, repeats, and chunks already
-// cached or being fetched are skipped; at most MaxHintChunks are taken.
-// A hint only orders fetches: what a read returns is unchanged. It returns
-// at once; Close stops the work.
+// prioritized region, miss neighbourhoods and the background fetch: they
+// are expected reads (speculate.go), fetched up to PrefetchParallel
+// requests at a time and foreground for the Scheduler. Chunks adjacent in
+// the blob and in the list share a request. Offsets that name no chunk of
+// the layer, repeats, and chunks already cached or being fetched are
+// skipped; at most MaxHintChunks are taken, and queued (older hints are
+// dropped first). A hint only orders fetches: what a read returns is
+// unchanged. It returns at once; ctx ending drops what is not fetched
+// yet, and Close stops the work.
 func (l *Layer) Hint(ctx context.Context, offsets []int64) {
 	cs := l.hintChunks(offsets)
 	if len(cs) == 0 {
 		return
 	}
-	l.bgMu.Lock()
-	defer l.bgMu.Unlock()
-	if l.closed {
-		return
+	s := &l.spec
+	s.mu.Lock()
+	s.hints = append(s.hints, &specRun{ctx: ctx, cs: cs})
+	// Queued hints are bounded too: the oldest runs go first.
+	queued := 0
+	for _, r := range s.hints {
+		queued += len(r.cs) - r.pos
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	l.hintCancels = append(l.hintCancels, cancel)
-	l.hintWG.Add(1)
-	go func() {
-		defer l.hintWG.Done()
-		defer cancel()
-		done := l.sched.foreground()
-		defer done()
-		// Runs of chunks adjacent in the blob share a request.
-		for _, run := range blobRuns(cs) {
-			if err := l.fetchChunks(ctx, run, DefaultRangeSize, DefaultPrefetchParallel, false); err != nil {
-				if ctx.Err() == nil {
-					log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("hinted fetch failed")
-				}
-				return
-			}
-		}
-	}()
+	for queued > MaxHintChunks && len(s.hints) > 1 {
+		queued -= len(s.hints[0].cs) - s.hints[0].pos
+		s.hints = s.hints[1:]
+	}
+	s.mu.Unlock()
+	l.wakeSpeculation()
 }
 
 // hintChunks maps offsets to the layer's chunks, in the given order,
@@ -74,18 +67,4 @@ func (l *Layer) hintChunks(offsets []int64) []estargz.Chunk {
 		cs = append(cs, l.chunks[i])
 	}
 	return cs
-}
-
-// blobRuns splits cs (in any order) into maximal runs whose chunks follow
-// one another in the blob, keeping cs's order between runs.
-func blobRuns(cs []estargz.Chunk) [][]estargz.Chunk {
-	var runs [][]estargz.Chunk
-	start := 0
-	for i := 1; i <= len(cs); i++ {
-		if i == len(cs) || cs[i].Offset != cs[i-1].End {
-			runs = append(runs, cs[start:i])
-			start = i
-		}
-	}
-	return runs
 }

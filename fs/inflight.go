@@ -13,6 +13,7 @@ package fs
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/lazypull/lazypull/estargz"
@@ -86,6 +87,9 @@ type inflight struct {
 	// delivered is set (under Layer.pmu) when done is closed: by
 	// deliver, before the chunk is stored, or by resolve.
 	delivered bool
+	// waiters counts the readers that waited for the chunk: a fetched
+	// group decodes chunks with waiters first.
+	waiters atomic.Int32
 }
 
 // claim marks the chunks of cs that are neither cached nor being fetched
@@ -131,12 +135,12 @@ func (l *Layer) resolve(c estargz.Chunk, data []byte, err error) {
 	}
 }
 
-// fetchChunk returns chunk c of file n, verified, fetching it (and the
-// uncached chunks after it within the read-ahead window, in the same
-// request) unless a fetch of it is in flight already — a read, a prefetch
-// or a background fetch — in which case it waits for that one. The fetch
-// runs under its own timeout, so one reader giving up does not fail the
-// others waiting for the same chunk.
+// fetchChunk returns chunk c of file n, verified, fetching it in a request
+// of its own (and queueing its neighbourhood for speculation) unless a
+// fetch of it is in flight already — a read, a hint, a prefetch or a
+// speculative fetch — in which case it waits for that one. The fetch runs
+// under its own timeout, so one reader giving up does not fail the others
+// waiting for the same chunk.
 func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk) ([]byte, error) {
 	l.timedOutMu.Lock()
 	f, ok := l.timedOut[c.Digest]
@@ -151,35 +155,24 @@ func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk
 		p := l.pending[c.Digest]
 		l.pmu.Unlock()
 		if p == nil {
-			// One read-ahead at a time per layer: a burst of misses (the
-			// kernel's own read-ahead of a big file, parallel readers)
-			// must not flood the link and memory with speculation.
-			want := []estargz.Chunk{c}
-			ra := l.raBusy.CompareAndSwap(false, true)
-			if ra {
-				want = l.readAheadGroup(c)
-			}
-			group := l.claim(want)
-			// Take the entry to wait on before the fetch starts: a fetch
-			// that fails fast would otherwise be resolved (and gone)
-			// before the look below, and the chunk fetched again.
-			l.pmu.Lock()
-			p = l.pending[c.Digest]
-			l.pmu.Unlock()
-			fctx := context.WithoutCancel(ctx)
-			if len(group) > 0 && group[0].Digest == c.Digest {
-				// The reader waits for its own chunk only: the
-				// read-ahead travels in a second request alongside.
-				go l.fetchForeground(fctx, n.Name, group[:1])
-				group = group[1:]
-			}
-			if len(group) > 0 {
-				go func() {
-					l.fetchForeground(fctx, "", group)
-					l.raBusy.Store(false)
-				}()
-			} else if ra {
-				l.raBusy.Store(false)
+			if l.sched.legacyReadAhead {
+				p = l.fetchLegacy(ctx, n, c)
+			} else {
+				// The reader's request is its chunk alone; what it may
+				// read next is speculation's (speculate.go), which
+				// fills the link beside it without delaying it much.
+				group := l.claim([]estargz.Chunk{c})
+				// Take the entry to wait on before the fetch starts: a
+				// fetch that fails fast would otherwise be resolved (and
+				// gone) before the look below, and the chunk fetched
+				// again.
+				l.pmu.Lock()
+				p = l.pending[c.Digest]
+				l.pmu.Unlock()
+				if len(group) > 0 {
+					go l.fetchForeground(context.WithoutCancel(ctx), n.Name, group)
+					l.speculateNear(c)
+				}
 			}
 			if p == nil {
 				// Cached by someone else between our looks: read it.
@@ -190,6 +183,7 @@ func (l *Layer) fetchChunk(ctx context.Context, n *estargz.Node, c estargz.Chunk
 				continue
 			}
 		}
+		p.waiters.Add(1) // decoded first in its group (fetchGroup)
 		select {
 		case <-p.done:
 			if p.err != nil {
@@ -213,4 +207,34 @@ func (l *Layer) storeGet(c estargz.Chunk) ([]byte, error) {
 		return nil, fmt.Errorf("short cache read of %s", c.Digest)
 	}
 	return buf, nil
+}
+
+// fetchLegacy is the read path before speculation, kept as
+// BenchmarkColdStartSlowLink's baseline (withForegroundReadAhead): the
+// miss's read-ahead travels in a second foreground request, one at a
+// time per layer. It returns c's pending entry (nil if cached meanwhile).
+func (l *Layer) fetchLegacy(ctx context.Context, n *estargz.Node, c estargz.Chunk) *inflight {
+	want := []estargz.Chunk{c}
+	ra := l.raBusy.CompareAndSwap(false, true)
+	if ra {
+		want = l.readAheadGroup(c)
+	}
+	group := l.claim(want)
+	l.pmu.Lock()
+	p := l.pending[c.Digest]
+	l.pmu.Unlock()
+	fctx := context.WithoutCancel(ctx)
+	if len(group) > 0 && group[0].Digest == c.Digest {
+		go l.fetchForeground(fctx, n.Name, group[:1])
+		group = group[1:]
+	}
+	if len(group) > 0 {
+		go func() {
+			l.fetchForeground(fctx, "", group)
+			l.raBusy.Store(false)
+		}()
+	} else if ra {
+		l.raBusy.Store(false)
+	}
+	return p
 }

@@ -3,7 +3,9 @@
 //
 //   - inflight.go: the read path (ReadAt) and in-flight sharing of chunk
 //     fetches between readers, prefetch and background fetch;
-//   - readahead.go: which neighbouring chunks a cache miss pulls in;
+//   - readahead.go: which neighbouring chunks a cache miss suggests;
+//   - speculate.go: fetching what no reader waits for yet, most likely
+//     read first;
 //   - fetch.go: fetching a group of chunks with one range request,
 //     verifying and caching them;
 //   - scheduler.go: prefetch, background fetch and the Scheduler that lets
@@ -134,7 +136,9 @@ type Layer struct {
 	bgCancel context.CancelFunc
 	bgDone   chan struct{}
 
-	// Hinted fetches (hint.go), stopped by Close.
+	// Speculation (speculate.go); its workers are stopped by Close
+	// through hintCancels and hintWG.
+	spec        speculation
 	hintCancels []context.CancelFunc // guarded by bgMu
 	hintWG      sync.WaitGroup
 }

@@ -73,9 +73,11 @@ func TestReadAheadChunks(t *testing.T) {
 			want: []string{"a/c0", "a/c1", "b/c2"}},
 		{name: "blob order stops at the first chunk ending past the window", from: 2, noDirIndex: true, dirBudget: 1 << 20, readAhead: 1050,
 			want: []string{"b/c2", "a/c3"}},
-		{name: "directory first, then blob order", from: 0, dirBudget: 400, readAhead: 100,
-			// a/c4 (1000 bytes) exceeds what is left of the budget.
-			want: []string{"a/c0", "a/c1", "a/c3", "a/c1"}},
+		{name: "blob order first, then the directory", from: 0, dirBudget: 400, readAhead: 100,
+			// a/c4 ends past twice the budget.
+			want: []string{"a/c0", "a/c1", "a/c3"}},
+		{name: "the directory's chunks listed already are not repeated", from: 0, dirBudget: 400, readAhead: 300,
+			want: []string{"a/c0", "a/c1", "b/c2", "a/c3"}},
 		{name: "directory stops at its budget", from: 3, dirBudget: 1050, readAhead: 1,
 			// c6 would be within the span but over the budget.
 			want: []string{"a/c3", "a/c4"}},
@@ -100,6 +102,21 @@ func TestReadAheadChunks(t *testing.T) {
 				t.Errorf("got %v, want %v", got, c.want)
 			}
 		})
+	}
+}
+
+// Directory read-ahead takes the next files' first chunks only; the rest
+// of a large file comes with blob-order read-ahead once it is read.
+func TestReadAheadFirstChunksOfDirectory(t *testing.T) {
+	// a/c0 is file x, a/c1..c3 file y (three chunks), a/c4 file z.
+	l := newRALayer(ds{"a", 100}, ds{"a", 100}, ds{"a", 100}, ds{"a", 100}, ds{"a", 100})
+	l.di.notFirst = []bool{false, false, true, true, false}
+	if got, want := l.group(t, 0, l.di, nil, 1000, 1), []string{"a/c0", "a/c1", "a/c4"}; !slices.Equal(got, want) {
+		t.Errorf("from x: got %v, want %v", got, want)
+	}
+	// Reading y's first chunk: its next chunks follow in the blob.
+	if got, want := l.group(t, 1, l.di, nil, 1000, 200), []string{"a/c1", "a/c2", "a/c3", "a/c4"}; !slices.Equal(got, want) {
+		t.Errorf("from y: got %v, want %v", got, want)
 	}
 }
 
@@ -134,9 +151,13 @@ func TestNewDirIndex(t *testing.T) {
 			t.Fatalf("%s not in the index", f.name)
 		}
 		want := path.Dir(f.name)
-		for _, c := range n.Chunks {
+		for k, c := range n.Chunks {
 			if got := dirOf[fmt.Sprintf("%d+%d", c.Offset, c.InnerOffset)]; got != want {
 				t.Errorf("%s: chunk at %d in dir %q, want %q", f.name, c.FileOffset, got, want)
+			}
+			i := slices.IndexFunc(chunks, func(x estargz.Chunk) bool { return x.Offset == c.Offset && x.InnerOffset == c.InnerOffset })
+			if di.notFirst[i] != (k > 0) {
+				t.Errorf("%s: chunk %d marked first=%v", f.name, k, !di.notFirst[i])
 			}
 		}
 	}

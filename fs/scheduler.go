@@ -1,13 +1,14 @@
-// Prefetch, background fetch and the Scheduler.
+// StartFetching and the Scheduler.
 //
 // After a mount a layer may prefetch its prioritized region (the files
-// before .prefetch.landmark) and then fetch every other chunk in the
-// background. Foreground reads always win: prefetch counts as foreground,
-// and a background request starts only when no foreground fetch has been
-// in flight for a quiet period. Background requests start small right after
-// foreground activity and grow while it stays quiet, so that a read that
-// arrives behind one on a slow link does not wait long. The Scheduler reads
-// time from a Clock, so tests can drive these decisions without sleeping.
+// before .prefetch.landmark) and fetch every other chunk in the
+// background; both are queued for speculation (speculate.go), the
+// prioritized region as expected reads (foreground, parallel), the rest
+// below the neighbourhoods of recent misses. The Scheduler decides when a
+// speculative request may run: readers first, a bounded busy lane beside
+// them, full-size requests once reads have been quiet (see Scheduler). It
+// reads time from a Clock, so tests drive these decisions without
+// sleeping.
 
 package fs
 
@@ -17,28 +18,31 @@ import (
 	"sync"
 	"time"
 
-	"github.com/containerd/log"
-
 	"github.com/lazypull/lazypull/estargz"
 )
 
 // FetchOptions control StartFetching.
 type FetchOptions struct {
-	// Prefetch fetches the prioritized region first.
+	// Prefetch fetches the prioritized region (after any hints), as
+	// expected reads.
 	Prefetch bool
-	// Background fetches every other chunk afterwards.
+	// Background fetches every other chunk, as speculation below the
+	// neighbourhoods of misses.
 	Background bool
-	// RangeSize is the compressed size of one prefetch or background
-	// request (default 1 MiB: small enough that a read arriving behind a
-	// background request on a slow link does not wait long).
+	// RangeSize is the largest compressed size of one prefetch, hinted or
+	// background request (default 1 MiB: small enough that a read
+	// arriving behind a background request on a slow link does not wait
+	// long); the busy lane bounds background requests beside reads further.
 	RangeSize int64
-	// PrefetchParallel is how many prefetch requests run at once
-	// (default 3, to keep a high-latency link busy).
+	// PrefetchParallel is how many prefetch and hinted requests run at
+	// once (default 3, to keep a high-latency link busy).
 	PrefetchParallel int
 }
 
-// StartFetching starts prefetching and background fetching in a
-// goroutine. Close (or the context) stops it.
+// StartFetching queues the prioritized region (Prefetch) and the rest of
+// the blob (Background) for speculation (see speculate.go) and returns;
+// Close (or the context) stops the work. Hints and the neighbourhoods of
+// misses are speculated on whether or not StartFetching was called.
 func (l *Layer) StartFetching(ctx context.Context, o FetchOptions) {
 	if !o.Prefetch && !o.Background {
 		return
@@ -59,23 +63,23 @@ func (l *Layer) StartFetching(ctx context.Context, o FetchOptions) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	l.bgCancel, l.bgDone = cancel, done
+	s := &l.spec
+	s.mu.Lock()
+	s.rangeSize, s.parallel = o.RangeSize, o.PrefetchParallel
+	if o.Prefetch && l.index.PrefetchEnd > 0 {
+		s.prefetch = &specRun{ctx: ctx, cs: l.chunksBefore(l.index.PrefetchEnd)}
+	}
+	if o.Background {
+		s.rest = &specRun{ctx: ctx, cs: l.chunks}
+	}
+	s.mu.Unlock()
 	go func() {
 		defer close(done)
-		if o.Prefetch && l.index.PrefetchEnd > 0 {
-			// Prefetch is what the workload is about to read: it counts
-			// as foreground, so background fetches wait for it.
-			done := l.sched.foreground()
-			err := l.fetchChunks(ctx, l.chunksBefore(l.index.PrefetchEnd), o.RangeSize, o.PrefetchParallel, false)
-			done()
-			if err != nil && ctx.Err() == nil {
-				log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("prefetch failed")
-			}
-		}
-		if o.Background {
-			if err := l.fetchChunks(ctx, l.chunks, o.RangeSize, 1, true); err != nil && ctx.Err() == nil {
-				log.G(ctx).WithError(err).WithField("layer", l.digest).Warn("background fetch stopped")
-			}
-		}
+		l.wakeSpeculation()
+		// Done when the prefetch and the rest of the blob are.
+		l.waitSpeculation(ctx, func(s *speculation) bool {
+			return s.prefetch == nil && s.rest == nil && !s.expectedOn && !s.speculativeOn
+		})
 	}()
 }
 
@@ -94,109 +98,41 @@ func (l *Layer) chunksBefore(end int64) []estargz.Chunk {
 	return l.chunks[:i]
 }
 
-// fetchChunks fetches the uncached chunks among cs (in blob order) in
-// ranges of about rangeSize compressed bytes, up to parallel requests at a
-// time. Background fetches ask the Scheduler before each request, so they
-// wait while readers are fetching. Chunks already being fetched by someone
-// else are skipped.
-func (l *Layer) fetchChunks(ctx context.Context, cs []estargz.Chunk, rangeSize int64, parallel int, background bool) error {
-	sem := make(chan struct{}, max(1, parallel))
-	var wg sync.WaitGroup
-	var firstErr error
-	var errMu sync.Mutex
-	defer wg.Wait()
-	for i := 0; i < len(cs); {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		errMu.Lock()
-		err := firstErr
-		errMu.Unlock()
-		if err != nil {
-			return err
-		}
-		if background {
-			// The slot first: its kind bounds the request's size.
-			release, limit, err := l.sched.backgroundSlot(ctx)
-			if err != nil {
-				return err
-			}
-			size := l.sched.backgroundRange(rangeSize)
-			if limit > 0 {
-				size = min(size, limit)
-			}
-			j := windowEnd(cs, i, size)
-			window := cs[i:j]
-			i = j
-			group := l.claim(window)
-			if len(group) == 0 {
-				release()
-				continue
-			}
-			err = l.fetchGroup(ctx, "", group, true)
-			release()
-			if err != nil {
-				return err
-			}
-			continue
-		}
-		j := windowEnd(cs, i, rangeSize)
-		window := cs[i:j]
-		i = j
-		group := l.claim(window)
-		if len(group) == 0 {
-			continue
-		}
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			for _, g := range group {
-				l.resolve(g, nil, ctx.Err())
-			}
-			return ctx.Err()
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			if err := l.fetchGroup(ctx, "", group, false); err != nil {
-				errMu.Lock()
-				if firstErr == nil {
-					firstErr = err
-				}
-				errMu.Unlock()
-			}
-		}()
-	}
-	wg.Wait()
-	return firstErr
-}
-
-// windowEnd returns the end of the request window that starts at cs[i]:
-// the chunks from i on that end within size compressed bytes of cs[i]'s
-// start, and always at least cs[i] itself (a chunk larger than size is
-// fetched alone).
-func windowEnd(cs []estargz.Chunk, i int, size int64) int {
-	j := i + 1
-	for j < len(cs) && cs[j].End-cs[i].Offset <= size {
-		j++
-	}
-	return j
-}
-
-// Scheduler lets foreground reads win over background fetches across
-// layers: a background request starts only when no foreground fetch has
-// been in flight for a quiet period, and at most a fixed number run at
-// once. One Scheduler is shared by all the layers of a Manager.
+// Scheduler lets foreground reads win over speculative fetches across
+// layers while keeping the link busy. Its rules:
+//
+//   - A foreground fetch (a reader waiting for a chunk, or a layer's
+//     expected fetches: hints and the prioritized region) never waits for
+//     the Scheduler.
+//   - While a foreground fetch is in flight, and for a quiet period after
+//     the last one, exactly one speculative request of at most the busy
+//     lane's size (WithBusyBackground, default DefaultBusyBytes) runs at a
+//     time across all layers: it is handed out again as soon as the
+//     previous one ends. A foreground request so shares the link with at
+//     most that many speculative bytes, which bounds its delay (busy bytes
+//     / link rate).
+//   - Otherwise up to maxBackground speculative requests run at once,
+//     starting at minBackgroundRange after foreground activity and
+//     doubling every backgroundGrowthStep of quiet up to the range size.
+//
+// One Scheduler is shared by all the layers of a Manager. It reads time
+// from a Clock, so tests drive these decisions without sleeping.
 type Scheduler struct {
 	clock Clock
 	quiet time.Duration
 
-	// spare, when not nil, is the busy lane: a token per background
+	// spare, when not nil, is the busy lane: a token per speculative
 	// request let through while reads are fetching (see
 	// WithBusyBackground), each of at most spareBytes.
 	spare      chan struct{}
 	spareBytes int64
+	spareDepth int
+
+	// legacyReadAhead makes a miss fetch its read-ahead in a second
+	// foreground request instead of queueing it for speculation: the
+	// engine before speculation, kept as BenchmarkColdStartSlowLink's
+	// baseline (withForegroundReadAhead).
+	legacyReadAhead bool
 
 	mu     sync.Mutex
 	fg     int           // foreground fetches in flight
@@ -209,9 +145,22 @@ type Scheduler struct {
 // foreground fetch: a workload that is reading tends to read again soon.
 const DefaultQuietPeriod = 100 * time.Millisecond
 
-// DefaultMaxBackground is how many background requests a Scheduler lets
-// run at once unless told otherwise: one keeps the link free for reads.
+// DefaultMaxBackground is how many speculative requests a Scheduler lets
+// run at once, when no reader is fetching, unless told otherwise.
 const DefaultMaxBackground = 1
+
+// DefaultBusyBytes is the busy lane's default request size and
+// DefaultBusyDepth how many lane requests run at once by default: 512 KiB
+// of speculation at most beside readers (about 42 ms at 100 Mbit/s if all
+// of it were ahead of a read). Of the shapes of that bound measured by
+// BenchmarkColdStartSlowLink (docs/benchmarks.md), 128 KiB x 4 kept a
+// 40 ms, 100 Mbit/s link busiest between requests and let the newest
+// miss's neighbourhood start soonest; one request at a time leaves the
+// link idle for a round trip between requests.
+const (
+	DefaultBusyBytes = 128 << 10
+	DefaultBusyDepth = 4
+)
 
 // Background requests start at minBackgroundRange after foreground
 // activity and double for every backgroundGrowthStep of quiet, up to the
@@ -238,29 +187,56 @@ func WithQuietPeriod(d time.Duration) SchedulerOption {
 	}
 }
 
-// WithBusyBackground lets one background request of at most maxBytes
-// compressed bytes run while foreground fetches are in flight or the quiet
-// period after them has not passed, so that spare bandwidth is used while
-// readers wait instead of only after they stop. A foreground request then
-// shares the link with at most maxBytes of speculation, which bounds how
-// much it is delayed (maxBytes / link rate). 0 (the default) keeps
-// background requests out until the quiet period has passed.
+// WithBusyBackground sets the busy lane: one speculative request of at
+// most maxBytes compressed bytes runs while foreground fetches are in
+// flight or the quiet period after them has not passed, so that spare
+// bandwidth is used while readers wait instead of only after they stop.
+// A foreground request then shares the link with at most maxBytes of
+// speculation, which bounds how much it is delayed (maxBytes / link
+// rate). The default is DefaultBusyBytes; 0 (or less) turns the lane off:
+// speculation waits for the quiet period.
 func WithBusyBackground(maxBytes int64) SchedulerOption {
 	return func(s *Scheduler) {
-		if maxBytes > 0 {
-			s.spare, s.spareBytes = make(chan struct{}, 1), maxBytes
-		} else {
-			s.spare, s.spareBytes = nil, 0
-		}
+		s.spareBytes = max(0, maxBytes)
+		s.setLane()
 	}
 }
 
+// WithBusyDepth sets how many busy-lane requests may be in flight at once
+// (default DefaultBusyDepth): on a link whose round trip is long next to
+// a lane request's transfer time, one request at a time leaves most of
+// the link idle between them. Speculation beside readers is then at most
+// depth × the lane's bytes.
+func WithBusyDepth(n int) SchedulerOption {
+	return func(s *Scheduler) {
+		s.spareDepth = max(1, n)
+		s.setLane()
+	}
+}
+
+func (s *Scheduler) setLane() {
+	if s.spareBytes > 0 {
+		s.spare = make(chan struct{}, max(1, s.spareDepth))
+	} else {
+		s.spare = nil
+	}
+}
+
+// withForegroundReadAhead restores the engine before speculation for
+// comparisons: a miss fetches its read-ahead in a second foreground
+// request (one at a time per layer) instead of queueing it.
+func withForegroundReadAhead() SchedulerOption {
+	return func(s *Scheduler) { s.legacyReadAhead = true }
+}
+
 // NewScheduler returns a Scheduler allowing maxBackground concurrent
-// background requests (at least one).
+// speculative requests when no reader is fetching (at least one).
 func NewScheduler(maxBackground int, opts ...SchedulerOption) *Scheduler {
 	idle := make(chan struct{})
 	close(idle)
 	s := &Scheduler{clock: systemClock{}, quiet: DefaultQuietPeriod, idle: idle, bg: make(chan struct{}, max(1, maxBackground))}
+	s.spareBytes, s.spareDepth = DefaultBusyBytes, DefaultBusyDepth
+	s.setLane()
 	for _, o := range opts {
 		o(s)
 	}
@@ -322,30 +298,41 @@ func (s *Scheduler) background(ctx context.Context) (func(), error) {
 	return release, err
 }
 
-// backgroundSlot waits for a background slot while foreground fetches
-// are in flight or ended less than the quiet period ago, and returns the
-// function that gives the slot back. Meanwhile, with WithBusyBackground,
-// a request may take the busy lane at once if it is free: limit is then
-// the most bytes it may ask for (0: no limit but the usual sizing).
+// backgroundSlot waits for a speculative request's turn and returns the
+// function that gives it back. While foreground fetches are in flight or
+// ended less than the quiet period ago, the turn is the busy lane's (if
+// any), taken as soon as it is free: limit is then the most bytes the
+// request may ask for. Otherwise it is one of the maxBackground slots,
+// with limit 0 (no limit but the usual sizing).
 func (s *Scheduler) backgroundSlot(ctx context.Context) (release func(), limit int64, err error) {
+	lane := func() (func(), int64, error) { return func() { <-s.spare }, s.spareBytes, nil }
 	for {
 		s.mu.Lock()
 		idle, wait := s.idle, quietLeft(s.clock.Now(), s.lastFg, s.quiet)
 		busy := s.fg > 0 || wait > 0
 		s.mu.Unlock()
-		if busy && s.spare != nil {
+		// spare is nil without a lane or when not busy: its cases
+		// below never fire then.
+		var spare chan struct{}
+		if busy {
+			spare = s.spare
+		}
+		if spare != nil {
 			select {
-			case s.spare <- struct{}{}:
-				return func() { <-s.spare }, s.spareBytes, nil
+			case spare <- struct{}{}:
+				return lane()
 			default:
 			}
 		}
 		select {
 		case <-idle:
 		default:
-			// A foreground fetch is in flight: wait for it to end, then
-			// look again, since its end starts a new quiet period.
+			// A foreground fetch is in flight: take the lane when it is
+			// free, or wait for the fetch to end and look again (its end
+			// starts a new quiet period).
 			select {
+			case spare <- struct{}{}:
+				return lane()
 			case <-idle:
 			case <-ctx.Done():
 				return nil, 0, ctx.Err()
@@ -354,6 +341,8 @@ func (s *Scheduler) backgroundSlot(ctx context.Context) (release func(), limit i
 		}
 		if wait > 0 {
 			select {
+			case spare <- struct{}{}:
+				return lane()
 			case <-s.clock.After(wait):
 			case <-ctx.Done():
 				return nil, 0, ctx.Err()

@@ -16,7 +16,7 @@ import (
 // end and the quiet period, as without the lane.
 func TestSchedulerBusyLaneWhileReading(t *testing.T) {
 	clk := newFakeClock()
-	s := NewScheduler(1, WithClock(clk), WithQuietPeriod(100*time.Millisecond), WithBusyBackground(64<<10))
+	s := NewScheduler(1, WithClock(clk), WithQuietPeriod(100*time.Millisecond), WithBusyBackground(64<<10), WithBusyDepth(1))
 	clk.Advance(time.Hour)
 	done := s.foreground()
 	release, limit, err := s.backgroundSlot(context.Background())

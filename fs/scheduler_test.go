@@ -14,7 +14,6 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazypull/lazypull/cache"
-	"github.com/lazypull/lazypull/estargz"
 )
 
 func TestBackgroundRangeSize(t *testing.T) {
@@ -53,27 +52,6 @@ func TestQuietLeft(t *testing.T) {
 	}
 }
 
-func TestWindowEnd(t *testing.T) {
-	// Compressed extents [0,100) [100,300) [300,350) [350,1350) [1350,1400).
-	cs := []estargz.Chunk{{Offset: 0, End: 100}, {Offset: 100, End: 300}, {Offset: 300, End: 350}, {Offset: 350, End: 1350}, {Offset: 1350, End: 1400}}
-	for _, c := range []struct {
-		i    int
-		size int64
-		want int
-	}{
-		{0, 350, 3}, // ends exactly at the limit: included
-		{0, 349, 2},
-		{0, 1, 1}, // a chunk larger than the window goes alone
-		{3, 10, 4},
-		{3, 1050, 5},
-		{4, 1 << 20, 5},
-	} {
-		if got := windowEnd(cs, c.i, c.size); got != c.want {
-			t.Errorf("windowEnd(from %d, %d) = %d, want %d", c.i, c.size, got, c.want)
-		}
-	}
-}
-
 func TestSchedulerBackgroundRunsWhenIdle(t *testing.T) {
 	clk := newFakeClock()
 	s := NewScheduler(1, WithClock(clk))
@@ -91,7 +69,7 @@ func TestSchedulerBackgroundRunsWhenIdle(t *testing.T) {
 
 func TestSchedulerBackgroundWaitsQuietPeriodAfterRead(t *testing.T) {
 	clk := newFakeClock()
-	s := NewScheduler(1, WithClock(clk), WithQuietPeriod(100*time.Millisecond))
+	s := NewScheduler(1, WithClock(clk), WithQuietPeriod(100*time.Millisecond), WithBusyBackground(0))
 	s.foreground()()
 	ch := startBackground(context.Background(), s)
 	if d := clk.waitTimer(t); d != 100*time.Millisecond {
@@ -109,7 +87,7 @@ func TestSchedulerBackgroundWaitsQuietPeriodAfterRead(t *testing.T) {
 
 func TestSchedulerBackgroundWaitsForForegroundToEnd(t *testing.T) {
 	clk := newFakeClock()
-	s := NewScheduler(1, WithClock(clk), WithQuietPeriod(100*time.Millisecond))
+	s := NewScheduler(1, WithClock(clk), WithQuietPeriod(100*time.Millisecond), WithBusyBackground(0))
 	clk.Advance(time.Hour) // long after any read
 	done := s.foreground()
 	ch := startBackground(context.Background(), s)
@@ -129,7 +107,7 @@ func TestSchedulerBackgroundWaitsForForegroundToEnd(t *testing.T) {
 
 func TestSchedulerBackgroundYieldsToForegroundWaitingForSlot(t *testing.T) {
 	clk := newFakeClock()
-	s := NewScheduler(1, WithClock(clk), WithQuietPeriod(100*time.Millisecond))
+	s := NewScheduler(1, WithClock(clk), WithQuietPeriod(100*time.Millisecond), WithBusyBackground(0))
 	first, err := s.background(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -169,7 +147,7 @@ func TestSchedulerBoundsBackgroundRequests(t *testing.T) {
 
 func TestSchedulerBackgroundCanceled(t *testing.T) {
 	clk := newFakeClock()
-	s := NewScheduler(1, WithClock(clk))
+	s := NewScheduler(1, WithClock(clk), WithBusyBackground(0))
 	s.foreground()()
 	ctx, cancel := context.WithCancel(context.Background())
 	ch := startBackground(ctx, s)
@@ -227,7 +205,7 @@ func TestBackgroundFetchRequestSizes(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			clk := newFakeClock()
-			sched := NewScheduler(1, WithClock(clk), WithQuietPeriod(100*time.Millisecond))
+			sched := NewScheduler(1, WithClock(clk), WithQuietPeriod(100*time.Millisecond), WithBusyBackground(0))
 			rb := &recordingBlob{r: bytes.NewReader(blob)}
 			store, err := cache.Open(cache.Options{})
 			if err != nil {

@@ -91,19 +91,19 @@ func testLazypullPullRun(t *testing.T, comp estargz.Compression) {
 			t.Fatalf("want output %q, got %q", wantOut, out)
 		}
 
-		// Metrics show the foreground fetches, and nothing in the
-		// background (it is off).
+		// Metrics show the foreground fetches; background bytes are only
+		// the speculation around misses (the background fetch is off).
 		m := env.metrics(t)
-		fg := m[`lazypull_fetch_bytes_total{kind="foreground"}`]
-		if fg <= 0 || m[`lazypull_fetch_bytes_total{kind="background"}`] != 0 {
-			t.Errorf("metrics: fetch bytes foreground %v, background %v", fg, m[`lazypull_fetch_bytes_total{kind="background"}`])
+		fg, bg := m[`lazypull_fetch_bytes_total{kind="foreground"}`], m[`lazypull_fetch_bytes_total{kind="background"}`]
+		if fg <= 0 {
+			t.Errorf("metrics: fetch bytes foreground %v, background %v", fg, bg)
 		}
 		var served int64
 		for _, l := range cv.manifest.Layers {
 			served += blobBytes(reg)[l.Digest]
 		}
-		if int64(fg) > served {
-			t.Errorf("metrics: %v foreground bytes, but the registry served only %d bytes of the layers", fg, served)
+		if int64(fg+bg) > served {
+			t.Errorf("metrics: %v foreground and %v background bytes, but the registry served only %d bytes of the layers", fg, bg, served)
 		}
 		if got := m["lazypull_mounted_layers"]; got != float64(len(cv.manifest.Layers)) {
 			t.Errorf("metrics: lazypull_mounted_layers = %v", got)

@@ -37,6 +37,8 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //	retries = 5
 //	read_timeout = "60s"
 //	passthrough = true
+//	busy_lane_bytes = 131072
+//	busy_lane_requests = 4
 //
 //	[registry]
 //	hosts_dir = "/etc/containerd/certs.d"
@@ -214,6 +216,16 @@ type FetchConfig struct {
 	// from the cache (FUSE passthrough, Linux >= 6.9; ignored where the
 	// kernel does not support it). Default true.
 	Passthrough bool `toml:"passthrough"`
+	// BusyLaneBytes is the size of a speculative request (a missed file's
+	// neighbourhood, the rest of a layer) that may run while reads are
+	// fetching, so that the link stays busy without delaying them much:
+	// a read shares the link with at most BusyLaneRequests of them.
+	// Default 131072 (128 KiB); 0 turns the lane off (speculation then
+	// waits until reads have been quiet for 100 ms).
+	BusyLaneBytes int64 `toml:"busy_lane_bytes"`
+	// BusyLaneRequests is how many such requests may be in flight at
+	// once. Default 4; must be at least 1.
+	BusyLaneRequests int `toml:"busy_lane_requests"`
 }
 
 // RegistryConfig is the [registry] section: reaching registries.
@@ -266,12 +278,14 @@ func DefaultConfig() *Config {
 			MaxMemoryBytes: 32 << 20,
 		},
 		Fetch: FetchConfig{
-			Prefetch:        true,
-			BackgroundFetch: true,
-			Timeout:         Duration(remote.DefaultRequestTimeout),
-			Retries:         remote.DefaultRetries,
-			ReadTimeout:     Duration(lfs.DefaultFetchTimeout),
-			Passthrough:     true,
+			Prefetch:         true,
+			BackgroundFetch:  true,
+			Timeout:          Duration(remote.DefaultRequestTimeout),
+			Retries:          remote.DefaultRetries,
+			ReadTimeout:      Duration(lfs.DefaultFetchTimeout),
+			Passthrough:      true,
+			BusyLaneBytes:    lfs.DefaultBusyBytes,
+			BusyLaneRequests: lfs.DefaultBusyDepth,
 		},
 		Registry: RegistryConfig{
 			HostsDir: "/etc/containerd/certs.d",
@@ -329,6 +343,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Fetch.Retries < 0 {
 		errs = append(errs, fmt.Errorf("fetch.retries must not be negative (%d)", c.Fetch.Retries))
+	}
+	if c.Fetch.BusyLaneBytes < 0 {
+		errs = append(errs, fmt.Errorf("fetch.busy_lane_bytes must not be negative (%d)", c.Fetch.BusyLaneBytes))
+	}
+	if c.Fetch.BusyLaneRequests < 1 {
+		errs = append(errs, fmt.Errorf("fetch.busy_lane_requests must be at least 1 (%d)", c.Fetch.BusyLaneRequests))
 	}
 	switch c.Verify.Policy {
 	case VerifyBackground, VerifyOff:

@@ -39,6 +39,8 @@ timeout = "1m30s"
 retries = 0
 read_timeout = "45s"
 passthrough = false
+busy_lane_bytes = 0
+busy_lane_requests = 3
 
 [registry]
 hosts_dir = "/etc/hosts.d"
@@ -75,7 +77,7 @@ dir = "/srv/profiles"
 		Root:            "/srv/lazypull",
 		AllowUnverified: true,
 		Cache:           CacheConfig{MaxDiskBytes: 1000, MaxMemoryBytes: 0},
-		Fetch:           FetchConfig{Timeout: Duration(90 * time.Second), ReadTimeout: Duration(45 * time.Second)},
+		Fetch:           FetchConfig{Timeout: Duration(90 * time.Second), ReadTimeout: Duration(45 * time.Second), BusyLaneRequests: 3},
 		Registry:        RegistryConfig{HostsDir: "/etc/hosts.d", DockerConfig: "/root/.docker/config.json"},
 		Verify:          VerifyConfig{Policy: VerifyOff},
 		Metrics:         MetricsConfig{Address: "127.0.0.1:9999", Pprof: true},
@@ -112,6 +114,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"[fetch]\ntimeout = \"soon\"\n", "soon"},
 		{"[fetch]\ntimeout = \"0s\"\n", "fetch.timeout must be positive"},
 		{"[fetch]\nretries = -1\n", "fetch.retries must not be negative"},
+		{"[fetch]\nbusy_lane_bytes = -1\n", "fetch.busy_lane_bytes must not be negative"},
+		{"[fetch]\nbusy_lane_requests = 0\n", "fetch.busy_lane_requests must be at least 1"},
 		{"[cache]\nmax_disk_bytes = -5\n", "cache.max_disk_bytes must not be negative"},
 		{"[fetch]\nretries = \"five\"\n", "retries"},
 		{"[verify]\npolicy = \"sometimes\"\n", "verify.policy must be \"background\" or \"off\""},

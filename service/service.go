@@ -144,7 +144,13 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		recorder = s.readLog
 	}
 	var m *metrics
-	layerOpts := lfs.LayerOptions{FetchTimeout: time.Duration(cfg.Fetch.ReadTimeout)}
+	layerOpts := lfs.LayerOptions{
+		FetchTimeout: time.Duration(cfg.Fetch.ReadTimeout),
+		// One Scheduler for all layers: the busy lane bounds speculation
+		// beside reads across the whole link.
+		Scheduler: lfs.NewScheduler(lfs.DefaultMaxBackground,
+			lfs.WithBusyBackground(cfg.Fetch.BusyLaneBytes), lfs.WithBusyDepth(cfg.Fetch.BusyLaneRequests)),
+	}
 	if cfg.Profile.Record || cfg.Profile.Lookup {
 		dir := cfg.Profile.Dir
 		if dir == "" {

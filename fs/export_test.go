@@ -1,0 +1,5 @@
+package fs
+
+// WithForegroundReadAhead exports withForegroundReadAhead to the
+// benchmarks of package fs_test.
+var WithForegroundReadAhead = withForegroundReadAhead
