@@ -39,7 +39,8 @@ func TestHintFetchesInOrder(t *testing.T) {
 		return n.Chunks[0]
 	}
 	f6, f2, f3 := chunk("d/f6"), chunk("d/f2"), chunk("d/f3")
-	l.spec.parallel = 1 // one request at a time: their order is the test's
+	l.spec.parallel = 1                       // one request at a time: their order is the test's
+	l.spec.hintWindow, l.spec.hintGap = 1, -1 // each chunk its own window, no gaps
 	l.Hint(context.Background(), []int64{f6.Offset, f2.Offset, f3.Offset, f6.Offset, f2.Offset + 1, -5, 1 << 40})
 	l.hintWG.Wait()
 
@@ -54,6 +55,63 @@ func TestHintFetchesInOrder(t *testing.T) {
 			t.Errorf("d/f%d cached %v, want %v", i, !want, want)
 		}
 	}
+}
+
+// A hint in first-read order, scattered over the blob, is fetched in blob
+// order within a window, and a request spans the small gaps between hinted
+// chunks (unhinted chunks in a gap are neither decoded nor cached); the
+// order between windows is kept.
+func TestHintCoalescesScatteredChunks(t *testing.T) {
+	var files []tarFile
+	for i := range 8 {
+		files = append(files, tarFile{fmt.Sprintf("d/f%d", i), fixtureBytes(int64(i), 3000)})
+	}
+	blob, r := buildLayer(t, files, 64<<10)
+	store, err := cache.Open(cache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	rb := &recordingBlob{r: bytes.NewReader(blob)}
+	l := NewLayer(digest.FromBytes(blob), r.Index, r.Footer.Compression,
+		func(context.Context) (Blob, error) { return rb, nil }, store, LayerOptions{ReadAhead: -1})
+	defer l.Close()
+	chunk := func(i int) estargz.Chunk {
+		n, ok := r.Index.Lookup(fmt.Sprintf("d/f%d", i))
+		if !ok || len(n.Chunks) != 1 {
+			t.Fatalf("d/f%d: %v", i, ok)
+		}
+		return n.Chunks[0]
+	}
+	l.spec.parallel = 1
+	// The first window holds f6, f3 and f4; f0 comes in the next.
+	l.spec.hintWindow = chunk(6).End - chunk(6).Offset + chunk(3).End - chunk(3).Offset + chunk(4).End - chunk(4).Offset + 10
+	l.Hint(context.Background(), []int64{chunk(6).Offset, chunk(3).Offset, chunk(4).Offset, chunk(0).Offset})
+	l.hintWG.Wait()
+	got := rb.requests()
+	want := [][2]int64{{chunk(3).Offset, chunk(6).End - chunk(3).Offset}, {chunk(0).Offset, chunk(0).End - chunk(0).Offset}}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("requests %v, want %v (f3..f6 in one, then f0)", got, want)
+	}
+	for i := range 8 {
+		if want := i == 0 || i == 3 || i == 4 || i == 6; store.Has(chunk(i).Digest) != want {
+			t.Errorf("d/f%d cached %v, want %v", i, !want, want)
+		}
+	}
+}
+
+// fixtureBytes is n pseudo-random bytes (incompressible, so chunks have
+// distinct sizes in the blob).
+func fixtureBytes(seed int64, n int) []byte {
+	b := make([]byte, n)
+	x := uint64(seed)*0x9E3779B97F4A7C15 + 1
+	for i := range b {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		b[i] = byte(x)
+	}
+	return b
 }
 
 // Close stops hinted fetches and a closed layer takes no hint.

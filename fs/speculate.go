@@ -44,6 +44,9 @@ type specRun struct {
 	ctx context.Context
 	cs  []estargz.Chunk
 	pos int
+	// maxGap is how many compressed bytes nobody asked for a request of
+	// this run may span between two of its chunks (0: none).
+	maxGap int64
 }
 
 func (r *specRun) done() bool { return r.pos >= len(r.cs) || r.ctx.Err() != nil }
@@ -58,6 +61,10 @@ type speculation struct {
 
 	rangeSize int64 // request size of expected and idle speculative fetches
 	parallel  int   // expected requests at once
+
+	// Hint ordering (hint.go); zero values mean the defaults.
+	hintWindow int64 // compressed bytes of a hint reordered into blob order
+	hintGap    int64 // gap a hinted request may span (<0: none)
 
 	expectedOn, speculativeOn bool          // workers running
 	changed                   chan struct{} // closed (and replaced) when a worker stops
@@ -190,7 +197,8 @@ func (l *Layer) waitSpeculation(ctx context.Context, done func(*speculation) boo
 
 // takeRun claims the next request of run r: from its next chunk that is
 // neither cached nor being fetched, the following chunks of r that are
-// adjacent in the blob (no gap), claimable, and end within size bytes of
+// adjacent in the blob (or within r.maxGap of the previous one), claimable,
+// and end within size bytes of
 // the first one's start. It advances r past them (and past the chunks it
 // skipped) and returns the claimed chunks, or nil when r is done.
 func (l *Layer) takeRun(r *specRun, size int64) []estargz.Chunk {
@@ -217,7 +225,7 @@ func (l *Layer) takeRun(r *specRun, size int64) []estargz.Chunk {
 			r.pos++
 			continue
 		}
-		if c.Offset < start || c.Offset > end || max(end, c.End)-start > size || !claimable(c) {
+		if c.Offset < start || c.Offset > end+r.maxGap || max(end, c.End)-start > size || !claimable(c) {
 			break
 		}
 		group = append(group, c)

@@ -100,6 +100,7 @@ func TestSpeculationOrderExpected(t *testing.T) {
 	s := &sl.spec
 	s.mu.Lock()
 	s.rangeSize, s.parallel = 1, 1
+	s.hintWindow = 1 // every hinted chunk its own window: the order given
 	s.prefetch = sl.run(0, 1, 2, 3)
 	s.mu.Unlock()
 	sl.Hint(context.Background(), []int64{sl.files[6].Offset, sl.files[2].Offset})
