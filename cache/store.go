@@ -42,6 +42,16 @@ type Options struct {
 	// serve ReadAt from the disk tier without an open(2) per read.
 	// 0 means DefaultMaxOpenFiles; < 0 opens and closes a file per read.
 	MaxOpenFiles int
+
+	// PackMaxEntry is the largest entry Add appends to a pack file
+	// instead of giving it a file of its own (see the package
+	// documentation). 0 means DefaultPackMaxEntry; < 0 gives every new
+	// entry its own file (packs already on disk are still served).
+	PackMaxEntry int64
+
+	// PackSize is the size at which a pack file is sealed and the next
+	// one started. 0 means DefaultPackSize.
+	PackSize int64
 }
 
 // Store is a content-addressed, verified two-tier chunk cache. It is safe for
@@ -54,6 +64,7 @@ type Store struct {
 	dir    string
 	tmpDir string
 	files  *fileCache
+	pk     *packTier // the packed part of the disk tier; nil for a memory-only store
 	// fileLocks serialize renames and unlinks of entry files, striped
 	// like the disk index's shards.
 	fileLocks [numShards]sync.Mutex
@@ -92,6 +103,12 @@ func Open(opts Options) (*Store, error) {
 	if opts.MaxOpenFiles == 0 {
 		opts.MaxOpenFiles = DefaultMaxOpenFiles
 	}
+	if opts.PackMaxEntry == 0 {
+		opts.PackMaxEntry = DefaultPackMaxEntry
+	}
+	if opts.PackSize <= 0 {
+		opts.PackSize = DefaultPackSize
+	}
 	if opts.Dir == "" && opts.MaxMemoryBytes < 0 {
 		return nil, errors.New("cache: no directory and memory tier disabled: nothing to store in")
 	}
@@ -104,7 +121,7 @@ func Open(opts Options) (*Store, error) {
 	if opts.Dir == "" {
 		return s, nil
 	}
-	if err := s.openDisk(filepath.Clean(opts.Dir), opts.MaxDiskBytes, opts.MaxOpenFiles); err != nil {
+	if err := s.openDisk(filepath.Clean(opts.Dir), opts.MaxDiskBytes, opts.MaxOpenFiles, opts.PackMaxEntry, opts.PackSize); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -329,6 +346,12 @@ func (s *Store) OpenFile(d digest.Digest) (*os.File, error) {
 			return nil, err
 		}
 	}
+	if n.val.loc.Load() != nil {
+		var err error
+		if n, err = s.promote(n); err != nil {
+			return nil, err
+		}
+	}
 	return s.openEntry(n)
 }
 
@@ -396,6 +419,9 @@ func tierStats(st lruStats, limit int64) TierStats {
 func (s *Store) Close() error {
 	if !s.closed.CompareAndSwap(false, true) {
 		return nil
+	}
+	if s.pk != nil {
+		s.closePacks()
 	}
 	if s.files != nil {
 		s.files.closeAll()
