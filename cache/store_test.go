@@ -135,7 +135,9 @@ func TestAddGetReadAt(t *testing.T) {
 	}{
 		{"memory", func(string) Options { return Options{} }},
 		{"disk", func(dir string) Options { return Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1} }},
-		{"disk-no-fd-cache", func(dir string) Options { return Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1, MaxOpenFiles: -1} }},
+		{"disk-no-fd-cache", func(dir string) Options {
+			return Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1, MaxOpenFiles: -1}
+		}},
 		{"both", func(dir string) Options { return Options{Dir: dir, PackMaxEntry: -1} }},
 		{"packed", func(dir string) Options { return Options{Dir: dir, MaxMemoryBytes: -1} }},
 		{"packed-both", func(dir string) Options { return Options{Dir: dir} }},
