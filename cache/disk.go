@@ -116,7 +116,17 @@ func (s *Store) openDisk(dir string, limit int64, maxFiles int, packMax, packSiz
 	}
 	found = dedupeScanned(append(found, packed...))
 	// Oldest first, so that the index's LRU order matches the files' times.
-	slices.SortFunc(found, func(a, b scanned) int { return cmp.Compare(a.time, b.time) })
+	// Packed entries share their pack's time; within a pack, later
+	// records are the more recently added.
+	slices.SortFunc(found, func(a, b scanned) int {
+		if c := cmp.Compare(a.time, b.time); c != 0 || a.loc == nil || b.loc == nil {
+			return c
+		}
+		if c := cmp.Compare(a.loc.p.id, b.loc.p.id); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.loc.off, b.loc.off)
+	})
 	found = s.evictScanned(found, limit)
 	for _, f := range found {
 		n := &lruNode[*diskEntry]{key: f.key, size: f.charge(), val: &diskEntry{size: f.size}}
@@ -397,7 +407,7 @@ func (s *Store) writePack(d digest.Digest, data []byte) (n *lruNode[*diskEntry],
 	if e := s.disk.insert(n); e != nil {
 		// Unreachable: inserts of a key happen under its file lock.
 		mu.Unlock()
-		s.packRelease(n.val.loc.Load().p, n)
+		s.packRelease(n.val.loc.Load().p, n, false)
 		return e, nil
 	}
 	mu.Unlock()
@@ -506,7 +516,7 @@ func (s *Store) releaseDisk(n *lruNode[*diskEntry]) {
 		n.val.lmu.Lock() // a compaction moving n finishes first
 		loc := n.val.loc.Load()
 		n.val.lmu.Unlock()
-		s.packRelease(loc.p, n)
+		s.packRelease(loc.p, n, false)
 		return
 	}
 	s.files.drop(n)

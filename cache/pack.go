@@ -148,9 +148,10 @@ type packTier struct {
 	closed bool
 	all    map[uint64]*pack
 
-	// dead is the bytes of records no longer indexed, in packs not handed
-	// to compaction: disk space the index does not charge, so it counts
-	// against the disk limit on top of the entries (lru.overhead).
+	// dead is the bytes of records no longer indexed that still hold
+	// disk space (the sum of the packs' charged): it counts against the
+	// disk limit on top of the entries (lru.overhead). Records that
+	// compaction has copied elsewhere are not counted: their copies are.
 	dead atomic.Int64
 
 	// Compaction runs in one goroutine at a time, over queued packs.
@@ -171,6 +172,7 @@ type pack struct {
 	size      int64                          // bytes of the file in use (header, records, holes)
 	live      map[*lruNode[*diskEntry]]int64 // indexed entries -> record bytes
 	dead      int64                          // bytes of records not indexed, and holes
+	charged   int64                          // the part of dead counted in packTier.dead
 	sealed    bool                           // no more appends
 	queued    bool                           // handed to compaction (or deleted)
 	noCompact bool                           // compaction failed once; do not retry
@@ -268,6 +270,7 @@ func (s *Store) appendRecord(n *lruNode[*diskEntry], data []byte) error {
 			p.mu.Lock()
 			p.size = off + rec
 			p.dead += rec
+			p.charged += rec
 			p.mu.Unlock()
 			pk.dead.Add(rec)
 			s.sealLocked(p)
@@ -520,21 +523,23 @@ func (s *Store) settlePacks() {
 			live += rec
 		}
 		p.dead = max(0, p.size-packHeader-live)
+		p.charged = p.dead
 		empty := len(p.live) == 0
 		p.mu.Unlock()
 		if empty {
 			s.deletePack(p)
 			continue
 		}
-		s.pk.dead.Add(p.dead)
+		s.pk.dead.Add(p.charged)
 		s.maybeCompact(p)
 	}
 }
 
-// packRelease runs when a packed entry leaves the index: its record becomes
-// dead. A sealed pack with nothing live is deleted; one that is mostly dead
-// is compacted.
-func (s *Store) packRelease(p *pack, n *lruNode[*diskEntry]) {
+// packRelease runs when a packed entry leaves the index (or, moved, has
+// been copied to another pack by compaction): its record becomes dead. A
+// sealed pack with nothing live is deleted; one that is mostly dead is
+// compacted.
+func (s *Store) packRelease(p *pack, n *lruNode[*diskEntry], moved bool) {
 	p.mu.Lock()
 	rec, ok := p.live[n]
 	if !ok {
@@ -543,7 +548,8 @@ func (s *Store) packRelease(p *pack, n *lruNode[*diskEntry]) {
 	}
 	delete(p.live, n)
 	p.dead += rec
-	if !p.queued {
+	if !moved {
+		p.charged += rec
 		s.pk.dead.Add(rec)
 	}
 	empty := p.sealed && len(p.live) == 0
@@ -566,7 +572,6 @@ func (s *Store) maybeCompact(p *pack) {
 		return
 	}
 	p.queued = true
-	s.pk.dead.Add(-p.dead) // reclaimed soon: stop charging it
 	p.mu.Unlock()
 
 	pk := s.pk
@@ -648,11 +653,13 @@ func (s *Store) compact(p *pack) {
 			}
 			p.mu.Lock()
 			p.queued, p.noCompact = false, true
-			s.pk.dead.Add(p.dead)
+			// The records copied so far stay in p too: charge them.
+			s.pk.dead.Add(p.dead - p.charged)
+			p.charged = p.dead
 			p.mu.Unlock()
 			return
 		}
-		s.packRelease(p, n)
+		s.packRelease(p, n, true)
 		e.lmu.Unlock()
 	}
 	// Records that could not be read are discarded like any unreadable
@@ -677,8 +684,9 @@ func (s *Store) deletePackLocked(p *pack) {
 	p.mu.Lock()
 	sf := p.file
 	p.file = nil
-	if sf != nil && !p.queued {
-		s.pk.dead.Add(-p.dead)
+	if sf != nil {
+		s.pk.dead.Add(-p.charged)
+		p.charged = 0
 	}
 	p.queued = true
 	p.mu.Unlock()
