@@ -132,9 +132,10 @@ func Open(opts Options) (*Store, error) {
 // caller may reuse it afterwards.
 //
 // The entry goes into the memory tier (if it is small enough) and is written
-// to the disk tier: to a temporary file under <Dir>/tmp, then renamed into
-// place, so a reader never sees a partial file. Files are not fsynced; see
-// the package documentation for why that is safe.
+// to the disk tier: appended to the active pack file if it is at most
+// Options.PackMaxEntry bytes, otherwise to a temporary file under <Dir>/tmp,
+// then renamed into place, so a reader never sees a partial file. Nothing
+// is fsynced; see the package documentation for why that is safe.
 //
 // Add is idempotent, and concurrent Adds of the same digest write the file
 // once. It returns nil if the entry is persisted (or, for a memory-only
@@ -321,8 +322,10 @@ func (s *Store) Has(d digest.Digest) bool {
 
 // OpenFile opens the disk tier file of d for reading, for FUSE passthrough
 // (the kernel then reads the file directly). The entry is verified first if
-// this process has not verified it yet, and its size is checked. The caller
-// owns the returned file and must close it.
+// this process has not verified it yet, and its size is checked. A packed
+// entry is first copied to a file of its own (once; its pack record becomes
+// dead), so the file holds exactly the entry. The caller owns the returned
+// file and must close it.
 //
 // The file stays valid even if the entry is evicted meanwhile: eviction only
 // unlinks the name, so the data stays readable through the descriptor (and
@@ -361,7 +364,7 @@ type TierStats struct {
 	Misses    uint64 // lookups that did not (a memory miss may still hit disk)
 	Evictions uint64 // entries evicted to stay within Limit
 	Entries   int64  // entries currently held
-	Bytes     int64  // bytes currently charged (disk: rounded to 4 KiB blocks)
+	Bytes     int64  // bytes currently charged (disk: files in 4 KiB blocks; packed records, and dead ones not yet reclaimed, by the byte)
 	Limit     int64  // configured limit; < 0 unlimited, 0 tier disabled
 }
 
