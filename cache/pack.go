@@ -158,6 +158,7 @@ type packTier struct {
 	cmu     sync.Mutex
 	queue   []*pack
 	running bool
+	stopped bool // set by Close: start no more compactions
 	wg      sync.WaitGroup
 }
 
@@ -578,7 +579,7 @@ func (s *Store) maybeCompact(p *pack) {
 	pk.cmu.Lock()
 	defer pk.cmu.Unlock()
 	pk.queue = append(pk.queue, p)
-	if pk.running || s.closed.Load() {
+	if pk.running || pk.stopped {
 		return
 	}
 	pk.running = true
@@ -716,6 +717,9 @@ func (s *Store) closePacks() {
 		s.sealLocked(pk.active)
 	}
 	pk.mu.Unlock()
+	pk.cmu.Lock()
+	pk.stopped = true
+	pk.cmu.Unlock()
 	pk.wg.Wait()
 	pk.mu.Lock()
 	packs := make([]*pack, 0, len(pk.all))

@@ -581,3 +581,31 @@ func FuzzPackScan(f *testing.F) {
 		}
 	})
 }
+
+// Packs on a read-only file system are served; Adds fail with EROFS, and
+// OpenFile, which would need to write a file, fails without losing the
+// entry.
+func TestPackedReadOnly(t *testing.T) {
+	dir := mountTmpfs(t, "4m")
+	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+	ents := addEntries(t, s, 0, 3, 5000)
+	s.Close()
+	if err := syscall.Mount("", dir, "", syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
+		t.Fatalf("cannot remount read-only: %v", err)
+	}
+	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+	for _, e := range ents {
+		checkContent(t, s, e.d, e.data)
+	}
+	if _, err := s.OpenFile(ents[0].d); !errors.Is(err, syscall.EROFS) {
+		t.Fatalf("OpenFile of a packed entry on a read-only disk: %v, want EROFS", err)
+	}
+	checkContent(t, s, ents[0].d, ents[0].data)
+	d, data := entry(10, 5000)
+	if err := s.Add(d, data); !errors.Is(err, syscall.EROFS) {
+		t.Fatalf("Add on a read-only disk: %v, want EROFS", err)
+	}
+	if s.Has(d) {
+		t.Fatal("failed Add listed")
+	}
+}
