@@ -185,7 +185,7 @@ func BenchmarkAddFilesVsPacked(b *testing.B) {
 		for _, mode := range []struct {
 			name    string
 			packMax int64
-		}{{"files", -1}, {"packed", 1 << 20}} {
+		}{{"files", 0}, {"packed", DefaultPackMaxEntry}} {
 			b.Run(fmt.Sprintf("%dKiB/%s", size>>10, mode.name), func(b *testing.B) {
 				s := open(b, Options{Dir: b.TempDir(), MaxDiskBytes: 256 << 20, MaxMemoryBytes: -1, PackMaxEntry: mode.packMax})
 				_, data := entry(1, size)

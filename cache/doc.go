@@ -41,8 +41,9 @@
 //	<Dir>/packs/<16 hex>.idx           a sealed pack's records (digest, offset, length)
 //	<Dir>/tmp/                         Adds in progress; emptied by Open
 //
-// Add appends an entry of at most Options.PackMaxEntry bytes (1 MiB by
-// default) to the active pack: one pwritev(2) of a record header (magic,
+// With Options.PackMaxEntry set (the daemon uses DefaultPackMaxEntry,
+// 1 MiB), Add appends an entry of at most that many bytes to the active
+// pack: one pwritev(2) of a record header (magic,
 // algorithm, length, raw digest, CRC-32C of the header) and the bytes, on a
 // descriptor the store keeps open. Creating a file per chunk cost an inode
 // allocation, a directory entry and a rename; on ext4 that was most of the

@@ -154,9 +154,7 @@ func testConcurrencyHammer(t *testing.T, packed bool) {
 	opts := Options{Dir: dir, MaxDiskBytes: 40 * blockSize, MaxMemoryBytes: 256 << 10, MaxOpenFiles: 4}
 	if packed {
 		// Small packs, so that they fill, seal and get compacted.
-		opts.PackSize = 32 << 10
-	} else {
-		opts.PackMaxEntry = -1
+		opts.PackMaxEntry, opts.PackSize = DefaultPackMaxEntry, 32<<10
 	}
 	workers, ops := 32, 1500
 	if testing.Short() {
@@ -232,7 +230,7 @@ func corruptFirstRecord(t *testing.T, dir string) digest.Digest {
 // Many goroutines adding the same new digest write it once.
 func TestConcurrentAddSameDigest(t *testing.T) {
 	t.Run("file", func(t *testing.T) { testConcurrentAddSameDigest(t, -1, 1<<20) })
-	t.Run("packed", func(t *testing.T) { testConcurrentAddSameDigest(t, 0, recHeader+1<<20) })
+	t.Run("packed", func(t *testing.T) { testConcurrentAddSameDigest(t, DefaultPackMaxEntry, recHeader+1<<20) })
 }
 
 func testConcurrentAddSameDigest(t *testing.T, packMax, charge int64) {
@@ -289,7 +287,7 @@ func TestOpenLargeCache(t *testing.T) {
 	// Drop nothing from the page cache (that needs root and a quiet
 	// machine); this measures the warm-cache case the daemon restart sees.
 	start := time.Now()
-	s := open(t, Options{Dir: dir, MaxDiskBytes: 300_000 * blockSize, PackMaxEntry: -1})
+	s := open(t, Options{Dir: dir, MaxDiskBytes: 300_000 * blockSize})
 	elapsed := time.Since(start)
 	if st := s.Stats(); st.Disk.Entries != n {
 		t.Fatalf("indexed %d entries, want %d", st.Disk.Entries, n)
@@ -304,7 +302,7 @@ func TestOpenLargeCache(t *testing.T) {
 
 	// Enforcing a lower limit at Open evicts the oldest entries.
 	start = time.Now()
-	s = open(t, Options{Dir: dir, MaxDiskBytes: 50_000 * blockSize, PackMaxEntry: -1})
+	s = open(t, Options{Dir: dir, MaxDiskBytes: 50_000 * blockSize})
 	t.Logf("Open evicting half took %v", time.Since(start))
 	if st := s.Stats(); st.Disk.Entries != 50_000 || st.Disk.Evictions != 50_000 {
 		t.Fatalf("stats %+v", st)

@@ -21,7 +21,7 @@ func TestIOErrorDiscards(t *testing.T) {
 	}{{"read", false}, {"verify", true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			opts := Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1, MaxOpenFiles: -1}
+			opts := Options{Dir: dir, MaxMemoryBytes: -1, MaxOpenFiles: -1}
 			s := open(t, opts)
 			d, data := entry(7, 64<<10)
 			mustAdd(t, s, d, data)
@@ -71,7 +71,7 @@ func TestIOErrorDiscards(t *testing.T) {
 // A directory in an entry's place is discarded likewise.
 func TestDirectoryInPlaceDiscards(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1, MaxOpenFiles: -1})
+	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1, MaxOpenFiles: -1})
 	d, data := entry(8, 4096) // a directory's size on ext4
 	mustAdd(t, s, d, data)
 	p := pathOf(dir, d)

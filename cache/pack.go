@@ -29,8 +29,9 @@ import (
 
 // Defaults of the packed tier.
 const (
-	// DefaultPackMaxEntry is the largest entry Add appends to a pack
-	// file; larger entries get files of their own.
+	// DefaultPackMaxEntry is the recommended Options.PackMaxEntry: the
+	// largest entry Add appends to a pack file; larger entries get files
+	// of their own.
 	DefaultPackMaxEntry int64 = 1 << 20
 	// DefaultPackSize is the size at which a pack file is sealed and the
 	// next one started.

@@ -89,7 +89,7 @@ func TestPackedRestart(t *testing.T) {
 	for _, crash := range []bool{false, true} {
 		t.Run(fmt.Sprint("crash=", crash), func(t *testing.T) {
 			dir := t.TempDir()
-			opts := Options{Dir: dir, MaxMemoryBytes: -1, PackSize: 64 << 10}
+			opts := Options{Dir: dir, MaxMemoryBytes: -1, PackSize: 64 << 10, PackMaxEntry: DefaultPackMaxEntry}
 			s := open(t, opts)
 			ents := addEntries(t, s, 0, 60, 10, 3000, 9000)
 			s.Close()
@@ -107,7 +107,7 @@ func TestPackedRestart(t *testing.T) {
 				}
 			}
 			// Packs stay readable with packing turned off.
-			opts.PackMaxEntry = -1
+			opts.PackMaxEntry = 0
 			s = open(t, opts)
 			if st := s.Stats(); st.Disk.Entries != 60 || st.Verified != 0 {
 				t.Fatalf("after restart: %+v", st)
@@ -147,14 +147,14 @@ func TestPackedTornAndCorrupt(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			s := open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+			s := open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 			ents := addEntries(t, s, 0, 10, 5000)
 			s.Close()
 			pack := packFiles(t, dir)[0]
 			os.Remove(strings.TrimSuffix(pack, packExt) + idxExt) // as after a crash
 			fi, _ := os.Stat(pack)
 			tc.do(t, pack, fi.Size())
-			s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+			s = open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 			torn := strings.HasPrefix(tc.name, "cut")
 			for i, e := range ents {
 				if torn && i == len(ents)-1 {
@@ -173,14 +173,14 @@ func TestPackedTornAndCorrupt(t *testing.T) {
 
 	t.Run("flipped-byte", func(t *testing.T) {
 		dir := t.TempDir()
-		s := open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+		s := open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 		ents := addEntries(t, s, 0, 5, 5000)
 		s.Close()
 		bad := corruptFirstRecord(t, dir)
 		if bad != ents[0].d {
 			t.Fatalf("corrupted %s, want the first entry", bad)
 		}
-		s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+		s = open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 		_, err := s.ReadAt(bad, make([]byte, 10), 0)
 		wantMiss(t, err)
 		if s.Has(bad) || s.Stats().Corrupt != 1 {
@@ -193,7 +193,7 @@ func TestPackedTornAndCorrupt(t *testing.T) {
 		checkContent(t, s, ents[0].d, ents[0].data)
 		s.Close()
 		// After another restart the new copy wins over the corrupt one.
-		s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+		s = open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 		checkContent(t, s, ents[0].d, ents[0].data)
 		if st := s.Stats(); st.Corrupt != 0 {
 			t.Fatalf("stats %+v", st)
@@ -206,7 +206,7 @@ func TestPackedTornAndCorrupt(t *testing.T) {
 // damaged index file is ignored and the pack scanned.
 func TestPackedLyingOrDamagedIndex(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 	ents := addEntries(t, s, 0, 4, 5000)
 	s.Close()
 	pack := packFiles(t, dir)[0]
@@ -223,7 +223,7 @@ func TestPackedLyingOrDamagedIndex(t *testing.T) {
 	if err := writeIdx(idx, lie, fi.Size()); err != nil {
 		t.Fatal(err)
 	}
-	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 	for _, e := range ents[:2] {
 		_, err := s.Get(e.d)
 		wantMiss(t, err)
@@ -240,7 +240,7 @@ func TestPackedLyingOrDamagedIndex(t *testing.T) {
 	b, _ := os.ReadFile(idx)
 	b[len(b)/2] ^= 0xff
 	os.WriteFile(idx, b, 0o600)
-	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 	for _, e := range ents {
 		checkContent(t, s, e.d, e.data)
 	}
@@ -253,7 +253,7 @@ func TestPackedLyingOrDamagedIndex(t *testing.T) {
 func TestPackedEvictionAndCompaction(t *testing.T) {
 	dir := t.TempDir()
 	const limit = 256 << 10
-	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1, MaxDiskBytes: limit, PackSize: 64 << 10})
+	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1, MaxDiskBytes: limit, PackSize: 64 << 10, PackMaxEntry: DefaultPackMaxEntry})
 	hot, hdata := entry(100_000, 4000)
 	mustAdd(t, s, hot, hdata)
 	var ents []testEntry
@@ -299,7 +299,7 @@ func TestPackedEvictionAndCompaction(t *testing.T) {
 	s.Close()
 
 	// A lower limit at Open evicts the oldest entries; emptied packs go.
-	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1, MaxDiskBytes: limit / 4, PackSize: 64 << 10})
+	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1, MaxDiskBytes: limit / 4, PackSize: 64 << 10, PackMaxEntry: DefaultPackMaxEntry})
 	s.pk.wg.Wait()
 	if st := s.Stats(); st.Disk.Bytes > limit/4 || st.Disk.Entries == 0 {
 		t.Fatalf("after reopening with a lower limit: %+v", st)
@@ -319,14 +319,14 @@ func TestPackedOpenFilePromotes(t *testing.T) {
 	for _, restart := range []bool{false, true} {
 		t.Run(fmt.Sprint("restart=", restart), func(t *testing.T) {
 			dir := t.TempDir()
-			s := open(t, Options{Dir: dir})
+			s := open(t, Options{Dir: dir, PackMaxEntry: DefaultPackMaxEntry})
 			d, data := entry(1, 5000)
 			other, odata := entry(2, 5000)
 			mustAdd(t, s, d, data)
 			mustAdd(t, s, other, odata)
 			if restart {
 				s.Close()
-				s = open(t, Options{Dir: dir})
+				s = open(t, Options{Dir: dir, PackMaxEntry: DefaultPackMaxEntry})
 			}
 			f, err := s.OpenFile(d)
 			if err != nil {
@@ -347,7 +347,7 @@ func TestPackedOpenFilePromotes(t *testing.T) {
 			checkContent(t, s, other, odata)
 			checkAccounting(t, s, dir)
 			s.Close()
-			s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+			s = open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 			if st := s.Stats(); st.Disk.Entries != 2 {
 				t.Fatalf("after restart: %+v", st)
 			}
@@ -361,7 +361,7 @@ func TestPackedOpenFilePromotes(t *testing.T) {
 // discarded and reported as a miss saying EIO, and can be added again.
 func TestPackedIOErrorDiscards(t *testing.T) {
 	dir := t.TempDir()
-	opts := Options{Dir: dir, MaxMemoryBytes: -1}
+	opts := Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry}
 	s := open(t, opts)
 	ents := addEntries(t, s, 0, 3, 5000)
 	s.Close()
@@ -426,7 +426,7 @@ func TestPackedDiskFull(t *testing.T) {
 	}
 	more := addEntries(t, s, 200, 1, 5000)
 	s.Close()
-	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 	for _, e := range append(first, more...) {
 		checkContent(t, s, e.d, e.data)
 	}
@@ -437,7 +437,7 @@ const crashEnv = "LAZYPULL_CACHE_CRASH_DIR"
 // crashChild is the process TestPackedKilledWriter kills: it adds entries
 // for ever, reporting its progress.
 func crashChild(dir string) {
-	s, err := Open(Options{Dir: dir, MaxMemoryBytes: -1, PackSize: 256 << 10})
+	s, err := Open(Options{Dir: dir, MaxMemoryBytes: -1, PackSize: 256 << 10, PackMaxEntry: DefaultPackMaxEntry})
 	if err != nil {
 		fmt.Println("open:", err)
 		os.Exit(1)
@@ -482,7 +482,7 @@ func TestPackedKilledWriter(t *testing.T) {
 		cmd.Process.Signal(syscall.SIGKILL)
 		cmd.Wait()
 
-		s := open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+		s := open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 		listed, served := 0, 0
 		for i := range 200_000 {
 			d, data := entry(i, 1+(i*7919)%(48<<10))
@@ -559,7 +559,7 @@ func FuzzPackScan(f *testing.F) {
 		if idx != nil {
 			os.WriteFile(filepath.Join(dir, "packs", "0000000000000001"+idxExt), idx, 0o600)
 		}
-		s, err := Open(Options{Dir: dir, MaxMemoryBytes: -1})
+		s, err := Open(Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -587,13 +587,13 @@ func FuzzPackScan(f *testing.F) {
 // entry.
 func TestPackedReadOnly(t *testing.T) {
 	dir := mountTmpfs(t, "4m")
-	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 	ents := addEntries(t, s, 0, 3, 5000)
 	s.Close()
 	if err := syscall.Mount("", dir, "", syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
 		t.Fatalf("cannot remount read-only: %v", err)
 	}
-	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry})
 	for _, e := range ents {
 		checkContent(t, s, e.d, e.data)
 	}

@@ -45,8 +45,9 @@ type Options struct {
 
 	// PackMaxEntry is the largest entry Add appends to a pack file
 	// instead of giving it a file of its own (see the package
-	// documentation). 0 means DefaultPackMaxEntry; < 0 gives every new
-	// entry its own file (packs already on disk are still served).
+	// documentation); DefaultPackMaxEntry is the recommended value, the
+	// daemon's default. 0 (or < 0) gives every new entry its own file;
+	// packs already on disk are served either way.
 	PackMaxEntry int64
 
 	// PackSize is the size at which a pack file is sealed and the next
@@ -103,8 +104,8 @@ func Open(opts Options) (*Store, error) {
 	if opts.MaxOpenFiles == 0 {
 		opts.MaxOpenFiles = DefaultMaxOpenFiles
 	}
-	if opts.PackMaxEntry == 0 {
-		opts.PackMaxEntry = DefaultPackMaxEntry
+	if opts.PackMaxEntry <= 0 {
+		opts.PackMaxEntry = -1
 	}
 	if opts.PackSize <= 0 {
 		opts.PackSize = DefaultPackSize

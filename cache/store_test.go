@@ -134,14 +134,18 @@ func TestAddGetReadAt(t *testing.T) {
 		opts func(dir string) Options
 	}{
 		{"memory", func(string) Options { return Options{} }},
-		{"disk", func(dir string) Options { return Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1} }},
+		{"disk", func(dir string) Options { return Options{Dir: dir, MaxMemoryBytes: -1} }},
 		{"disk-no-fd-cache", func(dir string) Options {
-			return Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1, MaxOpenFiles: -1}
+			return Options{Dir: dir, MaxMemoryBytes: -1, MaxOpenFiles: -1}
 		}},
-		{"both", func(dir string) Options { return Options{Dir: dir, PackMaxEntry: -1} }},
-		{"packed", func(dir string) Options { return Options{Dir: dir, MaxMemoryBytes: -1} }},
-		{"packed-both", func(dir string) Options { return Options{Dir: dir} }},
-		{"packed-small-packs", func(dir string) Options { return Options{Dir: dir, MaxMemoryBytes: -1, PackSize: 8 << 10} }},
+		{"both", func(dir string) Options { return Options{Dir: dir} }},
+		{"packed", func(dir string) Options {
+			return Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry}
+		}},
+		{"packed-both", func(dir string) Options { return Options{Dir: dir, PackMaxEntry: DefaultPackMaxEntry} }},
+		{"packed-small-packs", func(dir string) Options {
+			return Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: DefaultPackMaxEntry, PackSize: 8 << 10}
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -194,7 +198,7 @@ func TestAddCopiesData(t *testing.T) {
 }
 
 func TestAddInvalidDigest(t *testing.T) {
-	s := open(t, Options{Dir: t.TempDir(), PackMaxEntry: -1})
+	s := open(t, Options{Dir: t.TempDir()})
 	for _, d := range []digest.Digest{"", "sha256:abc", "md5:00", "sha256:../../../../etc/passwd", digest.Digest("sha256:" + strings.Repeat("G", 64))} {
 		if err := s.Add(d, []byte("x")); err == nil {
 			t.Errorf("Add(%q) succeeded", d)
@@ -206,7 +210,7 @@ func TestAddInvalidDigest(t *testing.T) {
 
 func TestOtherAlgorithms(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1})
+	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1})
 	data := []byte("hello, sha512")
 	d := digest.SHA512.FromBytes(data)
 	mustAdd(t, s, d, data)
@@ -214,7 +218,7 @@ func TestOtherAlgorithms(t *testing.T) {
 		t.Fatalf("no file at %s", pathOf(dir, d))
 	}
 	s.Close()
-	s = open(t, Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1})
+	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
 	checkContent(t, s, d, data)
 	if st := s.Stats(); st.Verified != 1 {
 		t.Fatalf("stats %+v", st)
@@ -269,7 +273,7 @@ func TestMemoryLRU(t *testing.T) {
 
 func TestDiskLRU(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1, MaxDiskBytes: 4 * blockSize})
+	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1, MaxDiskBytes: 4 * blockSize})
 	var ds []digest.Digest
 	var datas [][]byte
 	for i := range 4 {
@@ -312,7 +316,7 @@ func TestDiskLRU(t *testing.T) {
 // memory is not the first to go from disk.
 func TestMemoryHitsRefreshDiskLRU(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1, MaxDiskBytes: 2 * blockSize})
+	s := open(t, Options{Dir: dir, MaxDiskBytes: 2 * blockSize})
 	a, adata := entry(1, 100)
 	b, bdata := entry(2, 100)
 	c, cdata := entry(3, 100)
@@ -329,7 +333,7 @@ func TestMemoryHitsRefreshDiskLRU(t *testing.T) {
 
 func TestRestartPersistence(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1})
+	s := open(t, Options{Dir: dir})
 	want := map[digest.Digest][]byte{}
 	for i := range 20 {
 		d, data := entry(i, 1+i*1000)
@@ -346,7 +350,7 @@ func TestRestartPersistence(t *testing.T) {
 		t.Fatalf("Add after Close: %v", err)
 	}
 
-	s = open(t, Options{Dir: dir, PackMaxEntry: -1})
+	s = open(t, Options{Dir: dir})
 	st := s.Stats()
 	if st.Disk.Entries != 20 || st.Memory.Entries != 0 {
 		t.Fatalf("after reopen: %+v", st)
@@ -379,7 +383,7 @@ func setTimes(t *testing.T, dir string, ds ...digest.Digest) {
 
 func TestRestartLRUOrderAndLimit(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1})
+	s := open(t, Options{Dir: dir})
 	var ds []digest.Digest
 	for i := range 5 {
 		d, data := entry(i, 100)
@@ -389,7 +393,7 @@ func TestRestartLRUOrderAndLimit(t *testing.T) {
 	s.Close()
 	// Oldest to newest: 3 1 4 0 2.
 	setTimes(t, dir, ds[3], ds[1], ds[4], ds[0], ds[2])
-	s = open(t, Options{Dir: dir, PackMaxEntry: -1, MaxDiskBytes: 3 * blockSize})
+	s = open(t, Options{Dir: dir, MaxDiskBytes: 3 * blockSize})
 	for i, d := range ds {
 		want := i != 3 && i != 1
 		if s.Has(d) != want || exists(pathOf(dir, d)) != want {
@@ -410,7 +414,7 @@ func TestRestartLRUOrderAndLimit(t *testing.T) {
 // A used entry's access time is written back, so a restart remembers it.
 func TestAccessTimePersisted(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1})
+	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1})
 	var ds []digest.Digest
 	for i := range 3 {
 		d, data := entry(i, 100)
@@ -419,12 +423,12 @@ func TestAccessTimePersisted(t *testing.T) {
 	}
 	s.Close()
 	setTimes(t, dir, ds[0], ds[1], ds[2]) // 0 is the oldest, by hours
-	s = open(t, Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1})
+	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
 	if _, err := s.ReadAt(ds[0], make([]byte, 1), 0); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
-	s = open(t, Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1, MaxDiskBytes: 2 * blockSize})
+	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1, MaxDiskBytes: 2 * blockSize})
 	if !s.Has(ds[0]) || s.Has(ds[1]) {
 		t.Fatalf("after restart: entry 0 kept = %v (want true), entry 1 kept = %v (want false)", s.Has(ds[0]), s.Has(ds[1]))
 	}
@@ -466,7 +470,7 @@ func TestCorruptAtRestart(t *testing.T) {
 		for _, read := range []string{"ReadAt", "Get", "OpenFile"} {
 			t.Run(c.name+"/"+read, func(t *testing.T) {
 				dir := t.TempDir()
-				s := open(t, Options{Dir: dir, PackMaxEntry: -1})
+				s := open(t, Options{Dir: dir})
 				d, data := entry(1, 64<<10)
 				good, gdata := entry(2, 64<<10)
 				mustAdd(t, s, d, data)
@@ -475,7 +479,7 @@ func TestCorruptAtRestart(t *testing.T) {
 				if err := c.do(pathOf(dir, d)); err != nil {
 					t.Fatal(err)
 				}
-				s = open(t, Options{Dir: dir, PackMaxEntry: -1})
+				s = open(t, Options{Dir: dir})
 				var err error
 				switch read {
 				case "ReadAt":
@@ -511,7 +515,7 @@ func TestTruncatedWhileRunning(t *testing.T) {
 	for _, warm := range []bool{false, true} {
 		t.Run(fmt.Sprint("fd-cached=", warm), func(t *testing.T) {
 			dir := t.TempDir()
-			s := open(t, Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1})
+			s := open(t, Options{Dir: dir, MaxMemoryBytes: -1})
 			d, data := entry(1, 64<<10)
 			mustAdd(t, s, d, data)
 			if warm {
@@ -533,7 +537,7 @@ func TestTruncatedWhileRunning(t *testing.T) {
 
 func TestDeletedBehindOurBack(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1})
+	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1})
 	d, data := entry(1, 1000)
 	mustAdd(t, s, d, data)
 	if err := os.Remove(pathOf(dir, d)); err != nil {
@@ -557,7 +561,7 @@ func TestDeletedBehindOurBack(t *testing.T) {
 
 func TestOpenCleansAndIgnores(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1})
+	s := open(t, Options{Dir: dir})
 	d, data := entry(1, 1000)
 	mustAdd(t, s, d, data)
 	s.Close()
@@ -584,7 +588,7 @@ func TestOpenCleansAndIgnores(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	s = open(t, Options{Dir: dir, PackMaxEntry: -1})
+	s = open(t, Options{Dir: dir})
 	if names := dirEntries(t, tmp); len(names) != 0 {
 		t.Fatalf("tmp not cleaned: %v", names)
 	}
@@ -604,17 +608,17 @@ func TestOpenCleansAndIgnores(t *testing.T) {
 
 func TestLocked(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1})
-	if _, err := Open(Options{Dir: dir, PackMaxEntry: -1}); !errors.Is(err, ErrLocked) {
+	s := open(t, Options{Dir: dir})
+	if _, err := Open(Options{Dir: dir}); !errors.Is(err, ErrLocked) {
 		t.Fatalf("second Open: %v, want ErrLocked", err)
 	}
 	s.Close()
-	s2 := open(t, Options{Dir: dir, PackMaxEntry: -1})
+	s2 := open(t, Options{Dir: dir})
 	s2.Close()
 }
 
 func TestClosed(t *testing.T) {
-	s := open(t, Options{Dir: t.TempDir(), PackMaxEntry: -1})
+	s := open(t, Options{Dir: t.TempDir()})
 	d, data := entry(1, 10)
 	mustAdd(t, s, d, data)
 	s.Close()
@@ -634,7 +638,7 @@ func TestClosed(t *testing.T) {
 
 func TestOpenFileSurvivesEviction(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1, MaxDiskBytes: 2 * blockSize})
+	s := open(t, Options{Dir: dir, MaxDiskBytes: 2 * blockSize})
 	d, data := entry(1, 3000)
 	mustAdd(t, s, d, data)
 	f, err := s.OpenFile(d)
@@ -665,7 +669,7 @@ func TestOpenFileSurvivesEviction(t *testing.T) {
 }
 
 func TestMemoryHitDoesNotAllocate(t *testing.T) {
-	s := open(t, Options{Dir: t.TempDir(), PackMaxEntry: -1})
+	s := open(t, Options{Dir: t.TempDir()})
 	d, data := entry(1, 64<<10)
 	mustAdd(t, s, d, data)
 	p := make([]byte, 4096)
@@ -708,7 +712,7 @@ func mountTmpfs(t *testing.T, size string) string {
 
 func TestDiskFull(t *testing.T) {
 	dir := mountTmpfs(t, "256k")
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1, MaxDiskBytes: -1, MaxMemoryBytes: 16 << 20})
+	s := open(t, Options{Dir: dir, MaxDiskBytes: -1, MaxMemoryBytes: 16 << 20})
 	small, sdata := entry(1, 5000)
 	mustAdd(t, s, small, sdata)
 
@@ -747,7 +751,7 @@ func TestDiskFull(t *testing.T) {
 
 func TestReadOnly(t *testing.T) {
 	dir := mountTmpfs(t, "4m")
-	s := open(t, Options{Dir: dir, PackMaxEntry: -1})
+	s := open(t, Options{Dir: dir})
 	a, adata := entry(1, 5000)
 	mustAdd(t, s, a, adata)
 	if err := syscall.Mount("", dir, "", syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
@@ -763,7 +767,7 @@ func TestReadOnly(t *testing.T) {
 	s.Close()
 
 	// An existing cache on a read-only file system opens and serves.
-	s = open(t, Options{Dir: dir, PackMaxEntry: -1, MaxMemoryBytes: -1})
+	s = open(t, Options{Dir: dir, MaxMemoryBytes: -1})
 	checkContent(t, s, a, adata)
 	if err := s.Add(b, bdata); !errors.Is(err, syscall.EROFS) {
 		t.Fatalf("Add on a read-only disk: %v, want EROFS", err)
@@ -774,7 +778,7 @@ func TestReadOnly(t *testing.T) {
 }
 
 func TestAddFromStreamsAndVerifies(t *testing.T) {
-	s, err := Open(Options{Dir: t.TempDir(), PackMaxEntry: -1, MaxMemoryBytes: -1})
+	s, err := Open(Options{Dir: t.TempDir(), MaxMemoryBytes: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
