@@ -771,16 +771,3 @@ func (s *Store) promote(n *lruNode[*diskEntry]) (*lruNode[*diskEntry], error) {
 	s.disk.shrink()
 	return nn, nil
 }
-
-// packedStats counts the packs and the bytes they hold.
-func (s *Store) packedStats() (packs, bytes int64) {
-	s.pk.mu.Lock()
-	defer s.pk.mu.Unlock()
-	for _, p := range s.pk.all {
-		p.mu.Lock()
-		bytes += p.size
-		p.mu.Unlock()
-		packs++
-	}
-	return packs, bytes
-}
