@@ -151,10 +151,16 @@ func BenchmarkGetMemoryHit(b *testing.B) {
 }
 
 // BenchmarkOpen measures indexing an existing cache of 20k entries at
-// start-up (names and sizes only; no content is read).
+// start-up (names and sizes only; no content is read), with a file per
+// entry and packed (index files read; none missing).
 func BenchmarkOpen(b *testing.B) {
+	b.Run("files", func(b *testing.B) { benchOpen(b, 0) })
+	b.Run("packed", func(b *testing.B) { benchOpen(b, DefaultPackMaxEntry) })
+}
+
+func benchOpen(b *testing.B, packMax int64) {
 	dir := b.TempDir()
-	s, err := Open(Options{Dir: dir, MaxMemoryBytes: -1, MaxDiskBytes: -1})
+	s, err := Open(Options{Dir: dir, MaxMemoryBytes: -1, MaxDiskBytes: -1, PackMaxEntry: packMax})
 	if err != nil {
 		b.Fatal(err)
 	}
