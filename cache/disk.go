@@ -412,6 +412,7 @@ func (s *Store) writePack(d digest.Digest, data []byte) (n *lruNode[*diskEntry],
 	}
 	mu.Unlock()
 	s.disk.shrink()
+	s.helpCompact()
 	return n, nil
 }
 

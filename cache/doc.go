@@ -85,18 +85,21 @@
 // used entries, one by one, packed or not. Evicting an entry file unlinks
 // it; descriptors that readers (or FUSE passthrough, see Store.OpenFile)
 // hold stay valid. Evicting a packed entry makes its record dead: dead
-// records keep counting against the limit until their pack is deleted,
-// which happens when nothing in it is live, or when more than half of a
-// sealed pack is dead: then its live records are copied to the active pack
-// (compaction, in the background, one pack at a time; an entry not yet
-// verified stays unverified and is hashed on its first read from the new
-// place) and it is deleted. So dead records never take more than about as
-// much disk as live ones. While an Add is writing, or a compaction has
-// copied records out of a pack it has not deleted yet (at most half a
-// pack), usage may exceed the limit by those bytes. Records of evicted
-// entries listed in an index file come back after a restart if their pack
-// is still there; they hold valid (and again verified-on-first-read) bytes
-// and are charged like any entry.
+// records count against the limit until their pack is deleted, which
+// happens when nothing in it is live, or when more than half of a sealed
+// pack is dead: then its live records are copied to the active pack
+// (compaction, in the background; an entry not yet verified stays
+// unverified and is hashed on its first read from the new place) and it is
+// deleted. So dead records never take more than about as much disk as live
+// ones, and at least about half the limit holds live entries. A pack
+// queued for compaction is no longer charged (charging it until it is
+// gone would make evictions cascade, as evicting a packed entry frees
+// nothing by itself); Adds help compact while more than two packs' worth
+// of bytes wait. So usage may exceed the limit by the entries being
+// written and by the packs waiting for compaction (up to about three
+// packs). Records of evicted entries listed in an index file come back
+// after a restart if their pack is still there; they hold valid (and again
+// verified-on-first-read) bytes and are charged like any entry.
 //
 // Errors writing the disk tier (ENOSPC, EDQUOT, EROFS, ...) fail that Add
 // with a wrapped error (ENOSPC and EDQUOT also match

@@ -126,6 +126,9 @@ func checkAccounting(t *testing.T, s *Store, dir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if dead := s.pk.dead.Load(); dead < 0 {
+		t.Errorf("negative dead bytes %d", dead)
+	}
 	if st.Disk.Entries != files || st.Disk.Bytes != charged {
 		t.Errorf("index has %d entries, %d bytes; disk has %d files, %d bytes", st.Disk.Entries, st.Disk.Bytes, files, charged)
 	}

@@ -149,11 +149,17 @@ type packTier struct {
 	closed bool
 	all    map[uint64]*pack
 
-	// dead is the bytes of records no longer indexed that still hold
-	// disk space (the sum of the packs' charged): it counts against the
-	// disk limit on top of the entries (lru.overhead). Records that
-	// compaction has copied elsewhere are not counted: their copies are.
+	// dead is the bytes of records no longer indexed in packs not queued
+	// for compaction (the sum of the packs' charged): disk space the
+	// entries do not account for, so it counts against the disk limit on
+	// top of them (lru.overhead). A pack queued for compaction is about to
+	// give its space back: charging it until then would make evictions
+	// cascade (evicting a packed entry frees nothing by itself).
 	dead atomic.Int64
+	// queuedBytes is the size of the packs queued for compaction and not
+	// yet deleted: what disk usage may exceed the limit by. Adds help
+	// compact while it is over maxQueuedPacks packs.
+	queuedBytes atomic.Int64
 
 	// Compaction runs in one goroutine at a time, over queued packs.
 	cmu     sync.Mutex
@@ -176,9 +182,10 @@ type pack struct {
 	dead      int64                          // bytes of records not indexed, and holes
 	charged   int64                          // the part of dead counted in packTier.dead
 	sealed    bool                           // no more appends
-	queued    bool                           // handed to compaction (or deleted)
-	noCompact bool                           // compaction failed once; do not retry
-	recs      []idxRec                       // records appended by this process, for the index file
+	queued    bool                           // handed to compaction: its size is in queuedBytes
+	deleted   bool
+	noCompact bool     // compaction failed once; do not retry
+	recs      []idxRec // records appended by this process, for the index file
 }
 
 // packLoc is where a packed entry's record starts.
@@ -525,14 +532,16 @@ func (s *Store) settlePacks() {
 			live += rec
 		}
 		p.dead = max(0, p.size-packHeader-live)
-		p.charged = p.dead
 		empty := len(p.live) == 0
+		if !empty {
+			p.charged = p.dead
+			s.pk.dead.Add(p.charged)
+		}
 		p.mu.Unlock()
 		if empty {
 			s.deletePack(p)
 			continue
 		}
-		s.pk.dead.Add(p.charged)
 		s.maybeCompact(p)
 	}
 }
@@ -550,7 +559,7 @@ func (s *Store) packRelease(p *pack, n *lruNode[*diskEntry], moved bool) {
 	}
 	delete(p.live, n)
 	p.dead += rec
-	if !moved {
+	if !moved && !p.queued {
 		p.charged += rec
 		s.pk.dead.Add(rec)
 	}
@@ -569,11 +578,14 @@ func (s *Store) packRelease(p *pack, n *lruNode[*diskEntry], moved bool) {
 // ones.
 func (s *Store) maybeCompact(p *pack) {
 	p.mu.Lock()
-	if !p.sealed || p.queued || p.noCompact || p.file == nil || p.dead*2 <= p.size-packHeader {
+	if !p.sealed || p.queued || p.noCompact || p.deleted || p.dead*2 <= p.size-packHeader {
 		p.mu.Unlock()
 		return
 	}
 	p.queued = true
+	s.pk.dead.Add(-p.charged)
+	p.charged = 0
+	s.pk.queuedBytes.Add(p.size)
 	p.mu.Unlock()
 
 	pk := s.pk
@@ -603,6 +615,29 @@ func (s *Store) compactLoop() {
 		pk.queue = pk.queue[1:]
 		pk.cmu.Unlock()
 		s.compact(p)
+	}
+}
+
+// maxQueuedPacks is how many packs' worth of bytes may wait for
+// compaction before Adds help compact (backpressure on the disk overshoot).
+const maxQueuedPacks = 2
+
+// helpCompact compacts queued packs in the calling goroutine while more
+// than maxQueuedPacks packs' bytes wait for compaction.
+func (s *Store) helpCompact() {
+	pk := s.pk
+	for pk.queuedBytes.Load() > maxQueuedPacks*pk.size && !s.closed.Load() {
+		pk.cmu.Lock()
+		if len(pk.queue) == 0 || pk.stopped {
+			pk.cmu.Unlock()
+			return
+		}
+		p := pk.queue[0]
+		pk.queue = pk.queue[1:]
+		pk.wg.Add(1) // Close waits for us too
+		pk.cmu.Unlock()
+		s.compact(p)
+		pk.wg.Done()
 	}
 }
 
@@ -654,10 +689,12 @@ func (s *Store) compact(p *pack) {
 				log.L.WithError(err).WithField("path", p.path).Warn("cache pack compaction stopped")
 			}
 			p.mu.Lock()
-			p.queued, p.noCompact = false, true
-			// The records copied so far stay in p too: charge them.
-			s.pk.dead.Add(p.dead - p.charged)
-			p.charged = p.dead
+			if p.queued && !p.deleted {
+				p.queued, p.noCompact = false, true
+				s.pk.queuedBytes.Add(-p.size)
+				s.pk.dead.Add(p.dead - p.charged)
+				p.charged = p.dead
+			}
 			p.mu.Unlock()
 			return
 		}
@@ -686,11 +723,14 @@ func (s *Store) deletePackLocked(p *pack) {
 	p.mu.Lock()
 	sf := p.file
 	p.file = nil
-	if sf != nil {
+	if !p.deleted {
+		p.deleted = true
 		s.pk.dead.Add(-p.charged)
 		p.charged = 0
+		if p.queued {
+			s.pk.queuedBytes.Add(-p.size)
+		}
 	}
-	p.queued = true
 	p.mu.Unlock()
 	if sf == nil {
 		return
