@@ -183,9 +183,9 @@ type pack struct {
 	charged   int64                          // the part of dead counted in packTier.dead
 	sealed    bool                           // no more appends
 	queued    bool                           // handed to compaction: its size is in queuedBytes
-	deleted   bool
-	noCompact bool     // compaction failed once; do not retry
-	recs      []idxRec // records appended by this process, for the index file
+	deleted   bool                           // unlinked (or being): its books are closed
+	noCompact bool                           // compaction failed once; do not retry
+	recs      []idxRec                       // records appended by this process, for the index file
 }
 
 // packLoc is where a packed entry's record starts.
