@@ -90,7 +90,10 @@
 // pack is dead: then its live records are copied to the active pack
 // (compaction, in the background; an entry not yet verified stays
 // unverified and is hashed on its first read from the new place) and it is
-// deleted. So dead records never take more than about as much disk as live
+// deleted. When the tier is nearly full, live records among the least
+// recently used quarter of the tier are evicted with their pack instead of
+// copied, so a pack of chunks nobody used again since they were written
+// goes whole, without copying. So dead records never take more than about as much disk as live
 // ones, and at least about half the limit holds live entries. A pack
 // queued for compaction is no longer charged (charging it until it is
 // gone would make evictions cascade, as evicting a packed entry frees

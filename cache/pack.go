@@ -659,8 +659,17 @@ func (s *Store) compact(p *pack) {
 	}
 	p.mu.Unlock()
 
+	// When the tier is nearly full, entries among its least recently
+	// used quarter are evicted with the pack rather than copied: they
+	// would be the next to go anyway. When entries are evicted in the
+	// order they were added (a stream nobody reads twice), a pack is thus
+	// dropped whole, without copying; only entries used since they were
+	// written are moved.
+	clock, count := s.disk.clock.Load(), uint64(s.disk.count.Load())
+	lim := s.disk.limit
+	full := lim >= 0 && s.disk.charged()+s.pk.queuedBytes.Load() > lim-lim/8
 	var buf []byte
-	var short []*lruNode[*diskEntry]
+	var short, cold []*lruNode[*diskEntry]
 	for _, n := range nodes {
 		if s.closed.Load() {
 			return
@@ -670,6 +679,11 @@ func (s *Store) compact(p *pack) {
 		loc := e.loc.Load()
 		if e.removed.Load() || loc == nil || loc.p != p {
 			e.lmu.Unlock()
+			continue
+		}
+		if full && clock-n.stamp.Load() > count*3/4 {
+			e.lmu.Unlock()
+			cold = append(cold, n)
 			continue
 		}
 		if int64(cap(buf)) < e.size {
@@ -700,6 +714,11 @@ func (s *Store) compact(p *pack) {
 		}
 		s.packRelease(p, n, true)
 		e.lmu.Unlock()
+	}
+	for _, n := range cold {
+		if s.disk.remove(n) {
+			s.disk.evictions.Add(1)
+		}
 	}
 	// Records that could not be read are discarded like any unreadable
 	// entry (and fetched again by whoever needs them).
