@@ -151,10 +151,16 @@ func BenchmarkGetMemoryHit(b *testing.B) {
 }
 
 // BenchmarkOpen measures indexing an existing cache of 20k entries at
-// start-up (names and sizes only; no content is read).
+// start-up (names and sizes only; no content is read), with a file per
+// entry and packed (index files read; none missing).
 func BenchmarkOpen(b *testing.B) {
+	b.Run("files", func(b *testing.B) { benchOpen(b, 0) })
+	b.Run("packed", func(b *testing.B) { benchOpen(b, DefaultPackMaxEntry) })
+}
+
+func benchOpen(b *testing.B, packMax int64) {
 	dir := b.TempDir()
-	s, err := Open(Options{Dir: dir, MaxMemoryBytes: -1, MaxDiskBytes: -1})
+	s, err := Open(Options{Dir: dir, MaxMemoryBytes: -1, MaxDiskBytes: -1, PackMaxEntry: packMax})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -172,5 +178,39 @@ func BenchmarkOpen(b *testing.B) {
 			b.Fatal(err)
 		}
 		s.Close()
+	}
+}
+
+// BenchmarkAddFilesVsPacked stores new chunks of typical sizes in the disk
+// tier alone (memory tier off), from parallel goroutines as concurrent
+// fetches do, once with a file per entry and once appended to packs, at
+// steady state (a 256 MiB tier that evicts, and for packs compacts, as it
+// goes). cpu-us/op is the process's CPU time per Add.
+func BenchmarkAddFilesVsPacked(b *testing.B) {
+	for _, size := range []int{4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20} {
+		for _, mode := range []struct {
+			name    string
+			packMax int64
+		}{{"files", 0}, {"packed", DefaultPackMaxEntry}} {
+			b.Run(fmt.Sprintf("%dKiB/%s", size>>10, mode.name), func(b *testing.B) {
+				s := open(b, Options{Dir: b.TempDir(), MaxDiskBytes: 256 << 20, MaxMemoryBytes: -1, PackMaxEntry: mode.packMax})
+				_, data := entry(1, size)
+				b.SetBytes(int64(size))
+				b.ReportAllocs()
+				var next atomic.Uint64
+				cpu0 := processCPU(b)
+				b.RunParallel(func(pb *testing.PB) {
+					var buf [8]byte
+					for pb.Next() {
+						binary.LittleEndian.PutUint64(buf[:], next.Add(1))
+						if err := s.Add(digest.FromBytes(buf[:]), data); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+				b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-us/op")
+			})
+		}
 	}
 }

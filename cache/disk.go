@@ -58,6 +58,13 @@ type diskEntry struct {
 	// vmu serializes the first-read verification.
 	vmu sync.Mutex
 
+	// loc is where a packed entry's record is (see pack.go); nil for an
+	// entry with a file of its own. It is set before the node is indexed
+	// and only compaction moves it, under lmu; a node never changes kind.
+	loc atomic.Pointer[packLoc]
+	// lmu serializes moving a packed entry (compaction) with its release.
+	lmu sync.Mutex
+
 	// Guarded by fileCache.mu: the cached descriptor and its place in the
 	// descriptor LRU list.
 	file   *sharedFile
@@ -65,7 +72,7 @@ type diskEntry struct {
 }
 
 // openDisk sets up the disk tier under dir.
-func (s *Store) openDisk(dir string, limit int64, maxFiles int) error {
+func (s *Store) openDisk(dir string, limit int64, maxFiles int, packMax, packSize int64) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		// An existing cache on a read-only file system can still be served.
 		if fi, serr := os.Stat(dir); serr != nil || !fi.IsDir() {
@@ -92,22 +99,79 @@ func (s *Store) openDisk(dir string, limit int64, maxFiles int) error {
 	s.disk.release = s.releaseDisk
 	s.disk.promoted = s.persistUse
 	s.files = newFileCache(maxFiles)
+	// The packed tier is always read (packs written with packing on stay
+	// servable when it is turned off); packMax < 0 only stops new appends.
+	s.pk = &packTier{dir: filepath.Join(dir, "packs"), maxEntry: packMax, size: packSize, all: map[uint64]*pack{}}
+	s.disk.overhead = &s.pk.dead
 
 	found, err := s.scan()
 	if err != nil {
 		lock.Close()
 		return err
 	}
+	packed, err := s.scanPacks()
+	if err != nil {
+		lock.Close()
+		return err
+	}
+	found = dedupeScanned(append(found, packed...))
 	// Oldest first, so that the index's LRU order matches the files' times.
-	slices.SortFunc(found, func(a, b scanned) int { return cmp.Compare(a.time, b.time) })
+	// Packed entries share their pack's time; within a pack, later
+	// records are the more recently added.
+	slices.SortFunc(found, func(a, b scanned) int {
+		if c := cmp.Compare(a.time, b.time); c != 0 || a.loc == nil || b.loc == nil {
+			return c
+		}
+		if c := cmp.Compare(a.loc.p.id, b.loc.p.id); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.loc.off, b.loc.off)
+	})
 	found = s.evictScanned(found, limit)
 	for _, f := range found {
-		n := &lruNode[*diskEntry]{key: f.key, size: diskCharge(f.size), val: &diskEntry{size: f.size}}
+		n := &lruNode[*diskEntry]{key: f.key, size: f.charge(), val: &diskEntry{size: f.size}}
 		n.val.touched.Store(f.time / int64(time.Second))
+		if f.loc != nil {
+			n.val.loc.Store(f.loc)
+			f.loc.p.live[n] = n.size // packs are not shared yet: no lock needed
+		}
 		s.disk.insert(n)
 	}
+	s.settlePacks()
 	s.disk.shrink()
 	return nil
+}
+
+// dedupeScanned keeps one scanned entry per key: an entry file over a
+// packed record (it can back passthrough), a later pack record over an
+// earlier one (an entry discarded and added again).
+func dedupeScanned(found []scanned) []scanned {
+	idx := make(map[string]int, len(found))
+	out := found[:0]
+	for _, f := range found {
+		i, ok := idx[f.key]
+		if !ok {
+			idx[f.key] = len(out)
+			out = append(out, f)
+			continue
+		}
+		if better(f, out[i]) {
+			out[i] = f
+		}
+	}
+	return out
+}
+
+// better reports whether scanned entry a should be kept over b.
+func better(a, b scanned) bool {
+	switch {
+	case a.loc == nil || b.loc == nil:
+		return a.loc == nil && b.loc != nil
+	case a.loc.p.id != b.loc.p.id:
+		return a.loc.p.id > b.loc.p.id
+	default:
+		return a.loc.off > b.loc.off
+	}
 }
 
 // evictScanned enforces the limit on the scanned entries, oldest first,
@@ -120,11 +184,11 @@ func (s *Store) evictScanned(found []scanned, limit int64) []scanned {
 	}
 	var total int64
 	for _, f := range found {
-		total += diskCharge(f.size)
+		total += f.charge()
 	}
 	drop := 0
 	for ; total > limit && drop < len(found); drop++ {
-		total -= diskCharge(found[drop].size)
+		total -= found[drop].charge()
 	}
 	if drop == 0 {
 		return found
@@ -132,6 +196,9 @@ func (s *Store) evictScanned(found []scanned, limit int64) []scanned {
 	var g errgroup.Group
 	g.SetLimit(16)
 	for _, f := range found[:drop] {
+		if f.loc != nil {
+			continue // its record is dead; settlePacks reclaims the space
+		}
 		g.Go(func() error {
 			if err := os.Remove(s.entryPath(f.key)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				log.L.WithError(err).WithField("digest", f.key).Warn("cannot remove evicted cache entry")
@@ -166,7 +233,17 @@ func lockDir(dir string) (*os.File, error) {
 type scanned struct {
 	key  string
 	size int64
-	time int64 // max(atime, mtime) in unix nanoseconds
+	time int64    // max(atime, mtime) in unix nanoseconds (of the pack, for packed entries)
+	loc  *packLoc // a packed entry's record; nil for an entry file
+}
+
+// charge is what the entry is charged against the disk limit: whole
+// blocks for a file, the record's bytes for a packed entry.
+func (f scanned) charge() int64 {
+	if f.loc != nil {
+		return recHeader + f.size
+	}
+	return diskCharge(f.size)
 }
 
 // scan lists the entries on disk from directory entries and lstat alone,
@@ -277,14 +354,22 @@ func (s *Store) addDisk(d digest.Digest, data []byte) (*lruNode[*diskEntry], err
 		s.disk.touch(n)
 		return n, nil
 	}
-	if size := int64(len(data)); !s.disk.fits(diskCharge(size)) {
+	size := int64(len(data))
+	charge := diskCharge(size)
+	if size <= s.pk.maxEntry {
+		charge = recHeader + size
+	}
+	if !s.disk.fits(charge) {
 		return nil, fmt.Errorf("cache: add %s (%d bytes) to disk tier of %d bytes: %w", d, size, s.disk.limit, ErrTooLarge)
 	}
 	v, err, _ := s.adding.Do(key, func() (any, error) {
 		if n, ok := s.disk.peek(key); ok {
 			return n, nil
 		}
-		return s.writeDisk(d, data)
+		if int64(len(data)) <= s.pk.maxEntry {
+			return s.writePack(d, data)
+		}
+		return s.writeFile(d, data, nil)
 	})
 	if err != nil {
 		return nil, err
@@ -292,15 +377,56 @@ func (s *Store) addDisk(d digest.Digest, data []byte) (*lruNode[*diskEntry], err
 	return v.(*lruNode[*diskEntry]), nil
 }
 
-// writeDisk writes data to a temporary file and renames it into place.
+// writePack appends data to the active pack file as the entry d.
+//
+// Like entry files, packs are not fsynced: a record torn by a crash fails
+// its header check at Open (and is not listed), and the bytes of a record
+// whose header survived are hashed on their first read.
+func (s *Store) writePack(d digest.Digest, data []byte) (n *lruNode[*diskEntry], err error) {
+	defer func() {
+		if err != nil {
+			s.writeErrors.Add(1)
+			err = fmt.Errorf("cache: storing %s on disk: %w", d, classifyWrite(err))
+		}
+	}()
+	key := string(d)
+	mu := &s.fileLocks[s.disk.shardIndex(key)]
+	mu.Lock()
+	if e, ok := s.disk.peek(key); ok {
+		mu.Unlock()
+		return e, nil
+	}
+	size := int64(len(data))
+	n = &lruNode[*diskEntry]{key: key, size: recHeader + size, val: &diskEntry{size: size}}
+	n.val.verified.Store(true) // the caller verified the data, and we wrote it
+	n.val.touched.Store(time.Now().Unix())
+	if err := s.appendRecord(n, data); err != nil {
+		mu.Unlock()
+		return nil, err
+	}
+	if e := s.disk.insert(n); e != nil {
+		// Unreachable: inserts of a key happen under its file lock.
+		mu.Unlock()
+		s.packRelease(n.val.loc.Load().p, n, false)
+		return e, nil
+	}
+	mu.Unlock()
+	s.disk.shrink()
+	s.helpCompact()
+	return n, nil
+}
+
+// writeFile writes data to a temporary file and renames it into place as
+// the entry d, replacing the index node old (a packed copy being promoted)
+// if it is not nil.
 //
 // The file is not fsynced. After a crash, a file may be empty or hold
 // garbage; entries found at Open are hashed on their first read, so such a
 // file is discarded, never served. Skipping fsync keeps Add from waiting for
 // the device on every chunk.
-func (s *Store) writeDisk(d digest.Digest, data []byte) (n *lruNode[*diskEntry], err error) {
+func (s *Store) writeFile(d digest.Digest, data []byte, old *lruNode[*diskEntry]) (n *lruNode[*diskEntry], err error) {
 	defer func() {
-		if err != nil {
+		if err != nil && !errors.Is(err, ErrNotFound) { // a promoted entry that left meanwhile is no write error
 			s.writeErrors.Add(1)
 			err = fmt.Errorf("cache: storing %s on disk: %w", d, classifyWrite(err))
 		}
@@ -322,7 +448,7 @@ func (s *Store) writeDisk(d digest.Digest, data []byte) (n *lruNode[*diskEntry],
 		f.Close()
 	}
 	if err == nil {
-		n, err = s.commitDisk(string(d), int64(len(data)), tmp)
+		n, err = s.commitDisk(string(d), int64(len(data)), tmp, old)
 	}
 	if err != nil {
 		os.Remove(tmp)
@@ -333,16 +459,23 @@ func (s *Store) writeDisk(d digest.Digest, data []byte) (n *lruNode[*diskEntry],
 }
 
 // commitDisk renames the temporary file tmp into place as key and indexes
-// it, unless key is present already, in which case tmp is removed.
+// it, unless key is present already (other than as old), in which case tmp
+// is removed. A non-nil old is replaced in the index by the new node.
 //
 // Renames and unlinks of one name are serialized by the name's file lock
 // (not the index shard lock, so lookups never wait for a syscall): an
 // eviction that runs after key was added again must not unlink the new file.
-func (s *Store) commitDisk(key string, size int64, tmp string) (*lruNode[*diskEntry], error) {
+func (s *Store) commitDisk(key string, size int64, tmp string, old *lruNode[*diskEntry]) (*lruNode[*diskEntry], error) {
 	mu := &s.fileLocks[s.disk.shardIndex(key)]
 	mu.Lock()
 	defer mu.Unlock()
-	if e, ok := s.disk.peek(key); ok {
+	e, ok := s.disk.peek(key)
+	if old != nil && e != old {
+		// Promoting an entry that has left or was replaced meanwhile.
+		os.Remove(tmp)
+		return nil, fmt.Errorf("%w: %s: changed while being promoted", ErrNotFound, key)
+	}
+	if old == nil && ok {
 		os.Remove(tmp)
 		return e, nil
 	}
@@ -359,8 +492,17 @@ func (s *Store) commitDisk(key string, size int64, tmp string) (*lruNode[*diskEn
 	n := &lruNode[*diskEntry]{key: key, size: diskCharge(size), val: &diskEntry{size: size}}
 	n.val.verified.Store(true) // the caller verified the data, and we wrote it
 	n.val.touched.Store(time.Now().Unix())
+	if old != nil {
+		if !s.disk.replace(old, n) {
+			// old left the index meanwhile (eviction serializes with
+			// us only for entry files): drop the new file too.
+			os.Remove(final)
+			return nil, fmt.Errorf("%w: %s", ErrNotFound, key)
+		}
+		return n, nil
+	}
 	if e := s.disk.insert(n); e != nil {
-		// Unreachable: only commitDisk inserts after Open, under mu.
+		// Unreachable: inserts of a key happen under its file lock.
 		return e, nil
 	}
 	return n, nil
@@ -371,6 +513,13 @@ func (s *Store) commitDisk(key string, size int64, tmp string) (*lruNode[*diskEn
 // it), unless the entry has been added again meanwhile under the same name.
 func (s *Store) releaseDisk(n *lruNode[*diskEntry]) {
 	n.val.removed.Store(true)
+	if n.val.loc.Load() != nil {
+		n.val.lmu.Lock() // a compaction moving n finishes first
+		loc := n.val.loc.Load()
+		n.val.lmu.Unlock()
+		s.packRelease(loc.p, n, false)
+		return
+	}
 	s.files.drop(n)
 	mu := &s.fileLocks[s.disk.shardIndex(n.key)]
 	mu.Lock()
@@ -389,6 +538,14 @@ func (s *Store) persistUse(n *lruNode[*diskEntry]) {
 	now := time.Now()
 	last := n.val.touched.Load()
 	if now.Unix()-last < atimeInterval || !n.val.touched.CompareAndSwap(last, now.Unix()) {
+		return
+	}
+	if loc := n.val.loc.Load(); loc != nil {
+		// Packed entries share their pack's time.
+		p := loc.p
+		if last := p.touched.Load(); now.Unix()-last >= atimeInterval && p.touched.CompareAndSwap(last, now.Unix()) {
+			_ = os.Chtimes(p.path, now, time.Time{})
+		}
 		return
 	}
 	_ = os.Chtimes(s.entryPath(n.key), now, time.Time{}) // best effort; read-only is fine
@@ -472,11 +629,11 @@ func (s *Store) readDisk(n *lruNode[*diskEntry], p []byte, off int64) (int, erro
 	if rem := size - off; int64(len(p)) > rem {
 		want = p[:rem]
 	}
-	sf, err := s.files.acquire(n, s.openEntry)
+	sf, base, err := s.acquireEntry(n)
 	if err != nil {
 		return 0, err
 	}
-	nr, err := sf.f.ReadAt(want, off)
+	nr, err := sf.f.ReadAt(want, base+off)
 	sf.release()
 	if nr < len(want) {
 		if err == nil || err == io.EOF {
@@ -505,7 +662,7 @@ func (s *Store) verify(n *lruNode[*diskEntry]) ([]byte, error) {
 	if e.removed.Load() {
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, n.key)
 	}
-	sf, err := s.files.acquire(n, s.openEntry)
+	sf, base, err := s.acquireEntry(n)
 	if err != nil {
 		return nil, err
 	}
@@ -518,11 +675,11 @@ func (s *Store) verify(n *lruNode[*diskEntry]) ([]byte, error) {
 	if s.mem != nil && e.size <= s.memAdmit {
 		buf = make([]byte, e.size)
 		var r int
-		r, err = sf.f.ReadAt(buf, 0)
+		r, err = sf.f.ReadAt(buf, base)
 		nr = int64(r)
 		h.Write(buf[:r])
 	} else {
-		nr, err = io.Copy(h, io.NewSectionReader(sf.f, 0, e.size))
+		nr, err = io.Copy(h, io.NewSectionReader(sf.f, base, e.size))
 	}
 	if err != nil && err != io.EOF {
 		return nil, s.readFailed(n, "verify", err)
@@ -541,6 +698,28 @@ func (s *Store) verify(n *lruNode[*diskEntry]) ([]byte, error) {
 		return me.data, nil
 	}
 	return nil, nil
+}
+
+// acquireEntry returns a referenced descriptor holding n's bytes from
+// offset base on: its own file, or its pack. The caller must release it.
+func (s *Store) acquireEntry(n *lruNode[*diskEntry]) (*sharedFile, int64, error) {
+	loc := n.val.loc.Load()
+	if loc == nil {
+		sf, err := s.files.acquire(n, s.openEntry)
+		return sf, 0, err
+	}
+	for {
+		if sf := loc.p.acquire(); sf != nil {
+			return sf, loc.off + recHeader, nil
+		}
+		// The pack is gone: n was moved by a compaction (look again)
+		// or has left the index.
+		next := n.val.loc.Load()
+		if next == loc {
+			return nil, 0, fmt.Errorf("%w: %s: its pack was removed", ErrNotFound, n.key)
+		}
+		loc = next
+	}
 }
 
 // sharedFile is a reference-counted descriptor: the cache holds one
@@ -689,7 +868,7 @@ func (s *Store) AddFrom(d digest.Digest, size int64, r io.Reader) (err error) {
 	return err
 }
 
-// streamDisk is writeDisk for a stream that is verified as it is written.
+// streamDisk is writeFile for a stream that is verified as it is written.
 func (s *Store) streamDisk(d digest.Digest, size int64, r io.Reader) (n *lruNode[*diskEntry], err error) {
 	defer func() {
 		if err != nil {
@@ -711,7 +890,7 @@ func (s *Store) streamDisk(d digest.Digest, size int64, r io.Reader) (n *lruNode
 		err = fmt.Errorf("%w (%d of %d bytes)", ErrCorrupt, written, size)
 	}
 	if err == nil {
-		n, err = s.commitDisk(string(d), size, tmp)
+		n, err = s.commitDisk(string(d), size, tmp, nil)
 	}
 	if err != nil {
 		os.Remove(tmp)

@@ -3,6 +3,7 @@ package cache
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"math/rand/v2"
@@ -84,12 +85,33 @@ func hammer(t *testing.T, s *Store, ents []testEntry, workers, ops int, addPerce
 	wg.Wait()
 }
 
-// checkAccounting compares the disk tier's books with the files on disk.
+// checkAccounting compares the disk tier's books with the files on disk:
+// entry files are charged in whole blocks, packs by their bytes (live and
+// dead records alike).
 func checkAccounting(t *testing.T, s *Store, dir string) {
 	t.Helper()
+	s.pk.wg.Wait() // compaction settles the packs' books
 	st := s.Stats()
 	var files, charged int64
+	s.pk.mu.Lock()
+	for _, p := range s.pk.all {
+		p.mu.Lock()
+		files += int64(len(p.live))
+		p.mu.Unlock()
+	}
+	s.pk.mu.Unlock()
+	packs, _ := filepath.Glob(filepath.Join(dir, "packs", "*"+packExt))
+	for _, p := range packs {
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		charged += fi.Size() - packHeader
+	}
 	err := filepath.WalkDir(filepath.Join(dir, "sha256"), func(path string, d fs.DirEntry, err error) error {
+		if errors.Is(err, fs.ErrNotExist) && path == filepath.Join(dir, "sha256") {
+			return nil
+		}
 		if err != nil || d.IsDir() {
 			return err
 		}
@@ -104,6 +126,9 @@ func checkAccounting(t *testing.T, s *Store, dir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if dead := s.pk.dead.Load(); dead < 0 {
+		t.Errorf("negative dead bytes %d", dead)
+	}
 	if st.Disk.Entries != files || st.Disk.Bytes != charged {
 		t.Errorf("index has %d entries, %d bytes; disk has %d files, %d bytes", st.Disk.Entries, st.Disk.Bytes, files, charged)
 	}
@@ -116,6 +141,12 @@ func checkAccounting(t *testing.T, s *Store, dir string) {
 }
 
 func TestConcurrencyHammer(t *testing.T) {
+	for _, packed := range []bool{false, true} {
+		t.Run(fmt.Sprint("packed=", packed), func(t *testing.T) { testConcurrencyHammer(t, packed) })
+	}
+}
+
+func testConcurrencyHammer(t *testing.T, packed bool) {
 	dir := t.TempDir()
 	ents := make([]testEntry, 96)
 	for i := range ents {
@@ -124,6 +155,10 @@ func TestConcurrencyHammer(t *testing.T) {
 	// Limits far below the working set, so both tiers and the descriptor
 	// cache evict all the time.
 	opts := Options{Dir: dir, MaxDiskBytes: 40 * blockSize, MaxMemoryBytes: 256 << 10, MaxOpenFiles: 4}
+	if packed {
+		// Small packs, so that they fill, seal and get compacted.
+		opts.PackMaxEntry, opts.PackSize = DefaultPackMaxEntry, 32<<10
+	}
 	workers, ops := 32, 1500
 	if testing.Short() {
 		ops = 300
@@ -143,7 +178,13 @@ func TestConcurrencyHammer(t *testing.T) {
 	// store whose entries are all unverified: many first readers of the
 	// same entry at once, and the corrupt one must never be served.
 	var corrupted digest.Digest
+	if packed {
+		corrupted = corruptFirstRecord(t, dir)
+	}
 	for _, e := range ents {
+		if packed {
+			break
+		}
 		if b, err := os.ReadFile(pathOf(dir, e.d)); err == nil && len(b) > 0 {
 			b[0] ^= 1
 			if err := os.WriteFile(pathOf(dir, e.d), b, 0o600); err != nil {
@@ -166,10 +207,38 @@ func TestConcurrencyHammer(t *testing.T) {
 	}
 }
 
+// corruptFirstRecord flips a byte of the first record of a pack under
+// dir and returns the record's digest.
+func corruptFirstRecord(t *testing.T, dir string) digest.Digest {
+	t.Helper()
+	packs, _ := filepath.Glob(filepath.Join(dir, "packs", "*"+packExt))
+	for _, path := range packs {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		key, size, ok := decodeRecHeader(b[packHeader:])
+		if !ok || size == 0 {
+			continue
+		}
+		b[packHeader+recHeader] ^= 1
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return digest.Digest(key)
+	}
+	return ""
+}
+
 // Many goroutines adding the same new digest write it once.
 func TestConcurrentAddSameDigest(t *testing.T) {
+	t.Run("file", func(t *testing.T) { testConcurrentAddSameDigest(t, -1, 1<<20) })
+	t.Run("packed", func(t *testing.T) { testConcurrentAddSameDigest(t, DefaultPackMaxEntry, recHeader+1<<20) })
+}
+
+func testConcurrentAddSameDigest(t *testing.T, packMax, charge int64) {
 	dir := t.TempDir()
-	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1})
+	s := open(t, Options{Dir: dir, MaxMemoryBytes: -1, PackMaxEntry: packMax})
 	d, data := entry(1, 1<<20)
 	var wg sync.WaitGroup
 	for range 64 {
@@ -181,7 +250,7 @@ func TestConcurrentAddSameDigest(t *testing.T) {
 	}
 	wg.Wait()
 	checkContent(t, s, d, data)
-	if st := s.Stats(); st.Disk.Entries != 1 || st.Disk.Bytes != 1<<20 {
+	if st := s.Stats(); st.Disk.Entries != 1 || st.Disk.Bytes != charge {
 		t.Fatalf("stats %+v", st)
 	}
 	checkAccounting(t, s, dir)

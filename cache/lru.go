@@ -81,6 +81,10 @@ type lru[V any] struct {
 
 	evictMu sync.Mutex // serializes evictors so they do not over-evict
 
+	// overhead, if non-nil, is charged against limit on top of the
+	// entries' sizes (the disk tier's dead pack records).
+	overhead *atomic.Int64
+
 	// release, if non-nil, is called without locks after a node left the
 	// index (eviction or remove).
 	release func(n *lruNode[V])
@@ -208,16 +212,48 @@ func (c *lru[V]) remove(n *lruNode[V]) bool {
 	return true
 }
 
+// charged is the bytes counted against the limit: the entries' sizes plus
+// the overhead.
+func (c *lru[V]) charged() int64 {
+	b := c.bytes.Load()
+	if c.overhead != nil {
+		b += max(0, c.overhead.Load())
+	}
+	return b
+}
+
 // shrink evicts least recently used entries until the index is within its
 // limit.
 func (c *lru[V]) shrink() {
-	if c.limit < 0 || c.bytes.Load() <= c.limit {
+	if c.limit < 0 || c.charged() <= c.limit {
 		return
 	}
 	c.evictMu.Lock()
 	defer c.evictMu.Unlock()
-	for c.bytes.Load() > c.limit && c.evictOne() {
+	for c.charged() > c.limit && c.evictOne() {
 	}
+}
+
+// replace puts n in old's place (same key) as the most recently used
+// entry. It reports false, and leaves the index alone, if old is no longer
+// in the index. old is released like a removed node.
+func (c *lru[V]) replace(old, n *lruNode[V]) bool {
+	s := c.shard(old.key)
+	s.mu.Lock()
+	if !old.linked || s.m[old.key] != old {
+		s.mu.Unlock()
+		return false
+	}
+	s.unlink(old)
+	s.m[n.key] = n
+	s.pushFront(n)
+	n.stamp.Store(c.clock.Add(1))
+	c.bytes.Add(n.size - old.size)
+	s.mu.Unlock()
+	if c.release != nil {
+		c.release(old)
+	}
+	return true
 }
 
 // evictOne evicts the globally least recently used entry. The caller holds
@@ -265,7 +301,7 @@ func (c *lru[V]) stats() lruStats {
 	st := lruStats{
 		evictions: c.evictions.Load(),
 		entries:   c.count.Load(),
-		bytes:     c.bytes.Load(),
+		bytes:     c.charged(),
 	}
 	for i := range c.shards {
 		st.hits += c.shards[i].hits.Load()

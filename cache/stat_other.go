@@ -16,3 +16,23 @@ func statEntry(dir *os.File, name string) (size, time int64, ok bool, err error)
 	}
 	return fi.Size(), fi.ModTime().UnixNano(), true, nil
 }
+
+// fileTime returns an open file's modification time in unix nanoseconds.
+func fileTime(f *os.File) (int64, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return fi.ModTime().UnixNano(), nil
+}
+
+// writeAtv writes bufs back to back at off.
+func writeAtv(f *os.File, bufs [][]byte, off int64) error {
+	for _, b := range bufs {
+		if _, err := f.WriteAt(b, off); err != nil {
+			return err
+		}
+		off += int64(len(b))
+	}
+	return nil
+}

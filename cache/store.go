@@ -42,6 +42,17 @@ type Options struct {
 	// serve ReadAt from the disk tier without an open(2) per read.
 	// 0 means DefaultMaxOpenFiles; < 0 opens and closes a file per read.
 	MaxOpenFiles int
+
+	// PackMaxEntry is the largest entry Add appends to a pack file
+	// instead of giving it a file of its own (see the package
+	// documentation); DefaultPackMaxEntry is the recommended value, the
+	// daemon's default. 0 (or < 0) gives every new entry its own file;
+	// packs already on disk are served either way.
+	PackMaxEntry int64
+
+	// PackSize is the size at which a pack file is sealed and the next
+	// one started. 0 means DefaultPackSize.
+	PackSize int64
 }
 
 // Store is a content-addressed, verified two-tier chunk cache. It is safe for
@@ -54,6 +65,7 @@ type Store struct {
 	dir    string
 	tmpDir string
 	files  *fileCache
+	pk     *packTier // the packed part of the disk tier; nil for a memory-only store
 	// fileLocks serialize renames and unlinks of entry files, striped
 	// like the disk index's shards.
 	fileLocks [numShards]sync.Mutex
@@ -92,6 +104,12 @@ func Open(opts Options) (*Store, error) {
 	if opts.MaxOpenFiles == 0 {
 		opts.MaxOpenFiles = DefaultMaxOpenFiles
 	}
+	if opts.PackMaxEntry <= 0 {
+		opts.PackMaxEntry = -1
+	}
+	if opts.PackSize <= 0 {
+		opts.PackSize = DefaultPackSize
+	}
 	if opts.Dir == "" && opts.MaxMemoryBytes < 0 {
 		return nil, errors.New("cache: no directory and memory tier disabled: nothing to store in")
 	}
@@ -104,7 +122,7 @@ func Open(opts Options) (*Store, error) {
 	if opts.Dir == "" {
 		return s, nil
 	}
-	if err := s.openDisk(filepath.Clean(opts.Dir), opts.MaxDiskBytes, opts.MaxOpenFiles); err != nil {
+	if err := s.openDisk(filepath.Clean(opts.Dir), opts.MaxDiskBytes, opts.MaxOpenFiles, opts.PackMaxEntry, opts.PackSize); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -115,9 +133,10 @@ func Open(opts Options) (*Store, error) {
 // caller may reuse it afterwards.
 //
 // The entry goes into the memory tier (if it is small enough) and is written
-// to the disk tier: to a temporary file under <Dir>/tmp, then renamed into
-// place, so a reader never sees a partial file. Files are not fsynced; see
-// the package documentation for why that is safe.
+// to the disk tier: appended to the active pack file if it is at most
+// Options.PackMaxEntry bytes, otherwise to a temporary file under <Dir>/tmp,
+// then renamed into place, so a reader never sees a partial file. Nothing
+// is fsynced; see the package documentation for why that is safe.
 //
 // Add is idempotent, and concurrent Adds of the same digest write the file
 // once. It returns nil if the entry is persisted (or, for a memory-only
@@ -304,8 +323,10 @@ func (s *Store) Has(d digest.Digest) bool {
 
 // OpenFile opens the disk tier file of d for reading, for FUSE passthrough
 // (the kernel then reads the file directly). The entry is verified first if
-// this process has not verified it yet, and its size is checked. The caller
-// owns the returned file and must close it.
+// this process has not verified it yet, and its size is checked. A packed
+// entry is first copied to a file of its own (once; its pack record becomes
+// dead), so the file holds exactly the entry. The caller owns the returned
+// file and must close it.
 //
 // The file stays valid even if the entry is evicted meanwhile: eviction only
 // unlinks the name, so the data stays readable through the descriptor (and
@@ -329,6 +350,12 @@ func (s *Store) OpenFile(d digest.Digest) (*os.File, error) {
 			return nil, err
 		}
 	}
+	if n.val.loc.Load() != nil {
+		var err error
+		if n, err = s.promote(n); err != nil {
+			return nil, err
+		}
+	}
 	return s.openEntry(n)
 }
 
@@ -338,7 +365,7 @@ type TierStats struct {
 	Misses    uint64 // lookups that did not (a memory miss may still hit disk)
 	Evictions uint64 // entries evicted to stay within Limit
 	Entries   int64  // entries currently held
-	Bytes     int64  // bytes currently charged (disk: rounded to 4 KiB blocks)
+	Bytes     int64  // bytes currently charged (disk: files in 4 KiB blocks; packed records, and dead ones not yet reclaimed, by the byte)
 	Limit     int64  // configured limit; < 0 unlimited, 0 tier disabled
 }
 
@@ -396,6 +423,9 @@ func tierStats(st lruStats, limit int64) TierStats {
 func (s *Store) Close() error {
 	if !s.closed.CompareAndSwap(false, true) {
 		return nil
+	}
+	if s.pk != nil {
+		s.closePacks()
 	}
 	if s.files != nil {
 		s.files.closeAll()

@@ -29,6 +29,7 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //	[cache]
 //	max_disk_bytes = 10737418240
 //	max_memory_bytes = 33554432
+//	pack_max_entry_bytes = 1048576
 //
 //	[fetch]
 //	prefetch = true
@@ -193,6 +194,10 @@ type CacheConfig struct {
 	// MaxMemoryBytes bounds the in-memory chunk cache. Default 32 MiB;
 	// 0 disables the memory cache.
 	MaxMemoryBytes int64 `toml:"max_memory_bytes"`
+	// PackMaxEntryBytes is the largest chunk appended to the disk cache's
+	// pack files instead of getting a file of its own (a file per chunk
+	// costs an inode each). Default 1 MiB; 0 gives every chunk a file.
+	PackMaxEntryBytes int64 `toml:"pack_max_entry_bytes"`
 }
 
 // FetchConfig is the [fetch] section: how layer data is fetched.
@@ -274,8 +279,9 @@ func (d Duration) MarshalText() ([]byte, error) {
 func DefaultConfig() *Config {
 	return &Config{
 		Cache: CacheConfig{
-			MaxDiskBytes:   cache.DefaultMaxDiskBytes,
-			MaxMemoryBytes: 32 << 20,
+			MaxDiskBytes:      cache.DefaultMaxDiskBytes,
+			MaxMemoryBytes:    32 << 20,
+			PackMaxEntryBytes: cache.DefaultPackMaxEntry,
 		},
 		Fetch: FetchConfig{
 			Prefetch:         true,
@@ -334,6 +340,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Cache.MaxMemoryBytes < 0 {
 		errs = append(errs, fmt.Errorf("cache.max_memory_bytes must not be negative (%d)", c.Cache.MaxMemoryBytes))
+	}
+	if c.Cache.PackMaxEntryBytes < 0 {
+		errs = append(errs, fmt.Errorf("cache.pack_max_entry_bytes must not be negative (%d)", c.Cache.PackMaxEntryBytes))
 	}
 	if c.Fetch.Timeout <= 0 {
 		errs = append(errs, fmt.Errorf("fetch.timeout must be positive (%s)", time.Duration(c.Fetch.Timeout)))

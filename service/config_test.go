@@ -31,6 +31,7 @@ allow_unverified = true
 [cache]
 max_disk_bytes = 1000
 max_memory_bytes = 0
+pack_max_entry_bytes = 0
 
 [fetch]
 prefetch = false
@@ -117,6 +118,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"[fetch]\nbusy_lane_bytes = -1\n", "fetch.busy_lane_bytes must not be negative"},
 		{"[fetch]\nbusy_lane_requests = 0\n", "fetch.busy_lane_requests must be at least 1"},
 		{"[cache]\nmax_disk_bytes = -5\n", "cache.max_disk_bytes must not be negative"},
+		{"[cache]\npack_max_entry_bytes = -1\n", "cache.pack_max_entry_bytes must not be negative"},
 		{"[fetch]\nretries = \"five\"\n", "retries"},
 		{"[verify]\npolicy = \"sometimes\"\n", "verify.policy must be \"background\" or \"off\""},
 		{"this is not toml", "config"},

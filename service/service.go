@@ -99,6 +99,7 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		Dir:            cacheDir,
 		MaxDiskBytes:   orDisabled(cfg.Cache.MaxDiskBytes),
 		MaxMemoryBytes: orDisabled(cfg.Cache.MaxMemoryBytes),
+		PackMaxEntry:   cfg.Cache.PackMaxEntryBytes,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("opening the chunk cache %s: %w", cacheDir, err)
