@@ -96,6 +96,10 @@ type envOptions struct {
 	cacheDir string // default: a new temporary directory
 	root     string // default: a new temporary directory
 	memOnly  bool   // a store without a disk tier
+	// filePerChunk keeps every disk entry in a file of its own (the
+	// cache library's default) instead of packing small chunks as the
+	// daemon does: for tests that reach into entry files.
+	filePerChunk bool
 }
 
 func newEnv(t testing.TB, o envOptions) *env {
@@ -111,7 +115,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	if e.root == "" {
 		e.root = t.TempDir()
 	}
-	e.store = openStore(t, e.cacheDir, o.memOnly)
+	e.store = openStore(t, e.cacheDir, o.memOnly, !o.filePerChunk)
 	e.opts = o.manager
 	e.opts.Root, e.opts.Registry, e.opts.Store = e.root, e.client, e.store
 	if e.opts.Layer.FetchTimeout == 0 {
@@ -149,9 +153,14 @@ func newClient(t testing.TB, mod func(*remote.Options)) *remote.Registry {
 	return c
 }
 
-func openStore(t testing.TB, dir string, memOnly bool) *cache.Store {
+// openStore opens the chunk cache in dir (none with memOnly), packing
+// small chunks as the daemon does when pack is set.
+func openStore(t testing.TB, dir string, memOnly, pack bool) *cache.Store {
 	t.Helper()
 	o := cache.Options{Dir: dir}
+	if pack {
+		o.PackMaxEntry = cache.DefaultPackMaxEntry
+	}
 	if memOnly {
 		o.Dir = ""
 	}
@@ -312,7 +321,9 @@ func chunkDigests(t testing.TB, l *lfs.Layer, p string) []digest.Digest {
 	return ds
 }
 
-// checkStoreIntact hashes every entry of the store's disk tier and checks
+// checkStoreIntact hashes every entry file of the store's disk tier (a
+// store opened with filePerChunk: packed chunks are checked by the cache
+// package's own tests) and checks
 // it against its name.
 func checkStoreIntact(t testing.TB, dir string) int {
 	t.Helper()

@@ -20,7 +20,7 @@ import (
 // read it, and trying again forever.
 func TestCachedChunkIOErrorRefetches(t *testing.T) {
 	const fetchTimeout = 3 * time.Second
-	opts := envOptions{manager: lfs.ManagerOptions{Layer: lfs.LayerOptions{FetchTimeout: fetchTimeout, ReadAhead: -1}}}
+	opts := envOptions{filePerChunk: true, manager: lfs.ManagerOptions{Layer: lfs.LayerOptions{FetchTimeout: fetchTimeout, ReadAhead: -1}}}
 	data := fixture.Random(90, 50000)
 	fx := newFixture(t, []fixture.Entry{fixture.Reg("f", 0o644, data)})
 

@@ -44,7 +44,7 @@ func TestAlteredBlob(t *testing.T) {
 	for _, conv := range []converter{oursGzip, oursZstd} {
 		t.Run(conv.name, func(t *testing.T) {
 			t.Parallel()
-			e := newEnv(t, envOptions{reg: reg})
+			e := newEnv(t, envOptions{reg: reg, filePerChunk: true})
 			fx := newFixture(t, verifyLayer())
 			b := conv.build(t, fx.tar, verifyChunk, nil)
 			r, err := estargz.Open(bytes.NewReader(b.data), int64(len(b.data)), estargz.OpenOptions{TOCDigest: b.tocDigest})
@@ -136,7 +136,7 @@ func TestAlteredBlob(t *testing.T) {
 func TestCorruptedInTransit(t *testing.T) {
 	// One request per miss: the injected fault must hit the reader's own
 	// chunk, not a read-ahead request sent beside it.
-	e := newEnv(t, envOptions{manager: lfs.ManagerOptions{Layer: lfs.LayerOptions{ReadAhead: -1}}})
+	e := newEnv(t, envOptions{filePerChunk: true, manager: lfs.ManagerOptions{Layer: lfs.LayerOptions{ReadAhead: -1}}})
 	fx := newFixture(t, verifyLayer())
 	src := e.push(t, "transit", oursGzip.build(t, fx.tar, verifyChunk, nil))
 	dir, m := e.mount(t, src)
