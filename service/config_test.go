@@ -18,6 +18,9 @@ func TestLoadConfigMissing(t *testing.T) {
 	if !reflect.DeepEqual(cfg, DefaultConfig()) {
 		t.Fatalf("missing default config: got %+v, want defaults", cfg)
 	}
+	if !cfg.FuseManager.Enable {
+		t.Error("fuse_manager.enable defaults to false; the default is the fuse manager (running containers survive daemon restarts)")
+	}
 	if _, err := LoadConfig(missing, true); err == nil || !strings.Contains(err.Error(), missing) {
 		t.Fatalf("missing explicit config: want an error naming it, got %v", err)
 	}
@@ -60,6 +63,10 @@ containerd_address = "/run/k3s/containerd.sock"
 config = "/etc/kubernetes/credential-providers.yaml"
 bin_dir = "/usr/libexec/kubernetes/credential-providers"
 timeout = "10s"
+
+[fuse_manager]
+enable = false
+address = "/run/lp/fm.sock"
 `)
 	cfg, err := LoadConfig(p, true)
 	if err != nil {
@@ -79,6 +86,7 @@ timeout = "10s"
 			BinDir:  "/usr/libexec/kubernetes/credential-providers",
 			Timeout: Duration(10 * time.Second),
 		},
+		FuseManager: FuseManagerConfig{Enable: false, Address: "/run/lp/fm.sock"},
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Fatalf("got %+v\nwant %+v", cfg, want)
