@@ -271,6 +271,12 @@ func serveManager(ctx context.Context, addr, root string, cfg *service.Config) (
 		defer creds.Close()
 		opts.CapturedCredentials = creds
 	}
+	// The daemon serves the fetch log at /debug/fetches on its [metrics]
+	// address; the manager keeps it when that is set.
+	var fetchesJSON func() ([]byte, error)
+	if cfg.Metrics.Address != "" {
+		fetchesJSON = withFetchLog(&opts).JSON
+	}
 	svc, err := service.New(ctx, opts)
 	if err != nil {
 		l.Close()
@@ -296,6 +302,7 @@ func serveManager(ctx context.Context, addr, root string, cfg *service.Config) (
 		Version:  versionString(),
 		Failures: failures,
 		Metrics:  reg,
+		Fetches:  fetchesJSON,
 		Shutdown: func(context.Context) error {
 			log.G(ctx).Info("shutdown requested: unmounting every layer")
 			return closeSvc()
