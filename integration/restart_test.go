@@ -351,6 +351,10 @@ func TestRestartFuseManager(t *testing.T) {
 	mc := env.managerClient(t, ctx)
 	managerPid := mc.Manager().Pid
 	mc.Close()
+	// The default config started the manager (no [fuse_manager] section).
+	if pid := env.sn.ManagerPid(); pid != managerPid || pid == env.sn.Pid() {
+		t.Fatalf("lab's ManagerPid %d, the manager says %d (daemon %d)", pid, managerPid, env.sn.Pid())
+	}
 
 	upgradeDir := t.TempDir()
 	upgraded, err := lab.Build(upgradeDir, "./cmd/snapshotter", "lazypull-snapshotter")
