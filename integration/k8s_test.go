@@ -1017,8 +1017,11 @@ proxy:
 		t.Fatalf("%d remote snapshots, want %d", got, len(cv.manifest.Layers))
 	}
 	// The first reads make the mirror fetch and cache the blobs (it
-	// answers them whole); after a daemon restart, reads are ranges the
-	// mirror serves from its cache.
+	// answers them whole, and the registry client keeps such a blob in
+	// memory for the layer's lifetime); after a restart of the process
+	// that fetches, reads are ranges the mirror serves from its cache.
+	// That process is the fuse manager, which a daemon restart keeps: it
+	// is drained too (no pod runs).
 	if out, pod, _ := n.runPod(t, "warm", ref, "cat", "/etc/motd"); out != "layer 3" {
 		t.Fatalf("output %q", out)
 	} else {
@@ -1026,7 +1029,13 @@ proxy:
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := n.sn.Restart(ctx); err != nil {
+	if err := n.sn.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.sn.StopManager(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.sn.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
 	n.waitSnapshotter(t, ctx)

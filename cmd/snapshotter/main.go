@@ -157,6 +157,12 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 	)
 	if dc.cfg.FuseManager.Enable {
 		if mc, err = connectManager(ctx, dc, root); err != nil {
+			if ctx.Err() != nil {
+				// SIGTERM while the manager starts: a clean stop. The
+				// manager, once up, stays for the next daemon.
+				log.G(ctx).WithError(err).Info("shutting down while connecting to the fuse manager")
+				return nil
+			}
 			return fmt.Errorf("fuse manager: %w", err)
 		}
 		defer mc.Close() // the manager and its mounts stay
