@@ -87,6 +87,17 @@ func TestSystemdUnitKeepsFuseManager(t *testing.T) {
 		t.Errorf("Restart = %q, want always: a killed daemon comes back and reconnects to the manager", r)
 	}
 
+	// The drop-ins shipped for the unit must not override it.
+	dropins, err := filepath.Glob(filepath.Join(root, "contrib", "*", "lazypull-snapshotter.service.d-*.conf"))
+	if err != nil || len(dropins) == 0 {
+		t.Fatalf("no drop-ins found (%v): the glob is stale", err)
+	}
+	for _, p := range dropins {
+		if km := unitFile(t, p)["Service"]["KillMode"]; len(km) > 0 && km[len(km)-1] != "process" {
+			t.Errorf("%s sets KillMode=%s", p, km[len(km)-1])
+		}
+	}
+
 	// systemd's own parser accepts the unit (offline; the binary path is
 	// pointed at this test's binary, which exists).
 	analyze, err := exec.LookPath("systemd-analyze")
