@@ -287,6 +287,11 @@ func TestDaemonStopWhileStarting(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("daemon stopped while starting: %v, want exit 0:\n%s", err, out.String())
 	}
+	// A manager that had not answered yet went with it; one that had
+	// stays (it is stopped by the deferred fuse-manager --stop).
+	if pids := lab.ProcessesNaming(root); len(pids) > 0 && !strings.Contains(out.String(), "lazypull-snapshotter serving") {
+		t.Errorf("processes on the root after the daemon stopped before serving: %v\n%s", pids, out.String())
+	}
 }
 
 // TestDaemonLifecycle: parent directories are created, a stale socket is
