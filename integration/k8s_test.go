@@ -68,9 +68,10 @@ type k8sNodeOptions struct {
 	// Overlayfs makes overlayfs CRI's snapshotter instead of lazypull
 	// (containerd 2.x only), for reference runs.
 	Overlayfs bool
-	// FuseManager turns on [fuse_manager]: the layers are served (and
-	// fetched, with the credentials the daemon captures) by the manager.
-	FuseManager bool
+	// InDaemon sets [fuse_manager] enable = false: the daemon serves (and
+	// fetches) the layers itself. By default the fuse manager does, with
+	// the credentials the daemon captures.
+	InDaemon bool
 }
 
 var k8sNodes atomic.Int32
@@ -128,10 +129,7 @@ address = "127.0.0.1:0"
 enable = true
 address = %q
 containerd_address = %q
-
-[fuse_manager]
-enable = %t
-%s`, t.Name(), hostsDir, n.criSock, n.ctdSock, o.FuseManager, o.SnapshotterConfig)
+%s%s`, t.Name(), hostsDir, n.criSock, n.ctdSock, fuseManagerConfig(o.InDaemon), o.SnapshotterConfig)
 	sn := lab.NewSnapshotter(t, lab.SnapshotterConfig{
 		Binary:   lazypullSnapshotter(t),
 		Config:   cfg,
@@ -489,18 +487,19 @@ func (n *k8sNode) checkNoSecrets(t *testing.T, reg *remotetest.Registry) {
 // pod reads files that were never fetched (background fetch off) and
 // prints them; imagefsinfo reports lazypull's root; rmi and containerd's
 // garbage collection remove the snapshots and their FUSE mounts; without
-// credentials the pull fails clearly; no log shows a secret. The
-// fuse_manager run does the same with the layers served and fetched by
-// the fuse manager, which asks the daemon for the captured credentials.
+// credentials the pull fails clearly; no log shows a secret. The layers
+// are served and fetched by the fuse manager (the default), which asks the
+// daemon for the captured credentials; the in_daemon run does the same
+// with the daemon serving and fetching them itself.
 func TestK8sCRIPullRunLazy(t *testing.T) {
 	img := threeLayerImage(t)
 	cv := convertImage(t, img, estargz.Gzip)
 	forEachVersion(t, func(t *testing.T, v lab.Version) {
 		testK8sCRIPullRunLazy(t, v, cv, k8sNodeOptions{})
 	})
-	t.Run("fuse_manager", func(t *testing.T) {
+	t.Run("in_daemon", func(t *testing.T) {
 		t.Parallel()
-		testK8sCRIPullRunLazy(t, lab.Containerd2(), cv, k8sNodeOptions{FuseManager: true})
+		testK8sCRIPullRunLazy(t, lab.Containerd2(), cv, k8sNodeOptions{InDaemon: true})
 	})
 }
 
@@ -599,7 +598,7 @@ func testK8sCRIPullRunLazy(t *testing.T, v lab.Version, cv *converted, o k8sNode
 	if got := m["lazypull_mounted_layers"]; got != float64(len(cv.manifest.Layers)) {
 		t.Errorf("lazypull_mounted_layers = %v", got)
 	}
-	if o.FuseManager && (m["lazypull_fuse_manager_up"] != 1 || m[`lazypull_fetch_requests_total{kind="foreground",result="ok"}`] == 0) {
+	if !o.InDaemon && (m["lazypull_fuse_manager_up"] != 1 || m[`lazypull_fetch_requests_total{kind="foreground",result="ok"}`] == 0) {
 		t.Errorf("the fuse manager's metrics: up %v, foreground fetches %v", m["lazypull_fuse_manager_up"], m[`lazypull_fetch_requests_total{kind="foreground",result="ok"}`])
 	}
 
@@ -623,23 +622,24 @@ func testK8sCRIPullRunLazy(t *testing.T, v lab.Version, cv *converted, o k8sNode
 // restart (the credentials captured from the CRI pull are gone), the
 // plugin supplies the credentials the lazy reads of a running image need,
 // and it is asked again once its answer's cache duration has passed. The
-// fuse_manager run does the same with the plugin run by the fuse manager.
+// fuse_manager run has the plugin run by the fuse manager (the default),
+// the daemon run by the daemon serving the layers itself.
 func TestK8sCredentialProviderAfterRestart(t *testing.T) {
 	img := threeLayerImage(t)
 	cv := convertImage(t, img, estargz.Gzip)
-	for _, manager := range []bool{false, true} {
+	for _, inDaemon := range []bool{true, false} {
 		name := "daemon"
-		if manager {
+		if !inDaemon {
 			name = "fuse_manager"
 		}
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			testK8sCredentialProviderAfterRestart(t, cv, manager)
+			testK8sCredentialProviderAfterRestart(t, cv, inDaemon)
 		})
 	}
 }
 
-func testK8sCredentialProviderAfterRestart(t *testing.T, cv *converted, manager bool) {
+func testK8sCredentialProviderAfterRestart(t *testing.T, cv *converted, inDaemon bool) {
 	reg, hostsDir, pause := k8sRegistries(t, 3*time.Second)
 	ref := pushPrivate(t, reg, "private/app", "v1", cv.image)
 
@@ -674,7 +674,7 @@ EOF_RESPONSE
 	if err := os.WriteFile(cpPath, []byte(cpConfig), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	n := startK8sNode(t, lab.Containerd2(), hostsDir, pause, k8sNodeOptions{FuseManager: manager, SnapshotterConfig: fmt.Sprintf(`
+	n := startK8sNode(t, lab.Containerd2(), hostsDir, pause, k8sNodeOptions{InDaemon: inDaemon, SnapshotterConfig: fmt.Sprintf(`
 [credential_providers]
 config = %q
 bin_dir = %q
@@ -705,7 +705,7 @@ timeout = "20s"
 		t.Fatal(err)
 	}
 	n.waitSnapshotter(t, ctx)
-	if manager {
+	if !inDaemon {
 		// The manager's registry client, which outlived the daemon,
 		// still holds the pull's bearer token: let it expire, so that
 		// the reads below need credentials again.
@@ -1017,8 +1017,11 @@ proxy:
 		t.Fatalf("%d remote snapshots, want %d", got, len(cv.manifest.Layers))
 	}
 	// The first reads make the mirror fetch and cache the blobs (it
-	// answers them whole); after a daemon restart, reads are ranges the
-	// mirror serves from its cache.
+	// answers them whole, and the registry client keeps such a blob in
+	// memory for the layer's lifetime); after a restart of the process
+	// that fetches, reads are ranges the mirror serves from its cache.
+	// That process is the fuse manager, which a daemon restart keeps: it
+	// is drained too (no pod runs).
 	if out, pod, _ := n.runPod(t, "warm", ref, "cat", "/etc/motd"); out != "layer 3" {
 		t.Fatalf("output %q", out)
 	} else {
@@ -1026,7 +1029,13 @@ proxy:
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := n.sn.Restart(ctx); err != nil {
+	if err := n.sn.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.sn.StopManager(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.sn.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
 	n.waitSnapshotter(t, ctx)

@@ -59,11 +59,15 @@ type lazyOptions struct {
 	// "background", the daemon's default). Off, the registry request log
 	// shows exactly what reads fetched.
 	Verify bool
-	// FuseManager turns on [fuse_manager]: the layers are served by the
-	// fuse manager process, which outlives the daemon. Binary, if set,
-	// is the daemon binary to run instead of the shared build.
-	FuseManager bool
-	Binary      string
+	// InDaemon sets [fuse_manager] enable = false: the daemon serves the
+	// layers itself, in its own process, and they go away with it. By
+	// default the config has no [fuse_manager] section, so the daemon's
+	// default applies: the layers are served by the fuse manager process,
+	// which outlives the daemon.
+	InDaemon bool
+	// Binary, if set, is the daemon binary to run instead of the shared
+	// build.
+	Binary string
 }
 
 // lazyEnv is a lazypull-snapshotter daemon and a containerd of the test's
@@ -71,6 +75,8 @@ type lazyOptions struct {
 type lazyEnv struct {
 	sn *lab.Snapshotter
 	c  *lab.Containerd
+	// inDaemon is lazyOptions.InDaemon: the daemon serves the layers.
+	inDaemon bool
 	// backend talks to the daemon's socket directly, bypassing
 	// containerd's metadata: it sees the daemon's own snapshot names
 	// (chain IDs for layers) and labels.
@@ -118,10 +124,7 @@ policy = %q
 
 [metrics]
 address = "127.0.0.1:0"
-
-[fuse_manager]
-enable = %t
-`, t.Name(), o.BackgroundFetch, o.Timeout, o.Retries, o.ReadTimeout, hostsDir, verifyPolicy(o.Verify), o.FuseManager)
+%s`, t.Name(), o.BackgroundFetch, o.Timeout, o.Retries, o.ReadTimeout, hostsDir, verifyPolicy(o.Verify), fuseManagerConfig(o.InDaemon))
 	bin := o.Binary
 	if bin == "" {
 		bin = lazypullSnapshotter(t)
@@ -140,7 +143,18 @@ enable = %t
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &lazyEnv{sn: sn, c: c, backend: proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), lazypullName)}
+	return &lazyEnv{sn: sn, c: c, inDaemon: o.InDaemon, backend: proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), lazypullName)}
+}
+
+// fuseManagerConfig is the [fuse_manager] section of a test daemon's
+// config: with inDaemon, enable = false (the daemon serves the layers
+// itself); otherwise none, so that the tests run the daemon's default,
+// the fuse manager.
+func fuseManagerConfig(inDaemon bool) string {
+	if inDaemon {
+		return "\n[fuse_manager]\nenable = false\n"
+	}
+	return ""
 }
 
 // pull pulls ref lazily through the daemon.
@@ -169,19 +183,25 @@ func (e *lazyEnv) run(t *testing.T, ctx context.Context, img client.Image, args 
 
 // restart kills (SIGKILL) or stops (SIGTERM) the daemon, starts it again
 // and waits until containerd reaches it. It returns how long the daemon
-// took to listen. A daemon stopped gracefully must have unmounted its
-// layers; a killed one leaves them behind.
+// took to listen. A daemon that serves the layers itself (InDaemon) and
+// is stopped gracefully must have unmounted them; a killed one leaves
+// them behind. With the fuse manager, the layers stay mounted either way.
 func (e *lazyEnv) restart(t *testing.T, ctx context.Context, kill bool) time.Duration {
 	t.Helper()
 	stop := e.sn.Stop
 	if kill {
 		stop = e.sn.Kill
 	}
+	before := e.fuseMounts(t)
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	if m := e.fuseMounts(t); !kill && len(m) > 0 {
-		t.Errorf("FUSE mounts left by the daemon stopped with SIGTERM: %v", m)
+	after := e.fuseMounts(t)
+	switch {
+	case e.inDaemon && !kill && len(after) > 0:
+		t.Errorf("FUSE mounts left by the daemon stopped with SIGTERM: %v", after)
+	case !e.inDaemon && len(after) != len(before):
+		t.Errorf("with the fuse manager, the layer mounts changed when the daemon stopped: %v before, %v after", before, after)
 	}
 	start := time.Now()
 	if err := e.sn.Start(ctx); err != nil {

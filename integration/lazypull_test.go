@@ -529,7 +529,11 @@ func TestLazypullRestart(t *testing.T) {
 		refB := push(t, reg, "restart/b:v1", cvB.image)
 		// A long request timeout: whatever needs the registry while it
 		// hangs below blocks long enough to fail the test.
-		env := newLazyEnv(t, v, reg, lazyOptions{Timeout: time.Minute, ReadTimeout: 2 * time.Minute})
+		// In the daemon: this is the restore path of a daemon that serves
+		// the layers itself (dead mounts after SIGKILL, layers mounted
+		// again from the saved TOCs, unmounted on SIGTERM);
+		// TestRestartFuseManager covers restarts with the fuse manager.
+		env := newLazyEnv(t, v, reg, lazyOptions{Timeout: time.Minute, ReadTimeout: 2 * time.Minute, InDaemon: true})
 		ctx := env.c.Namespace(t)
 
 		a := env.pull(t, ctx, refA)

@@ -339,7 +339,7 @@ func TestRestartFuseManager(t *testing.T) {
 	if out, err := exec.Command("cp", lazypullSnapshotter(t), bin).CombinedOutput(); err != nil {
 		t.Fatalf("cp: %v: %s", err, out)
 	}
-	env := newLazyEnv(t, v, reg, lazyOptions{FuseManager: true, Binary: bin})
+	env := newLazyEnv(t, v, reg, lazyOptions{Binary: bin})
 	root := env.sn.Root()
 	// lab's cleanup stops the manager (and checks its log for races).
 	ctx := env.c.Namespace(t)
@@ -351,6 +351,10 @@ func TestRestartFuseManager(t *testing.T) {
 	mc := env.managerClient(t, ctx)
 	managerPid := mc.Manager().Pid
 	mc.Close()
+	// The default config started the manager (no [fuse_manager] section).
+	if pid := env.sn.ManagerPid(); pid != managerPid || pid == env.sn.Pid() {
+		t.Fatalf("lab's ManagerPid %d, the manager says %d (daemon %d)", pid, managerPid, env.sn.Pid())
+	}
 
 	upgradeDir := t.TempDir()
 	upgraded, err := lab.Build(upgradeDir, "./cmd/snapshotter", "lazypull-snapshotter")
@@ -631,7 +635,7 @@ func TestRestartRegistryDown(t *testing.T) {
 	// Retries whose backoff (0.25 s doubling, capped at 10 s) spans more
 	// than the outage, within read_timeout.
 	const readTimeout = 30 * time.Second
-	env := newLazyEnv(t, v, reg, lazyOptions{FuseManager: true, Retries: 8, ReadTimeout: readTimeout})
+	env := newLazyEnv(t, v, reg, lazyOptions{Retries: 8, ReadTimeout: readTimeout})
 	ctx := env.c.Namespace(t)
 	img := env.pull(t, ctx, ref)
 	env.checkRemote(t, ctx, img, true)

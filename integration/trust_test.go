@@ -62,18 +62,19 @@ func poisonedImages(t *testing.T) (a, b *fixture.Image) {
 // it, and removes its snapshot; tenant B then pulls the honest image with
 // the same chain ID and reads its own bytes, never A's; A's image no
 // longer runs. The control run with verification off shows the attack
-// working, so the test can tell the two apart. With [fuse_manager] the
-// verification runs in the manager, which reports the failure to the
-// daemon: the daemon logs it, removes the snapshot, and its /metrics
-// carries the manager's count.
+// working, so the test can tell the two apart. With the fuse manager (the
+// default) the verification runs in the manager, which reports the
+// failure to the daemon: the daemon logs it, removes the snapshot, and its
+// /metrics carries the manager's count; the in_daemon run checks the same
+// with the daemon serving the layers itself.
 func TestLazypullPoisonedLayerFailsClosed(t *testing.T) {
 	imgA, imgB := poisonedImages(t)
 	for _, mode := range []struct {
-		name                string
-		verify, fuseManager bool
+		name             string
+		verify, inDaemon bool
 	}{
 		{"verify=background", true, false},
-		{"verify=background,fuse_manager", true, true},
+		{"verify=background,in_daemon", true, true},
 		{"verify=off(unsafe)", false, false},
 	} {
 		verify := mode.verify
@@ -83,7 +84,7 @@ func TestLazypullPoisonedLayerFailsClosed(t *testing.T) {
 			reg := lab.NewRegistry(t)
 			refA := push(t, reg, "tenant-a/app:v1", imgA)
 			refB := push(t, reg, "tenant-b/base:v1", imgB)
-			env := newLazyEnv(t, v, reg, lazyOptions{Verify: verify, FuseManager: mode.fuseManager})
+			env := newLazyEnv(t, v, reg, lazyOptions{Verify: verify, InDaemon: mode.inDaemon})
 
 			ctxA := env.c.Namespace(t)
 			a := env.pull(t, ctxA, refA)
@@ -112,7 +113,7 @@ func TestLazypullPoisonedLayerFailsClosed(t *testing.T) {
 					log, err := os.ReadFile(env.sn.LogPath())
 					t.Errorf("the daemon's log does not name the failed layer (%v):\n%s", err, log)
 				}
-				if mode.fuseManager {
+				if !mode.inDaemon {
 					if m := env.metrics(t); m["lazypull_fuse_manager_up"] != 1 {
 						t.Errorf("lazypull_fuse_manager_up = %v, want 1", m["lazypull_fuse_manager_up"])
 					}

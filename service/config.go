@@ -63,7 +63,7 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //	timeout = "1m"
 //
 //	[fuse_manager]
-//	enable = false
+//	enable = true
 //	address = ""
 //
 //	[profile]
@@ -123,18 +123,21 @@ type ProfileConfig struct {
 	Dir string `toml:"dir"`
 }
 
-// FuseManagerConfig is the [fuse_manager] section: with Enable, the layers'
-// FUSE file systems are served by a separate long-lived process (the fuse
-// manager, `lazypull-snapshotter fuse-manager`) that the daemon starts if
-// it is not running and drives over a unix socket, so that running
-// containers keep their layers when the daemon is killed, restarted or
-// upgraded. The manager reads the same configuration; it reports layers
-// that fail verification and its metrics to the daemon, and asks the
-// daemon for the credentials the [cri] proxy captures. See
-// docs/architecture.md, "Restarts".
+// FuseManagerConfig is the [fuse_manager] section: with Enable (the
+// default), the layers' FUSE file systems are served by a separate
+// long-lived process (the fuse manager, `lazypull-snapshotter
+// fuse-manager`) that the daemon starts if it is not running and drives
+// over a unix socket, so that running containers keep their layers when
+// the daemon is killed, restarted or upgraded. The manager reads the same
+// configuration; it reports layers that fail verification, its metrics
+// and its fetch log to the daemon, and asks the daemon for the
+// credentials the [cri] proxy captures. See docs/architecture.md,
+// "Restarts".
 type FuseManagerConfig struct {
-	// Enable serves the layers from the fuse manager. Default false: the
-	// daemon serves them itself and they go away with it.
+	// Enable serves the layers from the fuse manager. Default true.
+	// false makes the daemon serve them itself, in its own process: they
+	// go away with it, and containers using them see "transport endpoint
+	// is not connected" after a daemon restart until they are recreated.
 	Enable bool `toml:"enable"`
 	// Address is the manager's unix socket. Default "": <root>/fuse-manager.sock.
 	Address string `toml:"address"`
@@ -304,7 +307,8 @@ func DefaultConfig() *Config {
 		CredentialProviders: CredentialProvidersConfig{
 			Timeout: Duration(time.Minute),
 		},
-		Profile: ProfileConfig{Record: true, Lookup: true},
+		Profile:     ProfileConfig{Record: true, Lookup: true},
+		FuseManager: FuseManagerConfig{Enable: true},
 	}
 }
 

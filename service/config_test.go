@@ -18,6 +18,9 @@ func TestLoadConfigMissing(t *testing.T) {
 	if !reflect.DeepEqual(cfg, DefaultConfig()) {
 		t.Fatalf("missing default config: got %+v, want defaults", cfg)
 	}
+	if !cfg.FuseManager.Enable {
+		t.Error("fuse_manager.enable defaults to false; the default is the fuse manager (running containers survive daemon restarts)")
+	}
 	if _, err := LoadConfig(missing, true); err == nil || !strings.Contains(err.Error(), missing) {
 		t.Fatalf("missing explicit config: want an error naming it, got %v", err)
 	}
@@ -69,6 +72,10 @@ record = false
 lookup = true
 push = true
 dir = "/srv/profiles"
+
+[fuse_manager]
+enable = false
+address = "/run/lp/fm.sock"
 `)
 	cfg, err := LoadConfig(p, true)
 	if err != nil {
@@ -88,7 +95,8 @@ dir = "/srv/profiles"
 			BinDir:  "/usr/libexec/kubernetes/credential-providers",
 			Timeout: Duration(10 * time.Second),
 		},
-		Profile: ProfileConfig{Record: false, Lookup: true, Push: true, Dir: "/srv/profiles"},
+		Profile:     ProfileConfig{Record: false, Lookup: true, Push: true, Dir: "/srv/profiles"},
+		FuseManager: FuseManagerConfig{Enable: false, Address: "/run/lp/fm.sock"},
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Fatalf("got %+v\nwant %+v", cfg, want)

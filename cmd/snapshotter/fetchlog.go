@@ -1,23 +1,29 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"sync"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 
 	lfs "github.com/lazypull/lazypull/fs"
+	"github.com/lazypull/lazypull/internal/fusemanager"
 	"github.com/lazypull/lazypull/remote"
+	"github.com/lazypull/lazypull/service"
 )
 
 // maxFetchLog bounds the fetch log: the oldest records are dropped beyond
 // it (a record is about 200 bytes: 10 MB at most).
 const maxFetchLog = 50_000
 
-// fetchRecord is one registry request the daemon made, as served at
-// /debug/fetches on the metrics address (for `lazypull bench` timelines).
+// fetchRecord is one registry request the daemon (or, with the fuse
+// manager, the manager) made, as served at /debug/fetches on the daemon's
+// metrics address (for `lazypull bench` timelines).
 type fetchRecord struct {
 	// Start is when the request was sent.
 	Start time.Time `json:"start"`
@@ -91,16 +97,65 @@ func (l *fetchLog) classify(layer digest.Digest, length int64, kind string) {
 	}
 }
 
-// ServeHTTP writes the log as JSON: {"dropped": N, "fetches": [...]}.
-func (l *fetchLog) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
+// JSON encodes the log: {"dropped": N, "fetches": [...]}. The fuse
+// manager hands it to the daemon this way (fusemanager.Client.Fetches).
+func (l *fetchLog) JSON() ([]byte, error) {
 	l.mu.Lock()
 	out := struct {
 		Dropped int           `json:"dropped"`
 		Fetches []fetchRecord `json:"fetches"`
 	}{l.dropped, append([]fetchRecord(nil), l.records...)}
 	l.mu.Unlock()
+	b, err := json.Marshal(out)
+	if err != nil {
+		return nil, fmt.Errorf("encoding the fetch log: %w", err)
+	}
+	return append(b, '\n'), nil
+}
+
+// ServeHTTP writes the log as JSON (see JSON).
+func (l *fetchLog) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
+	b, err := l.JSON()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
 	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(out)
+	_, _ = w.Write(b)
+}
+
+// managerFetches serves the fuse manager's fetch log at the daemon's
+// /debug/fetches: with the manager, the layers are fetched there.
+type managerFetches struct{ c *fusemanager.Client }
+
+// ServeHTTP implements http.Handler.
+func (m managerFetches) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	defer cancel()
+	b, err := m.c.Fetches(ctx)
+	if err != nil {
+		code := http.StatusBadGateway // the manager did not answer
+		switch {
+		case errdefs.IsNotImplemented(err):
+			code = http.StatusNotImplemented
+		case errdefs.IsNotFound(err):
+			code = http.StatusNotFound
+		}
+		http.Error(w, err.Error(), code)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write(b)
+}
+
+// withFetchLog makes opts keep a fetch log (the layers' registry requests,
+// classified by what the layer file system says about each) and returns
+// it.
+func withFetchLog(opts *service.Options) *fetchLog {
+	l := &fetchLog{}
+	opts.OnFetch = l.onFetch
+	opts.WrapObserver = func(o lfs.Observer) lfs.Observer { return loggingObserver{Observer: o, log: l} }
+	return l
 }
 
 // loggingObserver passes fs.Observer events on and classifies the fetch

@@ -117,12 +117,35 @@ func startManager(ctx context.Context, dc daemonConfig, root, addr string) error
 		case werr := <-exited:
 			return fmt.Errorf("the fuse manager exited (%v) before answering; see %s", werr, logPath)
 		case <-ctx.Done():
+			// The daemon stops before the manager it started answered:
+			// nobody mounted anything through it yet, so it goes too
+			// rather than run on unseen.
+			abandonManager(ctx, cmd, exited)
 			return ctx.Err()
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
+			abandonManager(ctx, cmd, exited)
 			return fmt.Errorf("the fuse manager did not answer on %s within %s: %w", addr, managerStartTimeout, err)
 		}
+	}
+}
+
+// abandonManagerTimeout bounds the wait for a manager that never answered
+// to exit on SIGTERM before it is killed.
+const abandonManagerTimeout = 10 * time.Second
+
+// abandonManager stops a manager the daemon started that never answered
+// (the daemon is stopping, or the manager hangs): SIGTERM, then SIGKILL.
+// It has no layers, since only its answering makes it usable.
+func abandonManager(ctx context.Context, cmd *exec.Cmd, exited <-chan error) {
+	log.G(ctx).WithField("pid", cmd.Process.Pid).Warn("stopping the fuse manager started here: it has not answered yet")
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+	case <-time.After(abandonManagerTimeout):
+		_ = cmd.Process.Kill()
+		<-exited
 	}
 }
 
@@ -271,6 +294,12 @@ func serveManager(ctx context.Context, addr, root string, cfg *service.Config) (
 		defer creds.Close()
 		opts.CapturedCredentials = creds
 	}
+	// The daemon serves the fetch log at /debug/fetches on its [metrics]
+	// address; the manager keeps it when that is set.
+	var fetchesJSON func() ([]byte, error)
+	if cfg.Metrics.Address != "" {
+		fetchesJSON = withFetchLog(&opts).JSON
+	}
 	svc, err := service.New(ctx, opts)
 	if err != nil {
 		l.Close()
@@ -296,6 +325,7 @@ func serveManager(ctx context.Context, addr, root string, cfg *service.Config) (
 		Version:  versionString(),
 		Failures: failures,
 		Metrics:  reg,
+		Fetches:  fetchesJSON,
 		Shutdown: func(context.Context) error {
 			log.G(ctx).Info("shutdown requested: unmounting every layer")
 			return closeSvc()

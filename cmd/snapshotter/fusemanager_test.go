@@ -2,14 +2,21 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 
+	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/lazypull/lazypull/internal/fusemanager"
+	"github.com/lazypull/lazypull/remote"
 )
 
 // noLayers is a fuse manager backend serving nothing.
@@ -77,5 +84,56 @@ func TestManagerMetrics(t *testing.T) {
 	}
 	if _, ok := gauge(mfs, "lazypull_mounted_layers"); ok {
 		t.Error("the gone manager's metrics are still there")
+	}
+}
+
+// The daemon's /debug/fetches serves the manager's fetch log; a manager
+// that keeps none is a 404, a manager that is gone a 502.
+func TestManagerFetches(t *testing.T) {
+	get := func(h http.Handler) *httptest.ResponseRecorder {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest("GET", "/debug/fetches", nil))
+		return rec
+	}
+	start := func(opts fusemanager.ServerOptions) (*fusemanager.Client, func()) {
+		addr := filepath.Join(t.TempDir(), "m.sock")
+		l, err := net.Listen("unix", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- fusemanager.Serve(ctx, l, noLayers{}, opts) }()
+		stop := sync.OnceFunc(func() { cancel(); <-done })
+		t.Cleanup(stop)
+		c, err := fusemanager.Dial(ctx, addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c, stop
+	}
+
+	l := &fetchLog{}
+	l.onFetch(remote.FetchEvent{Op: "range", Digest: digest.FromString("a"), Offset: 7, Length: 100, Bytes: 100, Attempt: 1})
+	c, stop := start(fusemanager.ServerOptions{Fetches: l.JSON})
+	rec := get(managerFetches{c})
+	var got struct {
+		Fetches []fetchRecord `json:"fetches"`
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &got); rec.Code != http.StatusOK || err != nil || rec.Header().Get("Content-Type") != "application/json" {
+		t.Fatalf("GET /debug/fetches: %d %q, %v", rec.Code, rec.Body, err)
+	}
+	if len(got.Fetches) != 1 || got.Fetches[0].Offset != 7 || got.Fetches[0].Op != "range" {
+		t.Fatalf("the manager's fetch log through the daemon: %+v", got.Fetches)
+	}
+	stop()
+	if rec := get(managerFetches{c}); rec.Code != http.StatusBadGateway {
+		t.Errorf("with the manager gone: %d %q, want 502", rec.Code, rec.Body)
+	}
+
+	none, _ := start(fusemanager.ServerOptions{})
+	if rec := get(managerFetches{none}); rec.Code != http.StatusNotFound || !strings.Contains(rec.Body.String(), "[metrics]") {
+		t.Errorf("a manager without a fetch log: %d %q, want 404 naming [metrics]", rec.Code, rec.Body)
 	}
 }

@@ -48,7 +48,6 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/lazypull/lazypull/cri"
-	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/internal/fusemanager"
 	"github.com/lazypull/lazypull/keychain"
 	"github.com/lazypull/lazypull/service"
@@ -139,20 +138,16 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	// The fetch log (for lazypull bench) is kept only when the metrics
-	// endpoint that serves it is on.
 	opts := service.Options{
 		Config:    dc.cfg,
 		Root:      root,
 		UserAgent: "lazypull-snapshotter/" + versionString(),
 		Metrics:   reg,
 	}
-	var fetches *fetchLog
-	if dc.cfg.Metrics.Address != "" {
-		fetches = &fetchLog{}
-		opts.OnFetch = fetches.onFetch
-		opts.WrapObserver = func(o lfs.Observer) lfs.Observer { return loggingObserver{Observer: o, log: fetches} }
-	}
+	// The fetch log (for lazypull bench) is kept only when the metrics
+	// endpoint that serves it is on, by whoever fetches: the daemon, or
+	// the fuse manager, whose log the daemon serves.
+	var fetches http.Handler
 	var (
 		svc      *service.Service
 		mc       *fusemanager.Client
@@ -162,11 +157,18 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 	)
 	if dc.cfg.FuseManager.Enable {
 		if mc, err = connectManager(ctx, dc, root); err != nil {
+			if ctx.Err() != nil {
+				// SIGTERM while the manager starts: a clean stop. The
+				// manager, once up, stays for the next daemon.
+				log.G(ctx).WithError(err).Info("shutting down while connecting to the fuse manager")
+				return nil
+			}
 			return fmt.Errorf("fuse manager: %w", err)
 		}
 		defer mc.Close() // the manager and its mounts stay
 		layerFS = mc
 		gatherer = prometheus.Gatherers{reg, managerMetrics{mc}}
+		fetches = managerFetches{mc}
 		if dc.cfg.CRI.Enable {
 			// The manager fetches, the CRI proxy here captures: the
 			// manager asks for the credentials over this socket.
@@ -178,6 +180,9 @@ func serve(ctx context.Context, dc daemonConfig) (retErr error) {
 			defer stopCreds()
 		}
 	} else {
+		if dc.cfg.Metrics.Address != "" {
+			fetches = withFetchLog(&opts)
+		}
 		svc, err = service.New(ctx, opts)
 		if err != nil {
 			return fmt.Errorf("setting up the layer file system: %w", err)

@@ -78,8 +78,11 @@ func (w *lineWriter) Write(p []byte) (int, error) {
 
 // daemon is a running lazypull-snapshotter process.
 type daemon struct {
-	cmd     *exec.Cmd
-	sock    string
+	cmd  *exec.Cmd
+	sock string
+	// args are the daemon's flags but --address: `fuse-manager --stop`
+	// takes the same --root and --config.
+	args    []string
 	exited  chan struct{}
 	waitErr error
 
@@ -88,9 +91,13 @@ type daemon struct {
 }
 
 // startDaemon starts the daemon with args and waits until it accepts
-// connections on sock. Its log lines go to logf.
+// connections on sock and has logged that it serves (it listens before it
+// has connected to its fuse manager and opened its root). Its log lines go
+// to logf.
 func startDaemon(sock string, logf func(string), args ...string) (*daemon, error) {
-	d := &daemon{sock: sock, exited: make(chan struct{})}
+	d := &daemon{sock: sock, args: args, exited: make(chan struct{})}
+	serving := make(chan struct{})
+	var servingOnce sync.Once
 	d.cmd = exec.Command(daemonBin, append([]string{"--address", sock}, args...)...)
 	// A race-enabled daemon exits with status 66 if it saw a race, which
 	// stop reports; it need not also sleep a second on its way out.
@@ -99,6 +106,9 @@ func startDaemon(sock string, logf func(string), args ...string) (*daemon, error
 		d.mu.Lock()
 		d.output.WriteString(line + "\n")
 		d.mu.Unlock()
+		if strings.Contains(line, `msg="lazypull-snapshotter serving"`) {
+			servingOnce.Do(func() { close(serving) })
+		}
 		logf(line)
 	}}
 	if err := d.cmd.Start(); err != nil {
@@ -115,9 +125,13 @@ func startDaemon(sock string, logf func(string), args ...string) (*daemon, error
 			return nil, fmt.Errorf("daemon exited before serving: %v\n%s", d.waitErr, d.logs())
 		default:
 		}
-		if c, err := net.Dial("unix", sock); err == nil {
-			c.Close()
-			return d, nil
+		select {
+		case <-serving:
+			if c, err := net.Dial("unix", sock); err == nil {
+				c.Close()
+				return d, nil
+			}
+		default:
 		}
 		if time.Now().After(deadline) {
 			d.cmd.Process.Kill()
@@ -134,7 +148,10 @@ func (d *daemon) logs() string {
 	return d.output.String()
 }
 
-// stop sends sig and expects the daemon to exit 0.
+// stop sends sig and expects the daemon to exit 0, then stops the fuse
+// manager the daemon started (the default config serves the layers from
+// it, and it outlives the daemon by design): `fuse-manager --stop` must
+// report it stopped, or that none runs.
 func (d *daemon) stop(sig os.Signal) error {
 	if err := d.cmd.Process.Signal(sig); err != nil {
 		return err
@@ -144,10 +161,23 @@ func (d *daemon) stop(sig os.Signal) error {
 	case <-time.After(30 * time.Second):
 		d.cmd.Process.Kill()
 		<-d.exited
-		return fmt.Errorf("daemon did not exit 30s after %v", sig)
+		return errors.Join(fmt.Errorf("daemon did not exit 30s after %v", sig), d.stopManager())
 	}
+	var err error
 	if d.waitErr != nil {
-		return fmt.Errorf("daemon exited with %v after %v", d.waitErr, sig)
+		err = fmt.Errorf("daemon exited with %v after %v", d.waitErr, sig)
+	}
+	return errors.Join(err, d.stopManager())
+}
+
+// stopManager runs `fuse-manager --stop` with the daemon's --root and
+// --config.
+func (d *daemon) stopManager() error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, daemonBin, append([]string{"fuse-manager", "--stop"}, d.args...)...).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "stopped") && !strings.Contains(string(out), "no fuse manager running") {
+		return fmt.Errorf("fuse-manager --stop: %v: %s", err, out)
 	}
 	return nil
 }
@@ -218,6 +248,52 @@ func TestDaemonStartsQuickly(t *testing.T) {
 	}
 }
 
+// TestDaemonStopWhileStarting: a SIGTERM that arrives while the daemon
+// already listens but still waits for its fuse manager to start is a
+// clean stop (exit 0), not a failure.
+func TestDaemonStopWhileStarting(t *testing.T) {
+	requireRoot(t)
+	root := t.TempDir()
+	sock := filepath.Join(root, "s.sock")
+	args := []string{"--root", root, "--config", writeConfig(t.TempDir(), "")}
+	cmd := exec.Command(daemonBin, append([]string{"--address", sock}, args...)...)
+	var out bytes.Buffer
+	cmd.Stderr = &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{args: args}
+	defer func() {
+		if err := d.stopManager(); err != nil {
+			t.Error(err)
+		}
+	}()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("daemon not listening after 20s:\n%s", out.String())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("daemon stopped while starting: %v, want exit 0:\n%s", err, out.String())
+	}
+	// A manager that had not answered yet went with it; one that had
+	// stays (it is stopped by the deferred fuse-manager --stop).
+	if pids := lab.ProcessesNaming(root); len(pids) > 0 && !strings.Contains(out.String(), "lazypull-snapshotter serving") {
+		t.Errorf("processes on the root after the daemon stopped before serving: %v\n%s", pids, out.String())
+	}
+}
+
 // TestDaemonLifecycle: parent directories are created, a stale socket is
 // replaced, snapshots survive a restart, SIGINT exits 0, and a second
 // daemon refuses a socket or a root in use.
@@ -265,8 +341,13 @@ func TestDaemonLifecycle(t *testing.T) {
 	// Socket in use.
 	other := filepath.Join(tmp, "other")
 	expectFailure(t, "in use", "--address", sock, "--root", other, "--config", cfg)
-	// Root in use: the chunk cache under it, opened first, is locked.
-	expectFailure(t, "in use by another store", "--address", filepath.Join(tmp, "s2.sock"), "--root", root, "--config", cfg)
+	// Root in use: the second daemon finds the first one's fuse manager
+	// (the layers' owner) and then the metadata database locked.
+	expectFailure(t, "is another snapshotter using root", "--address", filepath.Join(tmp, "s2.sock"), "--root", root, "--config", cfg)
+	// A daemon that would serve the layers itself ([fuse_manager] enable
+	// = false) finds the chunk cache the manager opened locked.
+	inDaemon := writeConfig(t.TempDir(), "[fuse_manager]\nenable = false\n")
+	expectFailure(t, "in use by another store", "--address", filepath.Join(tmp, "s3.sock"), "--root", root, "--config", inDaemon)
 	if _, err := sn.Stat(ctx, "c"); err != nil {
 		t.Fatalf("first daemon hurt by the second: %v", err)
 	}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/rpc"
+	"strings"
 	"sync"
 	"time"
 
@@ -261,6 +262,28 @@ func (c *Client) Gather() ([]*dto.MetricFamily, error) {
 		}
 		out = append(out, mf)
 	}
+}
+
+// Fetches returns the manager's log of registry requests as JSON (the
+// daemon serves it at /debug/fetches). It fails with errdefs.ErrNotFound
+// if the manager keeps no log (no [metrics] address in its config), and
+// with errdefs.ErrNotImplemented if the manager is older than the Fetches
+// call. It never starts a manager.
+func (c *Client) Fetches(ctx context.Context) ([]byte, error) {
+	var r FetchesReply
+	if err := c.callN(ctx, "Fetches", Empty{}, &r, 2, false); err != nil {
+		var se rpc.ServerError
+		if errors.As(err, &se) && strings.Contains(string(se), "can't find method") {
+			h := c.Manager()
+			return nil, fmt.Errorf("the fuse manager (pid %d, version %s) keeps no fetch log for the daemon; drain it (lazypull-snapshotter fuse-manager --stop) to upgrade it: %w",
+				h.Pid, h.Version, errdefs.ErrNotImplemented)
+		}
+		return nil, err
+	}
+	if !r.Kept {
+		return nil, fmt.Errorf("the fuse manager keeps no fetch log (its config sets no [metrics] address): %w", errdefs.ErrNotFound)
+	}
+	return r.JSON, nil
 }
 
 // Close closes the connection; the manager keeps running.

@@ -8,8 +8,9 @@
 // daemon drives it with a Client, which implements snapshot.LayerFS,
 // snapshot.LayerSizer and snapshot.MountLister. The same socket carries
 // what the daemon needs back from the manager: the layers the manager
-// failed (whole-layer verification, Client.WatchFailures) and the
-// manager's Prometheus metrics (Client is a prometheus.Gatherer). The
+// failed (whole-layer verification, Client.WatchFailures), the
+// manager's Prometheus metrics (Client is a prometheus.Gatherer) and its
+// log of registry requests (Client.Fetches, the daemon's /debug/fetches). The
 // manager in turn asks the daemon for the registry credentials the daemon
 // captured (ServeCredentials, CredentialSource). The protocol is versioned
 // (Protocol): a daemon refuses a manager speaking another version, and
@@ -25,9 +26,13 @@ import (
 	"github.com/containerd/errdefs"
 )
 
-// Protocol is the version of the RPC protocol. A change of the method set
-// or of an argument's meaning bumps it. Version 2 added Failures and
-// Metrics.
+// Protocol is the version of the RPC protocol. A change that a peer of
+// the same version could not handle (a method removed or renamed, an
+// argument's or reply's meaning changed) bumps it, and a daemon refuses a
+// manager of another version: that manager must be drained to upgrade. A
+// method added that a daemon can do without does not bump it: the client
+// reports a manager that does not know it with errdefs.ErrNotImplemented
+// (Fetches, added after version 2). Version 2 added Failures and Metrics.
 const Protocol = 2
 
 // serviceName is the net/rpc service name.
@@ -110,6 +115,15 @@ type FailuresReply struct {
 // protobuf (expfmt.TypeProtoDelim).
 type MetricsReply struct {
 	Families []byte
+}
+
+// FetchesReply carries the manager's fetch log.
+type FetchesReply struct {
+	// Kept tells whether the manager keeps a fetch log (it does when the
+	// config's [metrics] address is set).
+	Kept bool
+	// JSON is the log as the daemon serves it at /debug/fetches.
+	JSON []byte
 }
 
 // Empty is an empty argument or reply.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/rpc"
 	"os"
 	"path/filepath"
 	"slices"
@@ -403,4 +404,71 @@ func TestFailuresWaitEndsWhenClientHangsUp(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// The daemon's /debug/fetches reads the manager's fetch log; a manager
+// that keeps none, or that is older than the call, says so.
+func TestFetches(t *testing.T) {
+	ctx := context.Background()
+	b := &memBackend{mounted: map[string]map[string]string{}, sick: map[string]bool{}}
+	start := func(opts ServerOptions) string {
+		addr := filepath.Join(t.TempDir(), "m.sock")
+		l, err := net.Listen("unix", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sctx, cancel := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- Serve(sctx, l, b, opts) }()
+		t.Cleanup(func() { cancel(); <-done })
+		return addr
+	}
+	const log = `{"dropped":0,"fetches":[{"op":"range"}]}`
+	c, err := Dial(ctx, start(ServerOptions{Fetches: func() ([]byte, error) { return []byte(log), nil }}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got, err := c.Fetches(ctx); err != nil || string(got) != log {
+		t.Fatalf("Fetches: %q, %v", got, err)
+	}
+
+	none, err := Dial(ctx, start(ServerOptions{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer none.Close()
+	if got, err := none.Fetches(ctx); !errdefs.IsNotFound(err) {
+		t.Fatalf("Fetches from a manager without a log: want ErrNotFound, got %q, %v", got, err)
+	}
+
+	// A manager of the same protocol from before Fetches existed.
+	addr := filepath.Join(t.TempDir(), "old.sock")
+	l, err := net.Listen("unix", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	srv := rpc.NewServer()
+	if err := srv.RegisterName(serviceName, oldManager{}); err != nil {
+		t.Fatal(err)
+	}
+	go srv.Accept(l)
+	old, err := Dial(ctx, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	if got, err := old.Fetches(ctx); !errdefs.IsNotImplemented(err) {
+		t.Fatalf("Fetches from a manager without the call: want ErrNotImplemented, got %q, %v", got, err)
+	}
+}
+
+// oldManager answers Hello only, as a manager from before a method was
+// added would.
+type oldManager struct{}
+
+func (oldManager) Hello(_ Empty, reply *HelloReply) error {
+	*reply = HelloReply{Protocol: Protocol, Version: "old", Pid: os.Getpid()}
+	return nil
 }

@@ -30,6 +30,9 @@ type ServerOptions struct {
 	Failures *FailureLog
 	// Metrics is what Metrics calls answer with; nil means no metrics.
 	Metrics prometheus.Gatherer
+	// Fetches, if set, returns the manager's log of registry requests as
+	// JSON, for Fetches calls; nil means the manager keeps none.
+	Fetches func() ([]byte, error)
 }
 
 // maxFailuresWait bounds how long a Failures call waits for a failure.
@@ -253,6 +256,19 @@ func (s *rpcServer) Metrics(_ Empty, reply *MetricsReply) error {
 		}
 	}
 	reply.Families = buf.Bytes()
+	return nil
+}
+
+// Fetches answers with the manager's fetch log.
+func (s *rpcServer) Fetches(_ Empty, reply *FetchesReply) error {
+	if s.opts.Fetches == nil {
+		return nil
+	}
+	b, err := s.opts.Fetches()
+	if err != nil {
+		return fmt.Errorf("encoding the fetch log: %w", err)
+	}
+	*reply = FetchesReply{Kept: true, JSON: b}
 	return nil
 }
 

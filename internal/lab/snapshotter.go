@@ -277,6 +277,23 @@ func (s *Snapshotter) StopManager() error {
 	return errors.Join(errs...)
 }
 
+// ManagerPid is the pid of the fuse manager serving the daemon's root
+// (the default, [fuse_manager] enable = true), or 0 if none runs. Its CPU
+// and memory are the layers': they are fetched, decompressed and served
+// there, not in the daemon.
+func (s *Snapshotter) ManagerPid() int {
+	for _, pid := range ProcessesNaming(s.cfg.Root) {
+		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+		if err != nil {
+			continue
+		}
+		if args := strings.Split(string(b), "\x00"); len(args) > 1 && args[1] == "fuse-manager" && !slices.Contains(args, "--stop") {
+			return pid
+		}
+	}
+	return 0
+}
+
 // ProcessesNaming lists the processes one of whose arguments is arg (the
 // daemon and its fuse manager both get --root ROOT).
 func ProcessesNaming(arg string) []int {
