@@ -262,9 +262,10 @@ type Sample struct {
 	ForegroundRequests, BackgroundRequests int64
 	// DaemonRequests is lazypull_fetch_requests_total at the ready line.
 	DaemonRequests int64
-	PeakRSSBytes   int64 // the snapshotter's VmHWM (modes with a fresh daemon: lazypull's and the peer)
+	PeakRSSBytes   int64 // the snapshotter's VmHWM (modes with a fresh daemon: lazypull's and the peer), summed over the daemon and lazypull's fuse manager
 	// DaemonCPUSeconds is the user+system CPU time the snapshotter spent
-	// from the pull to the ready line (modes with a fresh daemon).
+	// from the pull to the ready line (modes with a fresh daemon; for
+	// lazypull, the daemon and its fuse manager together).
 	DaemonCPUSeconds float64
 	// LinkUtilization is the share of the link the run used: bytes over
 	// the link (the WAN emulator's count, both directions' payload toward

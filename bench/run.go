@@ -261,7 +261,7 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 	r.logf("%s: pulling %s", tag, ref)
 	var cpu0 float64
 	if e.sn != nil {
-		cpu0 = cpuSeconds(e.sn.Pid())
+		cpu0 = processesCPU(snapshotterPids(e.sn))
 	}
 	rec := &recorder{start: time.Now()}
 	img, err := e.c.Pull(ctx, ref, sn, client.WithResolver(rec.wrap(r.cfg.Resolver())), client.WithPlatformMatcher(r.match))
@@ -276,7 +276,7 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 	}
 	var cpu1 float64
 	if e.sn != nil {
-		cpu1 = cpuSeconds(e.sn.Pid())
+		cpu1 = processesCPU(snapshotterPids(e.sn))
 	}
 	if _, proxied := r.cfg.Proxies[string(mode)]; proxied {
 		// The proxy snapshotter outlives the run: deleting the image with
@@ -303,7 +303,9 @@ func (r *Runner) measure(ctx context.Context, w Workload, mode Mode, ref string,
 		s.ForegroundLatencyMedian, s.ForegroundLatencyP90 = foregroundLatency(s.Requests)
 	}
 	if e.sn != nil {
-		s.PeakRSSBytes = peakRSS(e.sn.Pid())
+		for _, pid := range snapshotterPids(e.sn) {
+			s.PeakRSSBytes += peakRSS(pid)
+		}
 		s.DaemonCPUSeconds = cpu1 - cpu0
 	}
 	sort.SliceStable(s.Requests, func(i, j int) bool { return s.Requests[i].Start < s.Requests[j].Start })
@@ -750,6 +752,27 @@ func dropCaches() {
 // clockTicks is the unit of the CPU times in /proc/PID/stat (USER_HZ,
 // 100 on every Linux architecture Go supports).
 const clockTicks = 100
+
+// snapshotterPids are the processes of a run's snapshotter: the daemon
+// and, for lazypull in its default mode, the fuse manager that serves its
+// layers — where chunks are fetched, decompressed, verified and cached, so
+// most of the CPU and memory a cold start costs is there.
+func snapshotterPids(sn *lab.Snapshotter) []int {
+	pids := []int{sn.Pid()}
+	if m := sn.ManagerPid(); m > 0 && m != pids[0] {
+		pids = append(pids, m)
+	}
+	return pids
+}
+
+// processesCPU is the CPU time the processes have used so far, together.
+func processesCPU(pids []int) float64 {
+	var t float64
+	for _, pid := range pids {
+		t += cpuSeconds(pid)
+	}
+	return t
+}
 
 // cpuSeconds returns the user+system CPU time a process has used so far
 // (utime and stime in /proc/PID/stat), or 0 if it cannot be read.
