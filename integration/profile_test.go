@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"math/rand"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -185,7 +184,7 @@ func TestLazypullProfile(t *testing.T) {
 	}) {
 		t.Fatalf("node 2: %d of the profile's %d chunks not fetched within 60 s (daemon log %s)", missing, recorded.ChunkCount(), node2.sn.LogPath())
 	}
-	if log, _ := os.ReadFile(node2.sn.LogPath()); !strings.Contains(string(log), "start-up profile found") {
+	if !strings.Contains(node2.sn.Logs(), "start-up profile found") {
 		t.Fatal("node 2 did not log the profile it found")
 	}
 	// The workload needs nothing more from the registry.
@@ -223,13 +222,11 @@ func TestLazypullProfile(t *testing.T) {
 	ctx3 := node3.c.Namespace(t)
 	image3 := node3.pull(t, ctx3, ref)
 	if !waitFor(60*time.Second, func() bool {
-		log, _ := os.ReadFile(node3.sn.LogPath())
-		return strings.Contains(string(log), "start-up profile found")
+		return strings.Contains(node3.sn.Logs(), "start-up profile found")
 	}) {
 		t.Fatalf("node 3 did not take the hostile profile (the newest valid one) within 60 s (daemon log %s)", node3.sn.LogPath())
 	}
-	log, _ := os.ReadFile(node3.sn.LogPath())
-	if !strings.Contains(string(log), "exceeds the limit") {
+	if !strings.Contains(node3.sn.Logs(), "exceeds the limit") {
 		t.Errorf("node 3 did not log refusing the oversized profile")
 	}
 	layers := map[string]bool{}

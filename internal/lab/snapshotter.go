@@ -255,6 +255,14 @@ func (s *Snapshotter) Restart(ctx context.Context) error {
 // [fuse_manager] enable = true.
 func (s *Snapshotter) ManagerLogPath() string { return filepath.Join(s.cfg.Root, "fuse-manager.log") }
 
+// Logs returns what the daemon and its fuse manager (the default mode,
+// where layers are served, recorded and verified) have logged so far.
+func (s *Snapshotter) Logs() string {
+	d, _ := os.ReadFile(s.logPath)
+	m, _ := os.ReadFile(s.ManagerLogPath())
+	return string(d) + string(m)
+}
+
 // StopManager stops the fuse manager the daemon started, if one runs on
 // the root (`fuse-manager --stop`: every layer unmounted, the manager
 // gone); a manager that does not go is killed. The daemon must be
