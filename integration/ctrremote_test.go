@@ -84,9 +84,11 @@ func TestCtrRemoteImagesVerifyClean(t *testing.T) {
 				if l.MediaType != c.mediaType || l.Annotations[estargz.TOCDigestAnnotation] == "" {
 					t.Fatalf("ctr-remote's layer %d is not converted: %+v", i, l)
 				}
+				t.Logf("ctr-remote's layer %d: %s %s (%d bytes) %v", i, l.MediaType, l.Digest, l.Size, l.Annotations)
 			}
 
 			ctx := env.c.Namespace(t)
+			pulled := time.Now()
 			image := env.pull(t, ctx, dstRef)
 			env.checkRemote(t, ctx, image, true)
 			if n := len(env.fuseMounts(t)); n != len(manifest.Layers) {
@@ -113,6 +115,7 @@ func TestCtrRemoteImagesVerifyClean(t *testing.T) {
 					if ok > n {
 						t.Errorf("%v layers verified ok, want %v", ok, n)
 					}
+					t.Logf("%v layers verified ok within %v of the pull", ok, time.Since(pulled).Round(time.Millisecond))
 					break
 				}
 				if time.Now().After(deadline) {
