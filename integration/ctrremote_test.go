@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/platforms"
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazypull/lazypull/estargz"
@@ -41,14 +42,22 @@ func TestCtrRemoteImagesVerifyClean(t *testing.T) {
 	}
 	checkExpectedTree(t, want)
 
+	blobSize := want["data/blob"].Size
 	for _, c := range []struct {
 		name string
-		flag string
+		// args select the conversion after "images convert --oci".
+		args []string
 		// mediaType is what ctr-remote's converted layers must be.
 		mediaType string
+		// blobChunks is how many chunks the TOC must cut /data/blob
+		// (1 MiB) into: one with ctr-remote's default chunk size (4
+		// MiB), many with a small one.
+		blobChunks int
 	}{
-		{"gzip", "--estargz", ocispec.MediaTypeImageLayerGzip},
-		{"zstdchunked", "--zstdchunked", ocispec.MediaTypeImageLayerZstd},
+		{"gzip", []string{"--estargz"}, ocispec.MediaTypeImageLayerGzip, 1},
+		{"zstdchunked", []string{"--zstdchunked"}, ocispec.MediaTypeImageLayerZstd, 1},
+		{"gzip-64k-chunks", []string{"--estargz", "--estargz-chunk-size", "65536"}, ocispec.MediaTypeImageLayerGzip, int(blobSize / 65536)},
+		{"zstdchunked-64k-chunks", []string{"--zstdchunked", "--estargz-chunk-size", "65536"}, ocispec.MediaTypeImageLayerZstd, int(blobSize / 65536)},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
@@ -65,7 +74,7 @@ func TestCtrRemoteImagesVerifyClean(t *testing.T) {
 				return runCtrRemote(t, cctx, env.c.Address(), args...)
 			}
 			ctr("images", "pull", "--plain-http", srcRef)
-			ctr("images", "convert", "--oci", c.flag, srcRef, dstRef)
+			ctr(append(append([]string{"images", "convert", "--oci"}, c.args...), srcRef, dstRef)...)
 			ctr("images", "push", "--plain-http", dstRef)
 
 			// What ctr-remote pushed: every layer converted.
@@ -85,6 +94,20 @@ func TestCtrRemoteImagesVerifyClean(t *testing.T) {
 					t.Fatalf("ctr-remote's layer %d is not converted: %+v", i, l)
 				}
 				t.Logf("ctr-remote's layer %d: %s %s (%d bytes) %v", i, l.MediaType, l.Digest, l.Size, l.Annotations)
+			}
+			// Its TOC is lazypull's to read, and cuts files as asked.
+			base := manifest.Layers[0]
+			ra, err := env.c.Client().ContentStore().ReaderAt(cctx, base)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ra.Close()
+			r, err := estargz.Open(ra, base.Size, estargz.OpenOptions{TOCDigest: digest.Digest(base.Annotations[estargz.TOCDigestAnnotation])})
+			if err != nil {
+				t.Fatalf("lazypull's reader refuses ctr-remote's base layer: %v", err)
+			}
+			if n, ok := r.Lookup("data/blob"); !ok || len(n.Chunks) != c.blobChunks {
+				t.Fatalf("ctr-remote's TOC: /data/blob %+v, want %d chunks", n, c.blobChunks)
 			}
 
 			ctx := env.c.Namespace(t)
