@@ -25,12 +25,14 @@ const ctrRemote = "ctr-remote"
 
 // TestCtrRemoteImagesVerifyClean is the interop half of issue 9's "honest
 // images verify clean": the three-layer fixture, pushed as a plain gzip
-// image, is converted by a third party's builder — Debian's ctr-remote,
-// against the test's containerd — to gzip eStargz and to zstd:chunked and
-// pushed back. lazypull pulls each with whole-layer verification on (the
-// default background policy): every layer is mounted lazily, containers
-// run, the rootfs equals the source image's files, and every layer's
-// verification ends ok, none failed.
+// image, is converted by a third party's builder — Debian's ctr-remote
+// 0.12, a containerd 1.6 client, against the test's containerd 2.4 — to
+// gzip eStargz and to zstd:chunked, with its default chunk size and with
+// 64 KiB chunks, and pushed back. lazypull's reader opens each TOC against
+// its annotation; lazypull pulls each image with whole-layer verification
+// on (the default background policy): every layer is mounted lazily,
+// containers run, the rootfs equals the source image's files, and every
+// layer's verification ends ok, none failed.
 func TestCtrRemoteImagesVerifyClean(t *testing.T) {
 	if _, err := exec.LookPath(ctrRemote); err != nil {
 		t.Fatalf("%s is not installed (hack/install-deps.sh installs Debian's stargz-snapshotter): %v", ctrRemote, err)
