@@ -6,8 +6,10 @@ set -euo pipefail
 CONTAINERD2_VERSION="${CONTAINERD2_VERSION:-v2.4.2}"
 PREFIX="${LAZYPULL_TOOLS:-/usr/local/lib/lazypull-tools}"
 
+# stargz-snapshotter ships only /usr/bin/ctr-remote (0.12): the interop test
+# integration/ctrremote_test.go converts images with it.
 need=()
-for pkg in containerd runc fuse3 docker-registry debootstrap busybox-static ca-certificates git make gcc; do
+for pkg in containerd runc fuse3 docker-registry debootstrap busybox-static ca-certificates git make gcc stargz-snapshotter; do
 	dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
