@@ -207,12 +207,23 @@ func (v *verifier) run(ctx context.Context, m *lfs.Mount, t verifyTarget) {
 	}
 }
 
-// waitQuiet waits until the layer's reads have fetched nothing for
+// activity counts what a layer has done for its readers: range requests
+// (a reader's misses and the speculation around them) and chunk reads,
+// cached or not. A container whose start-up chunks were prefetched (a
+// learned profile) reads from the cache and fetches nothing, yet it is
+// busy starting: the verification stream's inflating and hashing would
+// compete with it for the CPU and its stream with any miss for the link.
+func activity(l *lfs.Layer) int64 {
+	st := l.Stats()
+	return st.Requests + st.CacheHits + st.CacheMisses
+}
+
+// waitQuiet waits until the layer has been idle (see activity) for
 // v.quiet (at most v.maxWait), so that the verification stream does not
-// compete with a starting container for the link.
+// compete with a starting container.
 func (v *verifier) waitQuiet(ctx context.Context, l *lfs.Layer) {
 	deadline := time.Now().Add(v.maxWait)
-	last := l.Stats().Requests
+	last := activity(l)
 	quietSince := time.Now()
 	tick := time.NewTicker(v.quiet / 5)
 	defer tick.Stop()
@@ -222,7 +233,7 @@ func (v *verifier) waitQuiet(ctx context.Context, l *lfs.Layer) {
 			return
 		case <-tick.C:
 		}
-		if n := l.Stats().Requests; n != last {
+		if n := activity(l); n != last {
 			last, quietSince = n, time.Now()
 		} else if time.Since(quietSince) >= v.quiet {
 			return
@@ -311,9 +322,9 @@ func (c *byteCounter) Write(p []byte) (int, error) {
 }
 
 // yieldingReader paces the verification stream behind the layer's reads:
-// before each piece it waits, up to maxPause, until the layer's reads have
-// fetched nothing for quiet, so that a starting container's misses do not
-// queue behind the stream on the link or for the CPU.
+// before each piece it waits, up to maxPause, until the layer has been
+// idle (see activity) for quiet, so that a starting container's reads do
+// not queue behind the stream on the link or for the CPU.
 type yieldingReader struct {
 	ctx             context.Context
 	r               io.Reader
@@ -329,7 +340,7 @@ const yieldPiece = 256 << 10
 func newYieldingReader(ctx context.Context, r io.Reader, l *lfs.Layer, quiet, maxPause time.Duration) *yieldingReader {
 	// The stream starts after a quiet period (waitQuiet): count it quiet.
 	return &yieldingReader{ctx: ctx, r: r, layer: l, quiet: quiet, maxPause: maxPause,
-		last: l.Stats().Requests, lastChange: time.Now().Add(-quiet)}
+		last: activity(l), lastChange: time.Now().Add(-quiet)}
 }
 
 func (y *yieldingReader) Read(p []byte) (int, error) {
@@ -339,7 +350,7 @@ func (y *yieldingReader) Read(p []byte) (int, error) {
 	if y.quiet > 0 {
 		deadline := time.Now().Add(y.maxPause)
 		for {
-			if n := y.layer.Stats().Requests; n != y.last {
+			if n := activity(y.layer); n != y.last {
 				y.last, y.lastChange = n, time.Now()
 			}
 			if time.Since(y.lastChange) >= y.quiet || time.Now().After(deadline) {
