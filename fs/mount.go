@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"time"
 
 	gofs "github.com/hanwen/go-fuse/v2/fs"
@@ -43,6 +44,10 @@ type Mount struct {
 	server *fuse.Server
 	layer  *Layer
 	root   *node
+	// release returns the layer's share of the memory budget (set by
+	// Manager.Mount); called once, by Unmount.
+	release     func()
+	releaseOnce sync.Once
 }
 
 // MountLayer mounts layer l read-only at dir and serves it until Unmount.
@@ -106,6 +111,9 @@ func (m *Mount) Unmount() error {
 		}
 	}
 	m.layer.Close()
+	if m.release != nil {
+		m.releaseOnce.Do(m.release)
+	}
 	if err != nil {
 		return fmt.Errorf("unmounting %s: %w", m.dir, err)
 	}

@@ -162,6 +162,7 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		Registry:        s.Registry,
 		Store:           store,
 		AllowUnverified: cfg.AllowUnverified,
+		Budget:          lfs.NewMemoryBudget(cfg.Limits.MemoryBudget),
 		Layer:           layerOpts,
 		Mount:           mountOpts,
 		Fetch:           fetch,
