@@ -211,8 +211,9 @@ func indexSize(ix *estargz.Index) int64 {
 func (m *Manager) parseCharged(ctx context.Context, d digest.Digest, tocJSON []byte, payloadEnd int64, already int64) (*estargz.Index, int64, error) {
 	b := m.opts.Budget
 	what := fmt.Sprintf("layer %s (a %d-byte TOC)", d, len(tocJSON))
-	peak, err := b.acquire(ctx, parsePeak(int64(len(tocJSON)), tocEntries(tocJSON)), false, what)
+	// The read's charge gives way to the parse's, which covers the JSON.
 	b.release(already)
+	peak, err := b.acquire(ctx, parsePeak(int64(len(tocJSON)), tocEntries(tocJSON)), false, what)
 	if err != nil {
 		return nil, 0, err
 	}
