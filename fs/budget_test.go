@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 
 	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/internal/fixture"
@@ -126,5 +128,25 @@ func TestMemoryBudgetFetchesWait(t *testing.T) {
 	wg.Wait()
 	if h, tr := budget.Used(); h != held || tr != 0 {
 		t.Fatalf("after the reads: held %d (was %d), transient %d; want nothing in flight", h, held, tr)
+	}
+}
+
+// The kernel sends a mount at most maxBackground asynchronous requests
+// (its read-ahead): the FUSE connection says so.
+func TestMountBoundsBackgroundRequests(t *testing.T) {
+	fx := newFixture(t, []fixture.Entry{fixture.Reg("f", 0o644, fixture.Random(1, 1000))})
+	e := newEnv(t, envOptions{})
+	dir, _ := e.mount(t, e.push(t, "one", oursGzip.build(t, fx.tar, 64<<10, nil)))
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	conn := filepath.Join("/sys/fs/fuse/connections", strconv.Itoa(int(unix.Minor(st.Dev))))
+	b, err := os.ReadFile(filepath.Join(conn, "max_background"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(string(b)); got != "32" {
+		t.Fatalf("%s/max_background = %s, want 32", conn, got)
 	}
 }
