@@ -39,8 +39,9 @@ type LayerFS struct {
 const maxPreloads = 4
 
 var (
-	_ snapshot.LayerFS    = (*LayerFS)(nil)
-	_ snapshot.LayerSizer = (*LayerFS)(nil)
+	_ snapshot.LayerFS      = (*LayerFS)(nil)
+	_ snapshot.LayerSizer   = (*LayerFS)(nil)
+	_ snapshot.LayerSweeper = (*LayerFS)(nil)
 )
 
 // NewLayerFS returns a LayerFS mounting layers with mgr.
