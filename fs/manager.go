@@ -166,6 +166,11 @@ func (m *Manager) openLayer(ctx context.Context, src LayerSource) (_ *Layer, hel
 	if err != nil {
 		return nil, 0, err
 	}
+	// Saved or preloaded without the manifest's size: check it now.
+	if err := checkBlobSize(src, meta.Size); err != nil {
+		m.opts.Budget.unhold(held)
+		return nil, 0, err
+	}
 	// The layer needs the index only; the raw TOC entries are half of
 	// its memory on large layers.
 	ix.TOC = nil

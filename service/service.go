@@ -204,6 +204,7 @@ func (s *Service) LayerFS() *LayerFS {
 	if s.layerFS == nil {
 		s.layerFS = NewLayerFS(s.Manager, s.Config.AllowUnverified)
 		s.layerFS.verifier = s.verifier
+		s.layerFS.manifests = s.Registry
 	}
 	return s.layerFS
 }
