@@ -47,6 +47,9 @@ docker_config = "/root/.docker/config.json"
 [verify]
 policy = "off"
 
+[limits]
+memory_budget = 0
+
 [metrics]
 address = "127.0.0.1:9999"
 pprof = true
@@ -72,6 +75,7 @@ timeout = "10s"
 		Fetch:           FetchConfig{Timeout: Duration(90 * time.Second), ReadTimeout: Duration(45 * time.Second)},
 		Registry:        RegistryConfig{HostsDir: "/etc/hosts.d", DockerConfig: "/root/.docker/config.json"},
 		Verify:          VerifyConfig{Policy: VerifyOff},
+		Limits:          LimitsConfig{MemoryBudget: 0},
 		Metrics:         MetricsConfig{Address: "127.0.0.1:9999", Pprof: true},
 		CRI:             CRIConfig{Enable: true, Address: "/run/lp/cri.sock", ContainerdAddress: "/run/k3s/containerd.sock"},
 		CredentialProviders: CredentialProvidersConfig{
@@ -108,6 +112,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"[cache]\nmax_disk_bytes = -5\n", "cache.max_disk_bytes must not be negative"},
 		{"[fetch]\nretries = \"five\"\n", "retries"},
 		{"[verify]\npolicy = \"sometimes\"\n", "verify.policy must be \"background\" or \"off\""},
+		{"[limits]\nmemory_budget = -1\n", "limits.memory_budget must not be negative"},
+		{"[limits]\nmemory_budget = 1048576\n", "limits.memory_budget must be 0 (unbounded) or at least"},
 		{"this is not toml", "config"},
 		{"[cri]\nenable = true\n[fuse_manager]\nenable = true\n", "fuse_manager.enable cannot be combined"},
 	} {
