@@ -64,6 +64,8 @@ type lazyOptions struct {
 	// is the daemon binary to run instead of the shared build.
 	FuseManager bool
 	Binary      string
+	// ExtraConfig is appended to the config (more [sections]).
+	ExtraConfig string
 }
 
 // lazyEnv is a lazypull-snapshotter daemon and a containerd of the test's
@@ -121,7 +123,7 @@ address = "127.0.0.1:0"
 
 [fuse_manager]
 enable = %t
-`, t.Name(), o.BackgroundFetch, o.Timeout, o.Retries, o.ReadTimeout, hostsDir, verifyPolicy(o.Verify), o.FuseManager)
+%s`, t.Name(), o.BackgroundFetch, o.Timeout, o.Retries, o.ReadTimeout, hostsDir, verifyPolicy(o.Verify), o.FuseManager, o.ExtraConfig)
 	bin := o.Binary
 	if bin == "" {
 		bin = lazypullSnapshotter(t)
