@@ -223,6 +223,9 @@ func (m *Manager) parseCharged(ctx context.Context, d digest.Digest, tocJSON []b
 		return nil, 0, err
 	}
 	size := indexSize(ix)
+	// Mounts need the index only; the raw entries are half of its memory
+	// on large layers, and a preloaded index may wait minutes for its mount.
+	ix.TOC = nil
 	if b == nil {
 		return ix, 0, nil
 	}
@@ -234,9 +237,10 @@ func (m *Manager) parseCharged(ctx context.Context, d digest.Digest, tocJSON []b
 
 // tocReadCharge returns the limits to read the TOC of the blob ra of the
 // given size with and the memory to charge for reading it: its compressed
-// bytes and the size it says it decompresses to (the zstd:chunked footer's
-// TOC size, or the ISIZE trailer of the gzip TOC member), each at most
-// the TOC size limit. For gzip, the limits are lowered to the declared
+// bytes and twice the size it says it decompresses to (the zstd:chunked
+// footer's TOC size, or the ISIZE trailer of the gzip TOC member; the
+// decompression buffer grows by doubling), each at most the TOC size
+// limit. For gzip, the limits are lowered to the declared
 // size, so that a member lying about it is cut off there.
 func (m *Manager) tocReadCharge(ra io.ReaderAt, size int64) (estargz.Limits, int64) {
 	limits := m.opts.Limits
@@ -261,19 +265,19 @@ func (m *Manager) tocReadCharge(ra io.ReaderAt, size int64) (estargz.Limits, int
 		if declared <= 0 || declared > maxTOC {
 			declared = maxTOC
 		}
-		return limits, min(f.TOCCompressedSize, maxTOC) + declared
+		return limits, min(f.TOCCompressedSize, maxTOC) + 2*declared
 	}
 	compressed := min(max(size-f.Size-f.TOCOffset, 0), maxTOC)
 	if int64(len(tail)) < f.Size+4 {
-		return limits, compressed + maxTOC
+		return limits, compressed + 2*maxTOC
 	}
 	isize := int64(binary.LittleEndian.Uint32(tail[int64(len(tail))-f.Size-4:]))
 	if isize < maxTOC {
 		// The JSON is a file in a tar stream of isize bytes.
 		limits.MaxTOCSize = max(isize, compressed, 1)
-		return limits, compressed + limits.MaxTOCSize
+		return limits, compressed + 2*limits.MaxTOCSize
 	}
-	return limits, compressed + maxTOC
+	return limits, compressed + 2*maxTOC
 }
 
 // checkBlobSize checks the blob size the registry answered with against
