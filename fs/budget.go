@@ -18,7 +18,9 @@
 package fs
 
 import (
+	"archive/tar"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -26,6 +28,7 @@ import (
 	"sync"
 
 	"github.com/containerd/errdefs"
+	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazypull/lazypull/estargz"
@@ -100,8 +103,7 @@ func (b *MemoryBudget) acquire(ctx context.Context, n int64, clamp bool, what st
 			if !clamp {
 				held := b.held
 				b.mu.Unlock()
-				return 0, fmt.Errorf("%s needs about %d bytes of memory and the layers mounted hold %d of the %d-byte memory budget: %w",
-					what, n, held, b.limit, errdefs.ErrResourceExhausted)
+				return 0, b.exhausted(what, n, held)
 			}
 			n = max(b.limit-b.held, 1)
 		}
@@ -119,6 +121,28 @@ func (b *MemoryBudget) acquire(ctx context.Context, n int64, clamp bool, what st
 		}
 		b.mu.Lock()
 	}
+}
+
+// exhausted is the error for a charge of n bytes that cannot fit beside
+// the held ones.
+func (b *MemoryBudget) exhausted(what string, n, held int64) error {
+	return fmt.Errorf("%s needs about %d bytes of memory and the layers mounted hold %d of the %d-byte memory budget: %w",
+		what, n, held, b.limit, errdefs.ErrResourceExhausted)
+}
+
+// check fails like acquire when n bytes could never fit beside the held
+// ones, without charging anything.
+func (b *MemoryBudget) check(n int64, what string) error {
+	if b == nil {
+		return nil
+	}
+	b.mu.Lock()
+	held := b.held
+	b.mu.Unlock()
+	if held+n > b.limit {
+		return b.exhausted(what, n, held)
+	}
+	return nil
 }
 
 // release returns n transient bytes.
@@ -163,10 +187,14 @@ func (b *MemoryBudget) unhold(n int64) {
 }
 
 // Estimates of what a TOC takes, from measurements of estargz.ParseTOC
-// (Go 1.26): a TOC of n entries and J bytes of JSON peaks at about
-// J + 730 n + (name bytes) of live heap while it is parsed, and its index
-// (raw entries dropped) keeps about 330 n + (name bytes).
+// (Go 1.26). Parsing a TOC of n entries and J bytes of JSON allocates,
+// with the JSON itself, up to about 4 J + 768 n (5.3x J for 400k entries
+// with 200-byte names, 11.7x J for 1 Mi entries with 50-byte names): all
+// of it is charged, since under a soft memory limit the garbage of a large
+// parse can be resident before the collector reclaims it. Its index (raw
+// entries dropped) keeps about 336 n + (name bytes).
 const (
+	parseJSONFactor   = 4
 	parsePeakPerEntry = 768
 	indexPerEntry     = 336
 )
@@ -180,7 +208,7 @@ func tocEntries(tocJSON []byte) int64 {
 // parsePeak is the memory charged while a TOC of the given JSON size and
 // estimated entry count is held and parsed.
 func parsePeak(jsonSize, entries int64) int64 {
-	return 2*jsonSize + parsePeakPerEntry*entries
+	return parseJSONFactor*jsonSize + parsePeakPerEntry*entries
 }
 
 // indexSize is the memory charged for a parsed index while its layer is
@@ -242,42 +270,110 @@ func (m *Manager) parseCharged(ctx context.Context, d digest.Digest, tocJSON []b
 // decompression buffer grows by doubling), each at most the TOC size
 // limit. For gzip, the limits are lowered to the declared
 // size, so that a member lying about it is cut off there.
-func (m *Manager) tocReadCharge(ra io.ReaderAt, size int64) (estargz.Limits, int64) {
-	limits := m.opts.Limits
+func (m *Manager) tocReadCharge(ra io.ReaderAt, size int64) (limits estargz.Limits, charge int64, f *estargz.Footer) {
+	limits = m.opts.Limits
 	maxTOC := limits.MaxTOCSize
 	if maxTOC <= 0 {
 		maxTOC = estargz.DefaultMaxTOCSize
 	}
 	if m.opts.Budget == nil {
-		return limits, 0
+		return limits, 0, nil
 	}
 	n := min(size, int64(estargz.MaxFooterSize)+4)
 	tail := make([]byte, n)
 	if _, err := ra.ReadAt(tail, size-n); err != nil {
-		return limits, 2 * maxTOC // ReadTOC will fail the same way
+		return limits, 2 * maxTOC, nil // ReadTOC will fail the same way
 	}
 	f, err := estargz.ParseFooter(tail, size)
 	if err != nil {
-		return limits, 2 * maxTOC
+		return limits, 2 * maxTOC, nil
 	}
 	if f.Compression == estargz.Zstd {
 		declared := f.TOCSize
 		if declared <= 0 || declared > maxTOC {
 			declared = maxTOC
 		}
-		return limits, min(f.TOCCompressedSize, maxTOC) + 2*declared
+		return limits, min(f.TOCCompressedSize, maxTOC) + 2*declared, f
 	}
 	compressed := min(max(size-f.Size-f.TOCOffset, 0), maxTOC)
 	if int64(len(tail)) < f.Size+4 {
-		return limits, compressed + 2*maxTOC
+		return limits, compressed + 2*maxTOC, f
 	}
 	isize := int64(binary.LittleEndian.Uint32(tail[int64(len(tail))-f.Size-4:]))
 	if isize < maxTOC {
 		// The JSON is a file in a tar stream of isize bytes.
 		limits.MaxTOCSize = max(isize, compressed, 1)
-		return limits, compressed + 2*limits.MaxTOCSize
+		return limits, compressed + 2*limits.MaxTOCSize, f
 	}
-	return limits, compressed + 2*maxTOC
+	return limits, compressed + 2*maxTOC, f
+}
+
+// prescanThreshold is the read charge above which a TOC is first streamed
+// through once, counting its bytes and entries without keeping them, so
+// that one whose parse could not fit is refused without ever being held.
+const prescanThreshold = 32 << 20
+
+// prescanTOC streams the TOC that footer f describes in blob ra of the
+// given size (decompressing it into a small buffer) and fails with
+// errdefs.ErrResourceExhausted when parsing it could not fit beside the
+// indexes held now. Anything it cannot read is left for ReadTOC to report.
+func (m *Manager) prescanTOC(ctx context.Context, ra io.ReaderAt, size int64, f *estargz.Footer, limits estargz.Limits, d digest.Digest) error {
+	maxTOC := limits.MaxTOCSize
+	if maxTOC <= 0 {
+		maxTOC = estargz.DefaultMaxTOCSize
+	}
+	tocEnd := size - f.Size
+	if f.Compression == estargz.Zstd {
+		tocEnd = f.TOCOffset + f.TOCCompressedSize
+	}
+	clen := tocEnd - f.TOCOffset
+	if clen <= 0 || clen > maxTOC || tocEnd > size {
+		return nil
+	}
+	what := fmt.Sprintf("layer %s (reading its TOC)", d)
+	charged, err := m.opts.Budget.acquire(ctx, clen+1<<20, false, what)
+	if err != nil {
+		return err
+	}
+	defer m.opts.Budget.release(charged)
+	compressed := make([]byte, clen)
+	if _, err := ra.ReadAt(compressed, f.TOCOffset); err != nil {
+		return nil
+	}
+	var r io.Reader
+	switch f.Compression {
+	case estargz.Zstd:
+		zr, err := zstd.NewReader(bytes.NewReader(compressed), zstd.WithDecoderConcurrency(1),
+			zstd.WithDecoderMaxMemory(uint64(maxTOC)+1), zstd.WithDecoderMaxWindow(64<<20))
+		if err != nil {
+			return nil
+		}
+		defer zr.Close()
+		r = zr
+	default:
+		zr, err := gzip.NewReader(bytes.NewReader(compressed))
+		if err != nil {
+			return nil
+		}
+		zr.Multistream(false)
+		tr := tar.NewReader(zr)
+		if _, err := tr.Next(); err != nil {
+			return nil
+		}
+		r = tr
+	}
+	r = io.LimitReader(r, maxTOC+1)
+	buf := make([]byte, 256<<10)
+	var jsonSize, entries int64
+	for {
+		n, err := r.Read(buf)
+		jsonSize += int64(n)
+		entries += int64(bytes.Count(buf[:n], []byte{'{'}))
+		if err != nil {
+			break
+		}
+	}
+	return m.opts.Budget.check(parsePeak(jsonSize, entries), fmt.Sprintf("layer %s (a %d-byte TOC)", d, jsonSize))
 }
 
 // checkBlobSize checks the blob size the registry answered with against

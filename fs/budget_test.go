@@ -37,7 +37,7 @@ func bigTOCLayer(t testing.TB, seed int64, n int) (layerFixture, blob) {
 // layer is unmounted. A restarted manager with a smaller budget refuses
 // the saved layer the same way and still mounts a small one.
 func TestMemoryBudgetRefusesLayersOverIt(t *testing.T) {
-	const limit = 48 << 20
+	const limit = 64 << 20
 	budget := lfs.NewMemoryBudget(limit)
 	e := newEnv(t, envOptions{manager: lfs.ManagerOptions{Budget: budget}})
 	var srcs []lfs.LayerSource

@@ -319,7 +319,12 @@ func (m *Manager) fetchMeta(ctx context.Context, src LayerSource) (*estargz.Inde
 		return nil, nil, nil, 0, err
 	}
 	// Charge the compressed and the decompressed TOC before reading them.
-	limits, charge := m.tocReadCharge(ra, blob.Size())
+	limits, charge, footer := m.tocReadCharge(ra, blob.Size())
+	if footer != nil && charge > prescanThreshold {
+		if err := m.prescanTOC(ctx, ra, blob.Size(), footer, limits, src.Digest); err != nil {
+			return nil, nil, nil, 0, err
+		}
+	}
 	reading, err := m.opts.Budget.acquire(ctx, charge, false, fmt.Sprintf("layer %s (reading its TOC)", src.Digest))
 	if err != nil {
 		return nil, nil, nil, 0, err
