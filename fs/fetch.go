@@ -61,7 +61,12 @@ func (l *Layer) fetchGroup(ctx context.Context, name string, group []estargz.Chu
 	// follow in the blob), not necessarily in blob order.
 	start := slices.MinFunc(group, func(a, b estargz.Chunk) int { return cmp.Compare(a.Offset, b.Offset) }).Offset
 	end := slices.MaxFunc(group, func(a, b estargz.Chunk) int { return cmp.Compare(a.End, b.End) }).End
-	buf, err := l.fetchRange(ctx, start, end, background)
+	charged, err := l.opts.Budget.acquire(ctx, groupMemory(group, start, end), true, fmt.Sprintf("layer %s: file %q", l.digest, name))
+	defer l.opts.Budget.release(charged)
+	var buf []byte
+	if err == nil {
+		buf, err = l.fetchRange(ctx, start, end, background)
+	}
 	if err != nil {
 		err = fmt.Errorf("layer %s: file %q: %w", l.digest, name, err)
 		for _, g := range group {

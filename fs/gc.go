@@ -54,3 +54,13 @@ func (m *Manager) SweepLayers(keep func(digest.Digest) bool) (int, error) {
 	}
 	return removed, errors.Join(errs...)
 }
+
+// Saved reports whether metadata of layer d is saved under Root (so that
+// mounting it needs no registry request for its TOC).
+func (m *Manager) Saved(d digest.Digest) bool {
+	if d.Validate() != nil {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(m.metaDir(d), "layer.json"))
+	return err == nil
+}

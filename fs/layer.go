@@ -62,6 +62,9 @@ type LayerOptions struct {
 	Scheduler *Scheduler
 	// Observer receives fetch and cache events. May be nil.
 	Observer Observer
+	// Budget, when set, is charged with the buffers of the groups being
+	// fetched and decoded; fetches wait for it (see MemoryBudget).
+	Budget *MemoryBudget
 	// Recorder, when set, learns which files and chunks are read, in
 	// order (to build prioritized images).
 	Recorder Recorder

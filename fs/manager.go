@@ -53,6 +53,10 @@ type ManagerOptions struct {
 	AllowUnverified bool
 	// Limits bound TOCs.
 	Limits estargz.Limits
+	// Budget bounds the memory of the indexes of all layers mounted and
+	// of the TOC parses and fetches in flight (see MemoryBudget). Nil:
+	// unbounded (each TOC is bounded by Limits only).
+	Budget *MemoryBudget
 	// Recorder, when set, learns the first read of each file of every
 	// layer mounted, with the image reference the layer was mounted for.
 	Recorder ImageRecorder
@@ -95,6 +99,9 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	if opts.Layer.Scheduler == nil {
 		opts.Layer.Scheduler = NewScheduler(DefaultMaxBackground)
 	}
+	if opts.Layer.Budget == nil {
+		opts.Layer.Budget = opts.Budget
+	}
 	if err := os.MkdirAll(filepath.Join(opts.Root, "layers"), 0o700); err != nil {
 		return nil, fmt.Errorf("fs: creating metadata dir: %w", err)
 	}
@@ -117,13 +124,23 @@ func (m *Manager) metaDir(d digest.Digest) string {
 
 // OpenLayer returns the Layer for src: from metadata under Root when it is
 // there (no network), else by reading the blob's footer and TOC from the
-// registry, verifying the TOC and saving it.
+// registry, verifying the TOC and saving it. Its index must fit the
+// memory budget, but stays charged to it only while the layer is mounted
+// by Mount.
 func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error) {
+	l, held, err := m.openLayer(ctx, src)
+	m.opts.Budget.unhold(held)
+	return l, err
+}
+
+// openLayer is OpenLayer, returning also the bytes of the budget the
+// layer's index holds (to be returned with unhold).
+func (m *Manager) openLayer(ctx context.Context, src LayerSource) (_ *Layer, held int64, _ error) {
 	if err := src.Digest.Validate(); err != nil {
-		return nil, fmt.Errorf("layer digest %q: %w: %w", src.Digest, errdefs.ErrInvalidArgument, err)
+		return nil, 0, fmt.Errorf("layer digest %q: %w: %w", src.Digest, errdefs.ErrInvalidArgument, err)
 	}
 	if src.TOCDigest == "" && !m.opts.AllowUnverified {
-		return nil, fmt.Errorf("layer %s has no %s annotation, so its TOC cannot be verified (set allow_unverified to mount it anyway): %w",
+		return nil, 0, fmt.Errorf("layer %s has no %s annotation, so its TOC cannot be verified (set allow_unverified to mount it anyway): %w",
 			src.Digest, estargz.TOCDigestAnnotation, errdefs.ErrFailedPrecondition)
 	}
 	var ix *estargz.Index
@@ -136,13 +153,23 @@ func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error
 	if preloaded {
 		// A neighbour's mount has fetched (or is fetching) and indexed
 		// this TOC already: take that index rather than parse it again.
-		ix, meta, blob, err = m.prepared(ctx, src)
-	} else if ix, meta, err = m.loadMeta(src); err != nil {
+		ix, meta, blob, held, err = m.prepared(ctx, src)
+	} else if ix, meta, held, err = m.loadMeta(ctx, src); err != nil {
+		if errors.Is(err, errdefs.ErrResourceExhausted) {
+			// The saved TOC is the layer's: fetching it again would not
+			// make it smaller.
+			return nil, 0, err
+		}
 		log.G(ctx).WithError(err).WithField("layer", src.Digest).Debug("no usable saved metadata; reading the TOC from the registry")
-		ix, meta, blob, err = m.prepared(ctx, src)
+		ix, meta, blob, held, err = m.prepared(ctx, src)
 	}
 	if err != nil {
-		return nil, err
+		return nil, 0, err
+	}
+	// Saved or preloaded without the manifest's size: check it now.
+	if err := checkBlobSize(src, meta.Size); err != nil {
+		m.opts.Budget.unhold(held)
+		return nil, 0, err
 	}
 	// The layer needs the index only; the raw TOC entries are half of
 	// its memory on large layers.
@@ -170,39 +197,53 @@ func (m *Manager) OpenLayer(ctx context.Context, src LayerSource) (*Layer, error
 	if m.opts.Recorder != nil {
 		lo.Recorder = refRecorder{ref: ref, r: m.opts.Recorder}
 	}
-	return NewLayer(src.Digest, ix, comp, open, m.opts.Store, lo), nil
+	return NewLayer(src.Digest, ix, comp, open, m.opts.Store, lo), held, nil
 }
 
-func (m *Manager) loadMeta(src LayerSource) (*estargz.Index, *layerMeta, error) {
+func (m *Manager) loadMeta(ctx context.Context, src LayerSource) (*estargz.Index, *layerMeta, int64, error) {
 	dir := m.metaDir(src.Digest)
 	b, err := os.ReadFile(filepath.Join(dir, "layer.json"))
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
 	var meta layerMeta
 	if err := json.Unmarshal(b, &meta); err != nil {
-		return nil, nil, fmt.Errorf("parsing %s: %w", filepath.Join(dir, "layer.json"), err)
+		return nil, nil, 0, fmt.Errorf("parsing %s: %w", filepath.Join(dir, "layer.json"), err)
 	}
 	// The saved TOC is trusted only if it hashes to the digest the caller
 	// expects now (it may have been saved unverified by Preload).
 	if meta.Digest != src.Digest || (src.TOCDigest != "" && meta.TOCDigest != src.TOCDigest) {
-		return nil, nil, fmt.Errorf("saved metadata in %s is for another layer or TOC", dir)
+		return nil, nil, 0, fmt.Errorf("saved metadata in %s is for another layer or TOC", dir)
 	}
 	if src.TOCDigest == "" && !m.opts.AllowUnverified {
-		return nil, nil, fmt.Errorf("saved metadata in %s cannot be verified", dir)
+		return nil, nil, 0, fmt.Errorf("saved metadata in %s cannot be verified", dir)
 	}
-	tocJSON, err := os.ReadFile(filepath.Join(dir, "toc.json"))
+	tocFile := filepath.Join(dir, "toc.json")
+	fi, err := os.Stat(tocFile)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
+	}
+	// Reading it holds its bytes: charge them first (a saved TOC is
+	// bounded by the limits it was saved under, which may be looser).
+	what := fmt.Sprintf("layer %s (a %d-byte saved TOC)", src.Digest, fi.Size())
+	reading, err := m.opts.Budget.acquire(ctx, fi.Size(), false, what)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	tocJSON, err := os.ReadFile(tocFile)
+	if err != nil {
+		m.opts.Budget.release(reading)
+		return nil, nil, 0, err
 	}
 	if digest.FromBytes(tocJSON) != meta.TOCDigest {
-		return nil, nil, fmt.Errorf("saved TOC in %s is corrupt", dir)
+		m.opts.Budget.release(reading)
+		return nil, nil, 0, fmt.Errorf("saved TOC in %s is corrupt", dir)
 	}
-	ix, err := estargz.ParseTOC(tocJSON, meta.PayloadEnd, m.opts.Limits)
+	ix, held, err := m.parseCharged(ctx, src.Digest, tocJSON, meta.PayloadEnd, reading)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
-	return ix, &meta, nil
+	return ix, &meta, held, nil
 }
 
 // TailOpener is a BlobOpener that can open a blob with one request that
@@ -262,29 +303,50 @@ func (m *Manager) openForTOC(ctx context.Context, src LayerSource) (RangeReader,
 	return blob, readerAt{ctx, blob}, 0, nil
 }
 
-func (m *Manager) fetchMeta(ctx context.Context, src LayerSource, parse bool) (*estargz.Index, *layerMeta, RangeReader, error) {
+// fetchMeta reads src's footer and TOC from the registry, parses it under
+// the memory budget and saves it. It returns the index, the metadata, the
+// blob opened for it and the bytes of the budget the index holds.
+func (m *Manager) fetchMeta(ctx context.Context, src LayerSource) (*estargz.Index, *layerMeta, RangeReader, int64, error) {
 	if m.opts.Registry == nil {
-		return nil, nil, nil, fmt.Errorf("layer %s: no saved metadata and no registry: %w", src.Digest, errdefs.ErrUnavailable)
+		return nil, nil, nil, 0, fmt.Errorf("layer %s: no saved metadata and no registry: %w", src.Digest, errdefs.ErrUnavailable)
 	}
 	t0 := time.Now()
 	blob, ra, tailSize, err := m.openForTOC(ctx, src)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
+		return nil, nil, nil, 0, fmt.Errorf("layer %s: %w", src.Digest, err)
 	}
-	f, tocJSON, err := estargz.ReadTOC(ra, blob.Size(), estargz.OpenOptions{TOCDigest: src.TOCDigest, Limits: m.opts.Limits, TailSize: tailSize})
+	if err := checkBlobSize(src, blob.Size()); err != nil {
+		return nil, nil, nil, 0, err
+	}
+	// Charge the compressed and the decompressed TOC before reading them.
+	limits, charge, footer := m.tocReadCharge(ra, blob.Size())
+	if footer != nil && charge > prescanThreshold {
+		if err := m.prescanTOC(ctx, ra, blob.Size(), footer, limits, src.Digest); err != nil {
+			return nil, nil, nil, 0, err
+		}
+	}
+	reading, err := m.opts.Budget.acquire(ctx, charge, false, fmt.Sprintf("layer %s (reading its TOC)", src.Digest))
+	if err != nil {
+		return nil, nil, nil, 0, err
+	}
+	f, tocJSON, err := estargz.ReadTOC(ra, blob.Size(), estargz.OpenOptions{TOCDigest: src.TOCDigest, Limits: limits, TailSize: tailSize})
+	if err != nil {
+		m.opts.Budget.release(reading)
+	}
 	if errors.Is(err, estargz.ErrDigest) {
-		return nil, nil, nil, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify, err)
+		return nil, nil, nil, 0, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify, err)
 	}
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
+		return nil, nil, nil, 0, fmt.Errorf("layer %s: %w", src.Digest, err)
 	}
 	t1 := time.Now()
-	var ix *estargz.Index
-	if parse {
-		// Validate before saving: a TOC that does not parse is not kept.
-		if ix, err = estargz.ParseTOC(tocJSON, f.PayloadEnd, m.opts.Limits); err != nil {
-			return nil, nil, nil, fmt.Errorf("layer %s: %w", src.Digest, err)
+	// Validate before saving: a TOC that does not parse is not kept.
+	ix, held, err := m.parseCharged(ctx, src.Digest, tocJSON, f.PayloadEnd, reading)
+	if err != nil {
+		if errors.Is(err, errdefs.ErrResourceExhausted) {
+			return nil, nil, nil, 0, err // names the layer already
 		}
+		return nil, nil, nil, 0, fmt.Errorf("layer %s: %w", src.Digest, err)
 	}
 	log.G(ctx).WithFields(log.Fields{
 		"layer": src.Digest, "tocBytes": len(tocJSON), "fetch": t1.Sub(t0), "parse": time.Since(t1),
@@ -297,7 +359,7 @@ func (m *Manager) fetchMeta(ctx context.Context, src LayerSource, parse bool) (*
 	if err := m.saveMeta(meta, tocJSON); err != nil {
 		log.G(ctx).WithError(err).WithField("layer", src.Digest).Warn("saving layer metadata failed; the layer will need the registry after a restart")
 	}
-	return ix, meta, blob, nil
+	return ix, meta, blob, held, nil
 }
 
 func (m *Manager) saveMeta(meta *layerMeta, tocJSON []byte) error {
@@ -355,6 +417,11 @@ type preparation struct {
 	meta *layerMeta
 	blob RangeReader // opened to read the TOC, for the layer's reads
 	err  error
+	// held is the budget the index holds until a mount claims it (then
+	// it is the mount's) or the preparation expires (then it is returned).
+	// Guarded by Manager.mu.
+	held    int64
+	claimed bool
 }
 
 // preparedTTL is how long a preloaded index waits for its Mount.
@@ -372,7 +439,10 @@ func (m *Manager) prepare(ctx context.Context, src LayerSource) *preparation {
 	go func() {
 		// The TOC is not verified here (a neighbour's digest is not
 		// known yet): prepared() checks it against the mount's.
-		p.ix, p.meta, p.blob, p.err = m.fetchMeta(context.WithoutCancel(ctx), LayerSource{Ref: src.Ref, Digest: src.Digest, Size: src.Size}, true)
+		ix, meta, blob, held, err := m.fetchMeta(context.WithoutCancel(ctx), LayerSource{Ref: src.Ref, Digest: src.Digest, Size: src.Size})
+		m.mu.Lock()
+		p.ix, p.meta, p.blob, p.held, p.err = ix, meta, blob, held, err
+		m.mu.Unlock()
 		close(p.done)
 		time.AfterFunc(preparedTTL, func() { m.dropPrepared(src.Digest, p) })
 	}()
@@ -385,36 +455,53 @@ func (m *Manager) dropPrepared(d digest.Digest, p *preparation) {
 	if m.preparing[d] == p {
 		delete(m.preparing, d)
 	}
+	if !p.claimed {
+		// Expired without a mount: its index is garbage now.
+		p.claimed = true
+		m.opts.Budget.unhold(p.held)
+	}
 }
 
 // prepared returns src's index from a preparation, started now if none
-// is in flight, after checking the TOC against src.TOCDigest.
-func (m *Manager) prepared(ctx context.Context, src LayerSource) (*estargz.Index, *layerMeta, RangeReader, error) {
+// is in flight, after checking the TOC against src.TOCDigest, and the
+// bytes of the budget the index holds for the caller (0 when another
+// mount took the same index first: it is charged once).
+func (m *Manager) prepared(ctx context.Context, src LayerSource) (*estargz.Index, *layerMeta, RangeReader, int64, error) {
 	p := m.prepare(ctx, src)
 	select {
 	case <-p.done:
 	case <-ctx.Done():
-		return nil, nil, nil, ctx.Err()
+		return nil, nil, nil, 0, ctx.Err()
 	}
-	m.dropPrepared(src.Digest, p)
+	m.mu.Lock()
+	if m.preparing[src.Digest] == p {
+		delete(m.preparing, src.Digest)
+	}
+	var held int64
+	if !p.claimed {
+		p.claimed, held = true, p.held
+	}
+	m.mu.Unlock()
 	if p.err != nil {
-		return nil, nil, nil, p.err
+		return nil, nil, nil, 0, p.err
 	}
 	if src.TOCDigest != "" && p.meta.TOCDigest != src.TOCDigest {
-		return nil, nil, nil, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify,
+		m.opts.Budget.unhold(held)
+		return nil, nil, nil, 0, fmt.Errorf("layer %s: TOC %w: %w", src.Digest, ErrVerify,
 			&estargz.Error{Kind: estargz.ErrDigest, Offset: -1, Msg: fmt.Sprintf("TOC digest is %s, the layer says %s", p.meta.TOCDigest, src.TOCDigest)})
 	}
-	return p.ix, p.meta, p.blob, nil
+	return p.ix, p.meta, p.blob, held, nil
 }
 
 // Mount opens the layer and mounts it at mountpoint, then starts prefetch
 // and background fetching as configured.
 func (m *Manager) Mount(ctx context.Context, mountpoint string, src LayerSource) (*Mount, error) {
-	l, err := m.OpenLayer(ctx, src)
+	l, held, err := m.openLayer(ctx, src)
 	if err != nil {
 		return nil, err
 	}
 	if err := os.MkdirAll(mountpoint, 0o755); err != nil {
+		m.opts.Budget.unhold(held)
 		return nil, fmt.Errorf("creating mountpoint: %w", err)
 	}
 	mo := m.opts.Mount
@@ -426,8 +513,10 @@ func (m *Manager) Mount(ctx context.Context, mountpoint string, src LayerSource)
 	}
 	mnt, err := MountLayer(mountpoint, l, mo)
 	if err != nil {
+		m.opts.Budget.unhold(held)
 		return nil, err
 	}
+	mnt.release = func() { m.opts.Budget.unhold(held) }
 	m.mu.Lock()
 	m.mounts[mountpoint] = mnt
 	m.mu.Unlock()

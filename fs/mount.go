@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"time"
 
 	gofs "github.com/hanwen/go-fuse/v2/fs"
@@ -24,6 +25,14 @@ type MountOptions struct {
 	CacheTimeout time.Duration
 	// MaxRead is the largest read request (default 1 MiB).
 	MaxRead int
+	// MaxInflightBytes bounds the request buffers the mount holds for
+	// requests being read from the kernel and served (default
+	// DefaultMaxInflightBytes). Each request reserves MaxRead plus a page
+	// whatever its size, so this also bounds the requests served at once;
+	// further requests wait in the kernel. A READ's reply buffer is at most
+	// its size, so the mount's in-flight request bytes stay under twice
+	// this.
+	MaxInflightBytes int
 	// FsName is shown as the mount's source (default "lazypull").
 	FsName string
 	// Debug logs every FUSE request.
@@ -37,12 +46,27 @@ type MountOptions struct {
 	OnOp func(op string, d time.Duration)
 }
 
+// FUSE bounds of a mount (see MountOptions).
+const (
+	// DefaultMaxInflightBytes is MountOptions.MaxInflightBytes's default:
+	// about 31 requests of 1 MiB at once.
+	DefaultMaxInflightBytes = 32 << 20
+	// maxBackground is how many asynchronous requests (the kernel's
+	// read-ahead of buffered reads) the kernel sends a mount at once; it
+	// starts throttling them at 3/4 of it.
+	maxBackground = 32
+)
+
 // Mount is a mounted layer.
 type Mount struct {
 	dir    string
 	server *fuse.Server
 	layer  *Layer
 	root   *node
+	// release returns the layer's share of the memory budget (set by
+	// Manager.Mount); called once, by Unmount.
+	release     func()
+	releaseOnce sync.Once
 }
 
 // MountLayer mounts layer l read-only at dir and serves it until Unmount.
@@ -55,6 +79,9 @@ func MountLayer(dir string, l *Layer, o MountOptions) (*Mount, error) {
 	}
 	if o.FsName == "" {
 		o.FsName = "lazypull"
+	}
+	if o.MaxInflightBytes <= 0 {
+		o.MaxInflightBytes = DefaultMaxInflightBytes
 	}
 	lfs := &layerFS{layer: l, passthrough: o.Passthrough, opaqueXattr: opaqueXattr, onOp: o.OnOp}
 	if o.UserXattr {
@@ -79,7 +106,12 @@ func MountLayer(dir string, l *Layer, o MountOptions) (*Mount, error) {
 			DirectMount:  true,
 			MaxWrite:     o.MaxRead,
 			MaxReadAhead: o.MaxRead,
-			Debug:        o.Debug,
+			// In-flight requests: bounded in bytes (go-fuse stops reading
+			// requests from the kernel past it) and, for the kernel's
+			// asynchronous read-ahead, in number.
+			MaxInflightRequestBytes: o.MaxInflightBytes,
+			MaxBackground:           maxBackground,
+			Debug:                   o.Debug,
 		},
 	}
 	server, err := gofs.Mount(dir, root, opts)
@@ -106,6 +138,9 @@ func (m *Mount) Unmount() error {
 		}
 	}
 	m.layer.Close()
+	if m.release != nil {
+		m.releaseOnce.Do(m.release)
+	}
 	if err != nil {
 		return fmt.Errorf("unmounting %s: %w", m.dir, err)
 	}

@@ -68,6 +68,8 @@ type lazyOptions struct {
 	// Binary, if set, is the daemon binary to run instead of the shared
 	// build.
 	Binary string
+	// ExtraConfig is appended to the config (more [sections]).
+	ExtraConfig string
 }
 
 // lazyEnv is a lazypull-snapshotter daemon and a containerd of the test's
@@ -124,7 +126,7 @@ policy = %q
 
 [metrics]
 address = "127.0.0.1:0"
-%s`, t.Name(), o.BackgroundFetch, o.Timeout, o.Retries, o.ReadTimeout, hostsDir, verifyPolicy(o.Verify), fuseManagerConfig(o.InDaemon))
+%s%s`, t.Name(), o.BackgroundFetch, o.Timeout, o.Retries, o.ReadTimeout, hostsDir, verifyPolicy(o.Verify), fuseManagerConfig(o.InDaemon), o.ExtraConfig)
 	bin := o.Binary
 	if bin == "" {
 		bin = lazypullSnapshotter(t)

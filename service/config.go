@@ -14,6 +14,10 @@ import (
 	"github.com/lazypull/lazypull/remote"
 )
 
+// minMemoryBudget is the smallest limits.memory_budget accepted: room for
+// a few fetches of the largest chunks.
+const minMemoryBudget = 64 << 20
+
 // DefaultConfigPath is where the daemon looks for its configuration when
 // --config is not given. A missing file there means "all defaults".
 const DefaultConfigPath = "/etc/lazypull/config.toml"
@@ -47,6 +51,9 @@ const DefaultConfigPath = "/etc/lazypull/config.toml"
 //
 //	[verify]
 //	policy = "background"
+//
+//	[limits]
+//	memory_budget = 536870912
 //
 //	[metrics]
 //	address = ""
@@ -94,6 +101,7 @@ type Config struct {
 	Fetch    FetchConfig    `toml:"fetch"`
 	Registry RegistryConfig `toml:"registry"`
 	Verify   VerifyConfig   `toml:"verify"`
+	Limits   LimitsConfig   `toml:"limits"`
 	Metrics  MetricsConfig  `toml:"metrics"`
 
 	CRI                 CRIConfig                 `toml:"cri"`
@@ -187,6 +195,20 @@ type VerifyConfig struct {
 	// then commit a layer whose files differ from the tar its digest and
 	// DiffID name, and every image sharing that layer sees its files.
 	Policy string `toml:"policy"`
+}
+
+// LimitsConfig is the [limits] section: what hostile (or merely huge)
+// images may make the daemon spend.
+type LimitsConfig struct {
+	// MemoryBudget bounds, in bytes, the memory of the TOC indexes of all
+	// mounted layers (at most 3/4 of it) together with the TOCs being
+	// read and parsed and the chunks being fetched and decoded. A layer
+	// whose index does not fit is not mounted (containerd pulls it the
+	// ordinary way); fetches wait for each other. Default 536870912
+	// (512 MiB, half the systemd unit's MemoryHigh); 0 means unbounded
+	// (each TOC is then bounded by the TOC limits alone: UNSAFE with
+	// untrusted images). The memory chunk cache is bounded separately.
+	MemoryBudget int64 `toml:"memory_budget"`
 }
 
 // CacheConfig is the [cache] section: the chunk cache.
@@ -300,6 +322,7 @@ func DefaultConfig() *Config {
 			HostsDir: "/etc/containerd/certs.d",
 		},
 		Verify: VerifyConfig{Policy: VerifyBackground},
+		Limits: LimitsConfig{MemoryBudget: lfs.DefaultMemoryBudget},
 		CRI: CRIConfig{
 			Address:           "/run/lazypull/cri.sock",
 			ContainerdAddress: "/run/containerd/containerd.sock",
@@ -362,6 +385,11 @@ func (c *Config) Validate() error {
 	}
 	if c.Fetch.BusyLaneRequests < 1 {
 		errs = append(errs, fmt.Errorf("fetch.busy_lane_requests must be at least 1 (%d)", c.Fetch.BusyLaneRequests))
+	}
+	if c.Limits.MemoryBudget < 0 {
+		errs = append(errs, fmt.Errorf("limits.memory_budget must not be negative (%d)", c.Limits.MemoryBudget))
+	} else if c.Limits.MemoryBudget > 0 && c.Limits.MemoryBudget < minMemoryBudget {
+		errs = append(errs, fmt.Errorf("limits.memory_budget must be 0 (unbounded) or at least %d (%d)", minMemoryBudget, c.Limits.MemoryBudget))
 	}
 	switch c.Verify.Policy {
 	case VerifyBackground, VerifyOff:

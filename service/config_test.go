@@ -53,6 +53,9 @@ docker_config = "/root/.docker/config.json"
 [verify]
 policy = "off"
 
+[limits]
+memory_budget = 0
+
 [metrics]
 address = "127.0.0.1:9999"
 pprof = true
@@ -88,6 +91,7 @@ address = "/run/lp/fm.sock"
 		Fetch:           FetchConfig{Timeout: Duration(90 * time.Second), ReadTimeout: Duration(45 * time.Second), BusyLaneRequests: 3},
 		Registry:        RegistryConfig{HostsDir: "/etc/hosts.d", DockerConfig: "/root/.docker/config.json"},
 		Verify:          VerifyConfig{Policy: VerifyOff},
+		Limits:          LimitsConfig{MemoryBudget: 0},
 		Metrics:         MetricsConfig{Address: "127.0.0.1:9999", Pprof: true},
 		CRI:             CRIConfig{Enable: true, Address: "/run/lp/cri.sock", ContainerdAddress: "/run/k3s/containerd.sock"},
 		CredentialProviders: CredentialProvidersConfig{
@@ -129,6 +133,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"[cache]\npack_max_entry_bytes = -1\n", "cache.pack_max_entry_bytes must not be negative"},
 		{"[fetch]\nretries = \"five\"\n", "retries"},
 		{"[verify]\npolicy = \"sometimes\"\n", "verify.policy must be \"background\" or \"off\""},
+		{"[limits]\nmemory_budget = -1\n", "limits.memory_budget must not be negative"},
+		{"[limits]\nmemory_budget = 1048576\n", "limits.memory_budget must be 0 (unbounded) or at least"},
 		{"this is not toml", "config"},
 	} {
 		p := filepath.Join(t.TempDir(), "c.toml")

@@ -11,7 +11,10 @@ import (
 
 // SweepLayers removes the saved metadata of layers that no snapshot of sn
 // uses any more (see fs.Manager.SweepLayers). The daemon runs it at start,
-// before it serves requests, so no snapshot can be in the making.
+// and the snapshotter after every removal of a remote snapshot
+// (snapshot.LayerSweeper). A layer being mounted or preloaded is kept; one
+// whose snapshot is still in the making may lose its saved TOC, which is
+// then read from the registry again.
 func (l *LayerFS) SweepLayers(ctx context.Context, sn snapshots.Snapshotter) error {
 	used := map[digest.Digest]bool{}
 	if err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {

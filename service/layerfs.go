@@ -2,15 +2,19 @@ package service
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	lfs "github.com/lazypull/lazypull/fs"
 	"github.com/lazypull/lazypull/snapshot"
@@ -35,19 +39,25 @@ type LayerFS struct {
 	// preloads bounds the neighbour-TOC preloads in flight: an image's
 	// layer list is its own, and may be long.
 	preloads chan struct{}
+	// manifests, when set, fetches images' manifests for their layers'
+	// sizes (see manifestSizes); sizes caches them by manifest digest.
+	manifests ManifestFetcher
+	sizes     map[digest.Digest]map[digest.Digest]int64
 }
 
 // maxPreloads is how many neighbour TOCs are preloaded at a time.
 const maxPreloads = 4
 
 var (
-	_ snapshot.LayerFS    = (*LayerFS)(nil)
-	_ snapshot.LayerSizer = (*LayerFS)(nil)
+	_ snapshot.LayerFS      = (*LayerFS)(nil)
+	_ snapshot.LayerSizer   = (*LayerFS)(nil)
+	_ snapshot.LayerSweeper = (*LayerFS)(nil)
 )
 
 // NewLayerFS returns a LayerFS mounting layers with mgr.
 func NewLayerFS(mgr *lfs.Manager, allowUnverified bool) *LayerFS {
-	return &LayerFS{mgr: mgr, allowUnverified: allowUnverified, preloaded: map[digest.Digest]bool{}, preloads: make(chan struct{}, maxPreloads)}
+	return &LayerFS{mgr: mgr, allowUnverified: allowUnverified, preloaded: map[digest.Digest]bool{}, preloads: make(chan struct{}, maxPreloads),
+		sizes: map[digest.Digest]map[digest.Digest]int64{}}
 }
 
 // SourceFromLabels turns a remote snapshot's labels into the layer to
@@ -78,6 +88,21 @@ func (l *LayerFS) Mount(ctx context.Context, mountpoint string, labels map[strin
 	if err != nil {
 		return err
 	}
+	// The blob size the manifest gives, checked against the registry's
+	// when the TOC is read (and against the saved one on a remount).
+	// A layer saved under the root was checked when it was saved: a
+	// remount (after a restart, maybe offline) needs no manifest.
+	var sizes map[digest.Digest]int64
+	if !l.mgr.Saved(src.Digest) {
+		sizes = l.manifestSizes(ctx, src.Ref, labels)
+	}
+	if sizes != nil {
+		size, ok := sizes[src.Digest]
+		if !ok {
+			return fmt.Errorf("layer %s is not in manifest %s: %w", src.Digest, labels[snapshotters.TargetManifestDigestLabel], errdefs.ErrInvalidArgument)
+		}
+		src.Size = size
+	}
 	target := verifyTarget{src: src, chain: labels[snapshots.LabelSnapshotRef], parent: labels[snapshot.LabelParentChainID]}
 	var verified bool
 	if l.verifier != nil {
@@ -99,7 +124,7 @@ func (l *LayerFS) Mount(ctx context.Context, mountpoint string, labels map[strin
 	// its image is most likely not eStargz at all, and reading its
 	// neighbours' footers would be wasted requests.
 	if src.TOCDigest != "" || l.allowUnverified {
-		l.preloadNeighbours(ctx, src, labels[snapshot.LabelCRIImageLayers])
+		l.preloadNeighbours(ctx, src, labels[snapshot.LabelCRIImageLayers], sizes)
 	}
 	start := time.Now()
 	m, err := l.mgr.Mount(ctx, mountpoint, src)
@@ -118,7 +143,7 @@ func (l *LayerFS) Mount(ctx context.Context, mountpoint string, labels map[strin
 // in parallel, so that their Prepare calls, which containerd makes one
 // after the other, find them ready. The TOCs are verified when those
 // layers are mounted with their toc.digest labels.
-func (l *LayerFS) preloadNeighbours(ctx context.Context, src lfs.LayerSource, layers string) {
+func (l *LayerFS) preloadNeighbours(ctx context.Context, src lfs.LayerSource, layers string, sizes map[digest.Digest]int64) {
 	if layers == "" {
 		return
 	}
@@ -134,7 +159,7 @@ func (l *LayerFS) preloadNeighbours(ctx context.Context, src lfs.LayerSource, la
 		if seen {
 			continue
 		}
-		n := lfs.LayerSource{Ref: src.Ref, Digest: d}
+		n := lfs.LayerSource{Ref: src.Ref, Digest: d, Size: sizes[d]}
 		go func() {
 			pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
 			defer cancel()
@@ -185,4 +210,65 @@ func (l *LayerFS) Mountpoints() []string {
 		out = append(out, m.Dir())
 	}
 	return out
+}
+
+// ManifestFetcher fetches a manifest by reference (*remote.Registry).
+type ManifestFetcher interface {
+	FetchIndexOrManifest(ctx context.Context, ref string) (ocispec.Descriptor, []byte, error)
+}
+
+// maxCachedManifests bounds the layer sizes kept per manifest digest.
+const maxCachedManifests = 256
+
+// manifestTimeout bounds the manifest fetch of a mount; past it (or
+// offline, e.g. when a restart mounts saved layers again) the layer is
+// mounted with the registry's size, as without the label.
+const manifestTimeout = 10 * time.Second
+
+// manifestSizes returns the layer sizes of the manifest whose digest
+// containerd gives in the cri.manifest-digest label (fetched by digest from
+// the image's repository, so verified, and cached), or nil when the label
+// is missing or the manifest cannot be fetched.
+func (l *LayerFS) manifestSizes(ctx context.Context, ref string, labels map[string]string) map[digest.Digest]int64 {
+	md, err := digest.Parse(labels[snapshotters.TargetManifestDigestLabel])
+	if err != nil || l.manifests == nil {
+		return nil
+	}
+	l.mu.Lock()
+	sizes, ok := l.sizes[md]
+	l.mu.Unlock()
+	if ok {
+		return sizes
+	}
+	named, err := reference.ParseNormalizedNamed(ref)
+	if err != nil {
+		return nil
+	}
+	withDigest, err := reference.WithDigest(reference.TrimNamed(named), md)
+	if err != nil {
+		return nil
+	}
+	mctx, cancel := context.WithTimeout(ctx, manifestTimeout)
+	defer cancel()
+	_, raw, err := l.manifests.FetchIndexOrManifest(mctx, withDigest.String())
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("manifest", md).Debug("fetching the manifest for layer sizes failed; using the registry's")
+		return nil
+	}
+	var m ocispec.Manifest
+	if err := json.Unmarshal(raw, &m); err != nil {
+		log.G(ctx).WithError(err).WithField("manifest", md).Debug("manifest does not parse; using the registry's layer sizes")
+		return nil
+	}
+	sizes = make(map[digest.Digest]int64, len(m.Layers))
+	for _, d := range m.Layers {
+		sizes[d.Digest] = d.Size
+	}
+	l.mu.Lock()
+	if len(l.sizes) >= maxCachedManifests {
+		clear(l.sizes)
+	}
+	l.sizes[md] = sizes
+	l.mu.Unlock()
+	return sizes
 }

@@ -199,6 +199,7 @@ func New(ctx context.Context, o Options) (*Service, error) {
 		Registry:        s.Registry,
 		Store:           store,
 		AllowUnverified: cfg.AllowUnverified,
+		Budget:          lfs.NewMemoryBudget(cfg.Limits.MemoryBudget),
 		Layer:           layerOpts,
 		Mount:           mountOpts,
 		Fetch:           fetch,
@@ -255,6 +256,7 @@ func (s *Service) LayerFS() *LayerFS {
 		s.layerFS = NewLayerFS(s.Manager, s.Config.AllowUnverified)
 		s.layerFS.verifier = s.verifier
 		s.layerFS.profiles = s.profiles
+		s.layerFS.manifests = s.Registry
 	}
 	return s.layerFS
 }

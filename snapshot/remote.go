@@ -352,20 +352,42 @@ func (s *Snapshotter) unmountLayer(ctx context.Context, rl *remoteLayer) {
 	}
 }
 
-// dropRemote forgets and unmounts the remote layer of removed snapshot id.
-func (s *Snapshotter) dropRemote(ctx context.Context, id string) {
+// dropRemote forgets and unmounts the remote layer of removed snapshot id,
+// and reports whether it was remote.
+func (s *Snapshotter) dropRemote(ctx context.Context, id string) bool {
 	s.mu.Lock()
 	rl := s.remotes[id]
 	delete(s.remotes, id)
 	s.mu.Unlock()
 	if rl == nil {
-		return
+		return false
 	}
 	rl.mu.Lock()
 	defer rl.mu.Unlock()
 	rl.removed = true
 	if rl.mounted {
 		s.unmountLayer(ctx, rl)
+	}
+	return true
+}
+
+// LayerSweeper is implemented by a LayerFS that keeps state for a layer
+// beyond its mounts (saved TOCs, so that a restart mounts it without the
+// registry). The snapshotter calls SweepLayers with itself after removing
+// a remote snapshot, so that the state of layers no snapshot uses any
+// more goes with their last snapshot.
+type LayerSweeper interface {
+	SweepLayers(ctx context.Context, sn snapshots.Snapshotter) error
+}
+
+// sweepLayers lets the LayerFS drop the state of layers no snapshot uses.
+func (s *Snapshotter) sweepLayers(ctx context.Context) {
+	sw, ok := s.layers.(LayerSweeper)
+	if !ok {
+		return
+	}
+	if err := sw.SweepLayers(ctx, s); err != nil {
+		log.G(ctx).WithError(err).Warn("sweeping the state of layers no snapshot uses failed")
 	}
 }
 

@@ -305,8 +305,10 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	})
 }
 
-// Remove removes the snapshot key, unmounting it if it is remote. Its
-// directory is deleted now, or by Cleanup with Options.AsyncRemove.
+// Remove removes the snapshot key, unmounting it if it is remote (and then
+// letting a LayerSweeper drop the state of layers no snapshot uses any
+// more). Its directory is deleted now, or by Cleanup with
+// Options.AsyncRemove.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	var (
 		id, parent string
@@ -329,7 +331,9 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		return err
 	}
 	// The metadata is gone; failures from here on are logged, not returned.
-	s.dropRemote(ctx, id)
+	if s.dropRemote(ctx, id) {
+		s.sweepLayers(ctx)
+	}
 	for _, dir := range removals {
 		if err := removeDir(ctx, dir); err != nil {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("failed to remove snapshot directory")

@@ -375,14 +375,15 @@ func listen(address string) (net.Listener, error) {
 const workingSetAllowance = 96 << 20
 
 // setMemoryLimit gives the Go runtime a soft memory limit (unless GOMEMLIMIT
-// is set): the memory chunk cache plus a working-set allowance. Most of the
+// is set): the memory chunk cache, the layers' memory budget (indexes and
+// fetches in flight) and a working-set allowance. Most of the
 // daemon's allocations are short-lived fetch buffers; without a limit the
 // heap may grow to twice the live data before a collection.
 func setMemoryLimit(ctx context.Context, cfg *service.Config) {
 	if os.Getenv("GOMEMLIMIT") != "" {
 		return
 	}
-	limit := cfg.Cache.MaxMemoryBytes + workingSetAllowance
+	limit := cfg.Cache.MaxMemoryBytes + cfg.Limits.MemoryBudget + workingSetAllowance
 	debug.SetMemoryLimit(limit)
 	log.G(ctx).WithField("bytes", limit).Debug("soft memory limit set")
 }
