@@ -357,3 +357,8 @@ func (s *Snapshotter) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// RaceBuild reports whether Build builds binaries with the race detector
+// (the tests run with -race): their resident memory then includes the
+// detector's shadow memory, several times the program's own.
+func RaceBuild() bool { return raceEnabled }
