@@ -270,15 +270,7 @@ func TestLazypullHostileTOCsUnderBudget(t *testing.T) {
 // runtime's overhead).
 func sampleHeap(t *testing.T, env *lazyEnv) func() map[string]float64 {
 	t.Helper()
-	log, err := os.ReadFile(env.sn.LogPath())
-	if err != nil {
-		t.Fatal(err)
-	}
-	all := metricsRe.FindAllSubmatch(log, -1)
-	if len(all) == 0 {
-		t.Fatal("the daemon did not log its metrics address")
-	}
-	url := "http://" + string(all[len(all)-1][1]) + "/metrics"
+	url := env.metricsURL(t)
 	names := []string{"go_memstats_heap_inuse_bytes", "go_memstats_heap_sys_bytes", "go_memstats_next_gc_bytes", "process_resident_memory_bytes"}
 	peaks := map[string]float64{}
 	stop := make(chan struct{})

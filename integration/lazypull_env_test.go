@@ -321,10 +321,9 @@ func (e *lazyEnv) fuseMounts(t *testing.T) map[string]string {
 // `msg="serving metrics" address="127.0.0.1:PORT"`.
 var metricsRe = regexp.MustCompile(`serving metrics"? address="?([0-9.]+:[0-9]+)`)
 
-// metrics scrapes the daemon's Prometheus endpoint (the address it logged
-// last: it listens on a new free port each start) and returns the samples
-// by name with labels, e.g. `lazypull_fetch_bytes_total{kind="foreground"}`.
-func (e *lazyEnv) metrics(t *testing.T) map[string]float64 {
+// metricsURL is the daemon's Prometheus endpoint: at the address it
+// logged last (it listens on a new free port each start).
+func (e *lazyEnv) metricsURL(t *testing.T) string {
 	t.Helper()
 	log, err := os.ReadFile(e.sn.LogPath())
 	if err != nil {
@@ -334,9 +333,16 @@ func (e *lazyEnv) metrics(t *testing.T) map[string]float64 {
 	if len(all) == 0 {
 		t.Fatalf("the daemon did not log its metrics address")
 	}
-	addr := string(all[len(all)-1][1])
+	return "http://" + string(all[len(all)-1][1]) + "/metrics"
+}
+
+// metrics scrapes the daemon's Prometheus endpoint (the address it logged
+// last: it listens on a new free port each start) and returns the samples
+// by name with labels, e.g. `lazypull_fetch_bytes_total{kind="foreground"}`.
+func (e *lazyEnv) metrics(t *testing.T) map[string]float64 {
+	t.Helper()
 	hc := &http.Client{Timeout: 10 * time.Second}
-	resp, err := hc.Get("http://" + addr + "/metrics")
+	resp, err := hc.Get(e.metricsURL(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -37,21 +37,26 @@ func (f *profileFlags) add(cmd *cobra.Command, registry bool) {
 	cmd.Flags().StringVar(&f.platform, "platform", "", "platform of a multi-platform image (default: this host's)")
 }
 
-// manifest resolves ref to the digest of its manifest for the platform.
-func (f *profileFlags) manifest(cmd *cobra.Command, reg *remote.Registry, ref string) (digest.Digest, error) {
+// manifest opens the registry client the flags describe and resolves ref
+// to the digest of its manifest for the platform.
+func (f *profileFlags) manifest(cmd *cobra.Command, ref string) (*remote.Registry, digest.Digest, error) {
+	reg, err := f.rf.registry()
+	if err != nil {
+		return nil, "", err
+	}
 	var plat *ocispec.Platform
 	if f.platform != "" {
 		p, err := platforms.Parse(f.platform)
 		if err != nil {
-			return "", usageError{fmt.Errorf("--platform %q: %w", f.platform, err)}
+			return nil, "", usageError{fmt.Errorf("--platform %q: %w", f.platform, err)}
 		}
 		plat = &p
 	}
 	img, err := reg.Resolve(cmd.Context(), ref, plat)
 	if err != nil {
-		return "", err
+		return nil, "", err
 	}
-	return img.ManifestDesc.Digest, nil
+	return reg, img.ManifestDesc.Digest, nil
 }
 
 func oneArg(name string) cobra.PositionalArgs {
@@ -84,11 +89,7 @@ func newProfilePushCommand() *cobra.Command {
 		Example: `  lazypull profile push 127.0.0.1:5000/app:v1-esgz`,
 		Args:    oneArg("push"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			reg, err := f.rf.registry()
-			if err != nil {
-				return err
-			}
-			m, err := f.manifest(cmd, reg, args[0])
+			reg, m, err := f.manifest(cmd, args[0])
 			if err != nil {
 				return err
 			}
@@ -126,11 +127,7 @@ daemon finds it, or write it to --output ("-" for stdout).`,
 		Example: `  lazypull profile pull 127.0.0.1:5000/app:v1-esgz`,
 		Args:    oneArg("pull"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			reg, err := f.rf.registry()
-			if err != nil {
-				return err
-			}
-			m, err := f.manifest(cmd, reg, args[0])
+			reg, m, err := f.manifest(cmd, args[0])
 			if err != nil {
 				return err
 			}
@@ -186,11 +183,7 @@ func newProfileShowCommand() *cobra.Command {
 			if st, serr := os.Stat(path); serr == nil && !st.IsDir() {
 				p, err = readProfileFile(path)
 			} else {
-				reg, rerr := f.rf.registry()
-				if rerr != nil {
-					return rerr
-				}
-				m, merr := f.manifest(cmd, reg, args[0])
+				_, m, merr := f.manifest(cmd, args[0])
 				if merr != nil {
 					return merr
 				}
