@@ -34,10 +34,12 @@ test-unit:
 
 # demo is the main job: one image, one WAN profile, a lazy cold start
 # against a full pull, in private containerd instances, with a timeline of
-# every registry request (DEMO_OUT/report.html). Needs root.
+# every registry request (DEMO_OUT/report.html); then the same image on a
+# "second node" (a fresh daemon and cache) that finds the start-up profile
+# the first node pushed to the registry. Needs root.
 DEMO_OUT ?= /tmp/lazypull-demo
 demo: deps build
-	$(BIN)/lazypull bench --preset hellobench:python --modes full-pull,lazypull --wan 40ms,100Mbit --repeats 1 --out $(DEMO_OUT)
+	$(BIN)/lazypull bench --preset hellobench:python --modes full-pull,lazypull,lazypull-second-node --wan 40ms,100Mbit --repeats 1 --out $(DEMO_OUT)
 
 # bench is the full cold-start benchmark of the built-in images, every
 # mode (full pull, lazypull plain and optimized, stargz-snapshotter v0.19.1,
