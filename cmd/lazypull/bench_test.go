@@ -516,8 +516,10 @@ func TestBenchSecondNode(t *testing.T) {
 	}
 	// The bench waited for the first node's profile to reach the registry
 	// (else the run fails); the second node asked the registry for it,
-	// while the first node (lookup off) did not.
-	if lookups[bench.ModeSecondNode] == 0 || lookups[bench.ModeFirstNode] != 0 {
+	// while the first node (lookup off) did not: its only manifest
+	// requests are the image manifest it reads the layers' sizes from,
+	// which every node makes too.
+	if lookups[bench.ModeFirstNode] > 1 || lookups[bench.ModeSecondNode] <= lookups[bench.ModeFirstNode] {
 		t.Errorf("the daemons' profile lookups: %v", lookups)
 	}
 }
