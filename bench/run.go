@@ -75,7 +75,17 @@ func pingSnapshotter(ctx context.Context, name, sock string) error {
 
 // EnvDirPrefix starts the names of the directories under /tmp that hold
 // one run's containerd and snapshotter; each is removed after its run.
+// EnvDirPattern gives the names one process uses.
 const EnvDirPrefix = "lpbr"
+
+// EnvDirPattern is the glob pattern of the run directories the process
+// with the given pid makes: /tmp/lpbr<pid>-*. (The pid in the name lets a
+// test tell its own from those of another bench running beside it.)
+func EnvDirPattern(pid int) string {
+	return "/tmp/" + envDirPrefix(pid) + "*"
+}
+
+func envDirPrefix(pid int) string { return EnvDirPrefix + strconv.Itoa(pid) + "-" }
 
 // env is one cold machine: a fresh containerd and, for lazypull modes and
 // the peer, a fresh snapshotter with an empty cache and root.
@@ -109,7 +119,7 @@ func kindOf(m Mode) daemonKind {
 // of the daemon's TOML (before any table) and tables after the user's.
 func (r *Runner) startEnv(ctx context.Context, kind daemonKind, topConfig, tables string) (_ *env, retErr error) {
 	// Directly under /tmp: containerd's shim sockets must have short paths.
-	dir, err := os.MkdirTemp("/tmp", EnvDirPrefix)
+	dir, err := os.MkdirTemp("/tmp", envDirPrefix(os.Getpid()))
 	if err != nil {
 		return nil, err
 	}

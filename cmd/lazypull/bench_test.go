@@ -138,7 +138,7 @@ func runBenchCmd(t *testing.T, timeout time.Duration, args ...string) (string, s
 // envDirs lists the runs' directories under /tmp.
 func envDirs(t *testing.T) map[string]bool {
 	t.Helper()
-	m, err := filepath.Glob("/tmp/" + bench.EnvDirPrefix + "*")
+	m, err := filepath.Glob(bench.EnvDirPattern(os.Getpid()))
 	if err != nil {
 		t.Fatal(err)
 	}
