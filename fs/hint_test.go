@@ -10,7 +10,24 @@ import (
 
 	"github.com/lazypull/lazypull/cache"
 	"github.com/lazypull/lazypull/estargz"
+	"github.com/lazypull/lazypull/internal/fixture"
 )
+
+// newHintLayer opens a Layer of blob (whose reader is r) over a memory
+// cache, serving the blob from memory and recording the ranges read,
+// without read-ahead; the cache is closed with the test.
+func newHintLayer(t *testing.T, blob []byte, r *estargz.Reader) (*Layer, *recordingBlob, *cache.Store) {
+	t.Helper()
+	store, err := cache.Open(cache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	rb := &recordingBlob{r: bytes.NewReader(blob)}
+	l := NewLayer(digest.FromBytes(blob), r.Index, r.Footer.Compression,
+		func(context.Context) (Blob, error) { return rb, nil }, store, LayerOptions{ReadAhead: -1})
+	return l, rb, store
+}
 
 // Hint fetches the named chunks in the order given (adjacent ones in one
 // request), ignores offsets that name no chunk and repeats, and caches
@@ -21,14 +38,7 @@ func TestHintFetchesInOrder(t *testing.T) {
 		files = append(files, tarFile{fmt.Sprintf("d/f%d", i), bytes.Repeat([]byte{byte('a' + i)}, 5000)})
 	}
 	blob, r := buildLayer(t, files, 64<<10)
-	store, err := cache.Open(cache.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	rb := &recordingBlob{r: bytes.NewReader(blob)}
-	l := NewLayer(digest.FromBytes(blob), r.Index, r.Footer.Compression,
-		func(context.Context) (Blob, error) { return rb, nil }, store, LayerOptions{ReadAhead: -1})
+	l, rb, store := newHintLayer(t, blob, r)
 	defer l.Close()
 
 	chunk := func(name string) estargz.Chunk {
@@ -64,17 +74,10 @@ func TestHintFetchesInOrder(t *testing.T) {
 func TestHintCoalescesScatteredChunks(t *testing.T) {
 	var files []tarFile
 	for i := range 8 {
-		files = append(files, tarFile{fmt.Sprintf("d/f%d", i), fixtureBytes(int64(i), 3000)})
+		files = append(files, tarFile{fmt.Sprintf("d/f%d", i), fixture.Random(int64(i), 3000)})
 	}
 	blob, r := buildLayer(t, files, 64<<10)
-	store, err := cache.Open(cache.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	rb := &recordingBlob{r: bytes.NewReader(blob)}
-	l := NewLayer(digest.FromBytes(blob), r.Index, r.Footer.Compression,
-		func(context.Context) (Blob, error) { return rb, nil }, store, LayerOptions{ReadAhead: -1})
+	l, rb, store := newHintLayer(t, blob, r)
 	defer l.Close()
 	chunk := func(i int) estargz.Chunk {
 		n, ok := r.Index.Lookup(fmt.Sprintf("d/f%d", i))
@@ -100,31 +103,10 @@ func TestHintCoalescesScatteredChunks(t *testing.T) {
 	}
 }
 
-// fixtureBytes is n pseudo-random bytes (incompressible, so chunks have
-// distinct sizes in the blob).
-func fixtureBytes(seed int64, n int) []byte {
-	b := make([]byte, n)
-	x := uint64(seed)*0x9E3779B97F4A7C15 + 1
-	for i := range b {
-		x ^= x << 13
-		x ^= x >> 7
-		x ^= x << 17
-		b[i] = byte(x)
-	}
-	return b
-}
-
 // Close stops hinted fetches and a closed layer takes no hint.
 func TestHintAfterCloseDoesNothing(t *testing.T) {
 	blob, r := buildLayer(t, []tarFile{{"a", []byte("x")}}, 64<<10)
-	store, err := cache.Open(cache.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	rb := &recordingBlob{r: bytes.NewReader(blob)}
-	l := NewLayer(digest.FromBytes(blob), r.Index, r.Footer.Compression,
-		func(context.Context) (Blob, error) { return rb, nil }, store, LayerOptions{ReadAhead: -1})
+	l, rb, _ := newHintLayer(t, blob, r)
 	l.Close()
 	n, _ := r.Index.Lookup("a")
 	l.Hint(context.Background(), []int64{n.Chunks[0].Offset})
